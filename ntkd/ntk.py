@@ -182,24 +182,25 @@ def _cast(tree: PyTree, dtype) -> PyTree:
       tree)
 
 
-def _cotangents(mode: str, k: int, logit: int, b: int, dtype) -> jax.Array:
-  """(m, b, k) output cotangents: one per logit (full/trace) or one in all."""
+def _basis(mode: str, k: int, logit: int, dtype) -> jax.Array:
+  """(m, k) output cotangents: one per logit (full/trace) or a single one.
+
+  ``trace`` needs Σ_a Θ[a, a], i.e. every logit's gradient, but contracts
+  them pairwise; ``logit`` and ``sum`` need one gradient per example.
+  """
   if mode in ("full", "trace"):
-    basis = jnp.eye(k, dtype=dtype)
-  elif mode == "logit":
-    basis = jnp.eye(k, dtype=dtype)[logit:logit + 1]
-  else:
-    basis = jnp.ones((1, k), dtype)
-  return jnp.broadcast_to(basis[:, None, :], (basis.shape[0], b, k))
+    return jnp.eye(k, dtype=dtype)
+  if mode == "logit":
+    return jnp.eye(k, dtype=dtype)[logit:logit + 1]
+  return jnp.ones((1, k), dtype)
 
 
 def _contract_flat(mode: str, j1: jax.Array, j2: jax.Array) -> jax.Array:
-  """Θ from flat per-example gradients j: (m, b, P)."""
+  """Θ from flat per-example gradients j: (b, m, P)."""
   if mode == "full":
-    return jnp.einsum("aip,bjp->ijab", j1, j2, precision=_HIGHEST)
-  m, b1, p = j1.shape
-  r1 = jnp.transpose(j1, (1, 0, 2)).reshape(b1, m * p)
-  r2 = jnp.transpose(j2, (1, 0, 2)).reshape(j2.shape[1], m * p)
+    return jnp.einsum("iap,jbp->ijab", j1, j2, precision=_HIGHEST)
+  r1 = j1.reshape(j1.shape[0], -1)
+  r2 = j2.reshape(j2.shape[0], -1)
   return jnp.matmul(r1, r2.T, precision=_HIGHEST)
 
 
@@ -213,15 +214,14 @@ def _flatten_grads(tree: PyTree, lead: int) -> jax.Array:
 # --------------------------------------------------------------------------
 
 
-def _per_example_grads(f, params, x, cots):
-  """Per-example VJPs: returns a params-shaped tree with leaves (m, b, *leaf)."""
+def _per_example_grads(f, params, x, basis):
+  """Per-example VJPs, basis (m, k): params-shaped tree, leaves (b, m, *leaf)."""
 
-  def one(xi, ci):  # ci: (m, k)
+  def one(xi):
     _, vjp = jax.vjp(lambda p: f(p, xi[None])[0], params)
-    return jax.vmap(lambda c: vjp(c)[0])(ci)
+    return jax.vmap(lambda c: vjp(c)[0])(basis)
 
-  g = jax.vmap(one)(x, jnp.swapaxes(cots, 0, 1))
-  return jax.tree.map(lambda l: jnp.swapaxes(l, 0, 1), g)
+  return jax.vmap(one)(x)
 
 
 class _Jacobian:
@@ -231,8 +231,8 @@ class _Jacobian:
     self.f, self.mode, self.k, self.logit = apply_fn, mode, k, logit
 
   def row(self, params, x):
-    cots = _cotangents(self.mode, self.k, self.logit, x.shape[0], x.dtype)
-    return _flatten_grads(_per_example_grads(self.f, params, x, cots), 2)
+    basis = _basis(self.mode, self.k, self.logit, x.dtype)
+    return _flatten_grads(_per_example_grads(self.f, params, x, basis), 2)
 
   col = row
 
@@ -247,25 +247,25 @@ class _NtkVectorProducts:
     self.f, self.mode, self.k, self.logit = apply_fn, mode, k, logit
 
   def row(self, params, x):
-    cots = _cotangents(self.mode, self.k, self.logit, x.shape[0], x.dtype)
-    return _per_example_grads(self.f, params, x, cots)
+    basis = _basis(self.mode, self.k, self.logit, x.dtype)
+    return _per_example_grads(self.f, params, x, basis)
 
   def col(self, params, x):
     return x
 
   def pair(self, params, r, x2):
     _, push = jax.linearize(lambda p: self.f(p, x2), params)
-    m, b1 = jax.tree.leaves(r)[0].shape[:2]
-    flat = jax.tree.map(lambda l: l.reshape((m * b1,) + l.shape[2:]), r)
-    out = jax.lax.map(push, flat, batch_size=min(m * b1, 64))  # (m*b1, b2, k)
-    out = out.reshape(m, b1, x2.shape[0], self.k)
+    b1, m = jax.tree.leaves(r)[0].shape[:2]
+    flat = jax.tree.map(lambda l: l.reshape((b1 * m,) + l.shape[2:]), r)
+    out = jax.lax.map(push, flat, batch_size=min(m * b1, 64))  # (b1*m, b2, k)
+    out = out.reshape(b1, m, x2.shape[0], self.k)
     if self.mode == "full":
-      return jnp.transpose(out, (1, 2, 0, 3))
+      return jnp.transpose(out, (0, 2, 1, 3))
     if self.mode == "trace":
-      return jnp.einsum("aija->ij", out)
+      return jnp.einsum("iaja->ij", out)
     if self.mode == "logit":
-      return out[0, :, :, self.logit]
-    return out[0].sum(-1)
+      return out[:, 0, :, self.logit]
+    return out[:, 0].sum(-1)
 
 
 # --------------------------------------------------------------------------
@@ -342,15 +342,9 @@ class _Structured:
         return self.f(p, xx)
 
     jax.eval_shape(run, params, x)
-    b = x.shape[0]
-    usable = {}
-    for path, c in calls.items():
-      flat_shapes = [c.static_args[i] for i in range(len(c.static_args))]
-      del flat_shapes
-      if c.count == 1:
-        usable[path] = c
-    self._batch = b
-    return usable
+    # A module called twice shares its weights across calls; its leaves go to
+    # the exact whole-network fallback instead of the per-call rules.
+    return {path: c for path, c in calls.items() if c.count == 1}
 
   def row(self, params, x):
     b, m = x.shape[0], self.m
@@ -371,22 +365,15 @@ class _Structured:
         out = self.f(params, x)
       return out, captured
 
-    def out_shape(path):
-      c = calls[path]
-
-      def apply_one(p, *arrays):
-        args, kwargs = self._rebuild(c, arrays)
-        return c.module.apply(self._local_vars(p, path), *args, **kwargs)
-
-      # Output shapes come from a plain forward with an empty interceptor.
-      return apply_one
-
     shapes = self._perturbation_shapes(params, x, calls)
     perts = {p: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), s) for p, s in shapes.items()}
-    del out_shape
     _, vjp, acts = jax.vjp(forward, perts, has_aux=True)
-    cots = _cotangents(self.mode, self.k, self.logit, b, x.dtype)
-    grads = jax.vmap(lambda c: vjp(c)[0])(cots)  # path -> (m, b, ...)
+    basis = _basis(self.mode, self.k, self.logit, x.dtype)
+    # Examples are independent, so one batched VJP per basis cotangent gives
+    # every example's layer-output cotangents at once.
+    cots = jnp.broadcast_to(basis[:, None, :], (m, b, self.k))
+    grads = jax.vmap(lambda c: vjp(c)[0])(cots)
+    grads = jax.tree.map(lambda t: jnp.swapaxes(t, 0, 1), grads)  # path -> (b, m, ...)
 
     fact, flat_grads = [], []
     covered = set()
@@ -402,12 +389,12 @@ class _Structured:
           patches = self._patches(rule, c, params, path, a_in)  # (b, S, D+1)
           s, d1 = patches.shape[1:]
           cout = g.shape[-1]
-          gs = g.reshape(m, b, s, cout)
+          gs = g.reshape(b, m, s, cout)
           if self._factorise(s, d1, cout):
             fact.append((patches, gs))
           else:
-            w = jnp.einsum("ipd,aipc->aidc", patches, gs, precision=_HIGHEST)
-            flat_grads.append(w.reshape(m, b, d1 * cout))
+            w = jnp.einsum("ipd,iapc->iadc", patches, gs, precision=_HIGHEST)
+            flat_grads.append(w.reshape(b, m, d1 * cout))
           handled = c.leaves
       rest = tuple(n for n in c.leaves if n not in handled)
       if rest and batched:
@@ -417,7 +404,7 @@ class _Structured:
 
     uncovered = self._uncovered(params, covered)
     if uncovered is not None:
-      flat_grads.append(self._global_grads(params, x, uncovered, cots))
+      flat_grads.append(self._global_grads(params, x, uncovered, basis))
     j = jnp.concatenate(flat_grads, axis=-1) if flat_grads else None
     return {"fact": fact, "j": j}
 
@@ -502,10 +489,7 @@ class _Structured:
       _, vjp = jax.vjp(local, diff)
       return jax.vmap(lambda gg: vjp(jax.tree.map(lambda t: t[None], gg))[0])(gi)
 
-    gi = jax.tree.map(lambda t: jnp.swapaxes(t, 0, 1), g)  # (b, m, ...)
-    out = jax.vmap(one)(list(arrays), gi)  # leaves (b, m, ...)
-    out = jax.tree.map(lambda t: jnp.swapaxes(t, 0, 1), out)
-    return _flatten_grads(out, 2)
+    return _flatten_grads(jax.vmap(one)(list(arrays), g), 2)
 
   def _uncovered(self, params, covered):
     leaves = jax.tree_util.tree_leaves_with_path(params)
@@ -513,7 +497,7 @@ class _Structured:
     missing = [n for n in names if n not in covered]
     return missing or None
 
-  def _global_grads(self, params, x, missing, cots):
+  def _global_grads(self, params, x, missing, basis):
     """Per-example grads of leaves no captured layer owns, through the net."""
     missing = set(missing)
 
@@ -532,30 +516,30 @@ class _Structured:
       merged = [next(it) if key in missing else l for key, l in zip(keys, all_leaves)]
       return self.f(jax.tree.unflatten(treedef, merged), xx)
 
-    g = _per_example_grads(f_sub, split(params), x, cots)
+    g = _per_example_grads(f_sub, split(params), x, basis)
     return _flatten_grads(g, 2)
 
   def pair(self, params, r, c):
-    mode, m = self.mode, self.m
+    mode = self.mode
     k = None
     for (a1, g1), (a2, g2) in zip(r["fact"], c["fact"]):
       s = a1.shape[1]
       if s == 1:
         pa = jnp.matmul(a1[:, 0], a2[:, 0].T, precision=_HIGHEST)
         if mode == "full":
-          pg = jnp.einsum("aic,bjc->ijab", g1[:, :, 0], g2[:, :, 0], precision=_HIGHEST)
+          pg = jnp.einsum("iac,jbc->ijab", g1[:, :, 0], g2[:, :, 0], precision=_HIGHEST)
           term = pa[:, :, None, None] * pg
         else:
-          f1 = jnp.transpose(g1[:, :, 0], (1, 0, 2)).reshape(g1.shape[1], -1)
-          f2 = jnp.transpose(g2[:, :, 0], (1, 0, 2)).reshape(g2.shape[1], -1)
+          f1 = g1.reshape(g1.shape[0], -1)
+          f2 = g2.reshape(g2.shape[0], -1)
           term = pa * jnp.matmul(f1, f2.T, precision=_HIGHEST)
       else:
         pa = jnp.einsum("ipd,jqd->ijpq", a1, a2, precision=_HIGHEST)
         if mode == "full":
-          term = jnp.einsum("ijpq,aipc,bjqc->ijab", pa, g1, g2, precision=_HIGHEST,
+          term = jnp.einsum("ijpq,iapc,jbqc->ijab", pa, g1, g2, precision=_HIGHEST,
                             optimize=True)
         else:
-          pg = jnp.einsum("aipc,ajqc->ijpq", g1, g2, precision=_HIGHEST)
+          pg = jnp.einsum("iapc,jaqc->ijpq", g1, g2, precision=_HIGHEST)
           term = jnp.sum(pa * pg, axis=(2, 3))
       k = term if k is None else k + term
     if r["j"] is not None:
@@ -642,7 +626,16 @@ class _Engine:
     if key not in self._algos:
       cls = {"jacobian": _Jacobian, "ntvp": _NtkVectorProducts, "structured": _Structured}[impl]
       a = cls(self.apply_fn, self.mode, k, self.logit)
-      self._algos[key] = (a, jax.jit(a.row), jax.jit(a.col), jax.jit(a.pair), k)
+      mesh = _mesh()
+      rows = PartitionSpec("d")
+      # Features are per example: each device computes its own slice of the
+      # block with no communication (shard_map); the pair contraction is a
+      # plain jit whose output rows stay sharded.
+      shard = lambda f: jax.jit(jax.shard_map(
+          f, mesh=mesh, in_specs=(PartitionSpec(), rows), out_specs=rows,
+          check_vma=False))
+      pair = jax.jit(a.pair, out_shardings=NamedSharding(mesh, rows))
+      self._algos[key] = (a, shard(a.row), shard(a.col), pair, k)
     return self._algos[key]
 
   def __call__(self, x1, x2, params, *, as_numpy=False):
@@ -677,8 +670,6 @@ class _Engine:
     b = int(min(b, max(n1, n2)))
     b = -(-b // ndev) * ndev  # every block splits evenly over the devices
     rows = NamedSharding(mesh, PartitionSpec("d"))
-    row_j = jax.jit(algo.row, out_shardings=None)
-    del row_j
     starts1 = list(range(0, n1, b))
     starts2 = list(range(0, n2, b))
 
@@ -687,10 +678,7 @@ class _Engine:
       return jax.device_put(xb, rows)
 
     out_shape = (n1, n2) + ((k, k) if self.mode == "full" else ())
-    dtype = jax.eval_shape(lambda p, x: algo.row(p, x), params,
-                           jax.ShapeDtypeStruct((ndev,) + x1.shape[1:], x1.dtype))
-    dtype = jax.tree.leaves(dtype)[0].dtype if jax.tree.leaves(dtype) else x1.dtype
-    result = np.zeros(out_shape, dtype)
+    result = None
     params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
 
     cache_cols = len(starts2) > 1
@@ -715,6 +703,8 @@ class _Engine:
         cf = rf if (symmetric and i == j and algo.col is algo.row) else (
             col(params, xr) if symmetric and i == j else col_feats(j))
         kij = np.asarray(pair(params, rf, cf))
+        if result is None:
+          result = np.zeros(out_shape, kij.dtype)
         e1, e2 = min(b, n1 - s1), min(b, n2 - s2)
         result[s1:s1 + e1, s2:s2 + e2] = kij[:e1, :e2]
         if symmetric and j > i:
@@ -827,7 +817,6 @@ def ntk_vp_fn(apply_fn: Callable, params: PyTree, x: jax.Array, *, mode: str = "
 
   @jax.jit
   def matvec(v):
-    want = (n, k) if mode == "full" else (n,)
     out, push = jax.linearize(lambda p: apply_fn(p, x), params)
     pull = jax.linear_transpose(push, params)
     v = jnp.asarray(v, out.dtype)
@@ -839,7 +828,6 @@ def ntk_vp_fn(apply_fn: Callable, params: PyTree, x: jax.Array, *, mode: str = "
       return jnp.einsum("ana->n", outs)
     if mode == "logit":
       return push(pull(v[:, None] * jax.nn.one_hot(logit, k, dtype=out.dtype))[0])[:, logit]
-    del want
     return push(pull(jnp.broadcast_to(v[:, None], (n, k)))[0]).sum(-1)
 
   def checked(v):
