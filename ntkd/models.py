@@ -71,7 +71,7 @@ class CNN1D(nn.Module):
     num_classes: int
     features: Sequence[int] = (32, 32, 32)
     kernel_size: int = 5
-    strides: Sequence[int] = (2, 2, 1)
+    strides: Sequence[int] = (2, 2, 2)
     act: Callable = nn.relu
 
     @nn.compact
