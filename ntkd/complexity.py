@@ -26,13 +26,8 @@ its Role in Knowledge Distillation", ICLR 2023, arXiv 2301.12245.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
-import json
 import math
-import os
-import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -42,6 +37,7 @@ import numpy as np
 import scipy.linalg
 from jax.typing import ArrayLike
 
+from ntkd import _io
 from ntkd import targets as targets_lib
 
 __all__ = [
@@ -652,31 +648,17 @@ def _json_value(v):
     return v
 
 
-def _atomic_write(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def write_table(rows: Sequence[Mapping[str, Any]], path_stem: str) -> tuple[str, str]:
     """Atomically writes rows to ``path_stem.csv`` and ``path_stem.json``.
 
     Each file is written to a temporary file in the same directory and moved
-    into place with ``os.replace``, so readers never see a partial table.
-    Non-finite floats become empty CSV cells and JSON ``null``.
+    into place with ``os.replace`` (``ntkd._io``), so readers never see a
+    partial table. Non-finite floats become empty CSV cells and JSON ``null``.
 
     Args:
       rows: dict rows, e.g. from :func:`compare_teachers`; columns are the
         union of keys in order of first appearance.
-      path_stem: output path without extension; its directory must exist.
+      path_stem: output path without extension; missing folders are created.
 
     Returns:
       ``(csv_path, json_path)``.
@@ -688,13 +670,9 @@ def write_table(rows: Sequence[Mapping[str, Any]], path_stem: str) -> tuple[str,
     """
     columns = _columns(rows)
     clean = [{c: _json_value(r.get(c)) for c in columns} for r in rows]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(clean)
     csv_path, json_path = f"{path_stem}.csv", f"{path_stem}.json"
-    _atomic_write(csv_path, buf.getvalue())
-    _atomic_write(json_path, json.dumps(clean, indent=2, allow_nan=False) + "\n")
+    _io.write_csv(csv_path, clean)
+    _io.write_json(json_path, clean)
     return csv_path, json_path
 
 

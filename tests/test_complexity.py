@@ -284,7 +284,7 @@ def test_write_and_format_table(tmp_path):
         back = json.load(f)
     assert back[0]["complexity"] == 1.23456789 and back[1]["complexity"] is None
     assert back[0]["extra"] is None and back[1]["extra"] == 3
-    with open(csv_path) as f:
+    with open(csv_path, newline="") as f:
         lines = f.read().splitlines()
     assert lines[0] == "target,temperature,complexity,extra"
     assert lines[2] == "t,2.0,,3"
@@ -294,26 +294,10 @@ def test_write_and_format_table(tmp_path):
 
 # --- integration: temperature lowers complexity on MNIST-1D --------------------
 
-def _mlp(sizes, key):
-    params = []
-    for din, dout in zip(sizes[:-1], sizes[1:]):
-        key, sub = jax.random.split(key)
-        params.append((jax.random.normal(sub, (din, dout)) * jnp.sqrt(2.0 / din),
-                       jnp.zeros(dout)))
-    return params
-
-
-def _apply(params, x):
-    for w, b in params[:-1]:
-        x = jax.nn.relu(x @ w + b)
-    w, b = params[-1]
-    return x @ w + b
-
-
-@jax.jit
-def _trace_entk(params, x):
+def _trace_entk(apply_fn, params, x):
     """Brute-force oracle: Σ_a J_a J_aᵀ from per-example jax.jacrev."""
-    jac = jax.vmap(jax.jacrev(lambda p, xi: _apply(p, xi)), in_axes=(None, 0))(params, x)
+    per_example = lambda p, xi: apply_fn(p, xi[None])[0]  # noqa: E731
+    jac = jax.vmap(jax.jacrev(per_example), in_axes=(None, 0))(params, x)
     n, k = x.shape[0], jax.tree.leaves(jac)[0].shape[1]
     flat = jnp.concatenate([j.reshape(n, k, -1) for j in jax.tree.leaves(jac)], axis=-1)
     return jnp.einsum("iap,jap->ij", flat, flat)
@@ -321,34 +305,37 @@ def _trace_entk(params, x):
 
 def test_higher_temperature_lowers_teacher_complexity_on_mnist1d():
     import optax
-    from mnist1d.data import get_dataset_args, make_dataset
+
+    from ntkd import data, models
 
     start = time.time()
-    data = make_dataset(get_dataset_args())
-    x, y = jnp.asarray(data["x"][:2000], jnp.float32), jnp.asarray(data["y"][:2000])
-    x = (x - x.mean()) / x.std()
-    teacher = _mlp([40, 100, 100, 10], jax.random.key(0))
+    ds = data.load_dataset("mnist1d", num_samples=2500)
+    x, y = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
+    t_model = models.get_model("mlp", 10, widths=(100, 100))
+    t_apply = lambda p, x: t_model.apply({"params": p}, x)  # noqa: E731
+    teacher = models.init_variables(t_model, jax.random.key(0), ds.input_shape)["params"]
     opt = optax.adam(3e-3)
     state = opt.init(teacher)
 
     @jax.jit
     def step(p, s, xb, yb):
         g = jax.grad(
-            lambda p: optax.softmax_cross_entropy_with_integer_labels(_apply(p, xb), yb).mean())(p)
+            lambda p: optax.softmax_cross_entropy_with_integer_labels(t_apply(p, xb), yb).mean())(p)
         u, s = opt.update(g, s)
         return optax.apply_updates(p, u), s
 
-    batches = np.random.default_rng(0).integers(0, x.shape[0], (300, 128))
-    for idx in batches:
+    for idx in np.random.default_rng(0).integers(0, x.shape[0], (300, 128)):
         teacher, state = step(teacher, state, x[idx], y[idx])
     n = 200
     xs, ys = x[:n], np.asarray(y[:n])
-    t_logits = _apply(teacher, xs)
+    t_logits = t_apply(teacher, xs)
     assert np.mean(np.asarray(t_logits).argmax(1) == ys) > 0.8
 
-    student = _mlp([40, 64, 10], jax.random.key(1))
-    K = _trace_entk(student, xs)
-    rows = cx.compare_teachers(_apply, student, xs, ys, {"final": t_logits},
+    s_model = models.get_model("mlp", 10, widths=(64,))
+    s_apply = lambda p, x: s_model.apply({"params": p}, x)  # noqa: E731
+    student = models.init_variables(s_model, jax.random.key(1), ds.input_shape)["params"]
+    K = jax.jit(_trace_entk, static_argnums=0)(s_apply, student, xs)
+    rows = cx.compare_teachers(s_apply, student, xs, ys, {"final": t_logits},
                                temperatures=(1, 2, 4, 8), kernel=K, ridge=1e-6)
     c = [r["complexity"] for r in rows if r["target"] == "final"]
     a = [r["adjusted_complexity"] for r in rows if r["target"] == "final"]
