@@ -10,3 +10,5 @@ The public facade. Library modules:
 """
 
 __version__ = "0.1.0"
+
+from ntkd.ntk import empirical_ntk, empirical_ntk_fn, flax_apply_fn, ntk_vp_fn  # noqa: E402
