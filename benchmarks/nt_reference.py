@@ -37,6 +37,7 @@ def _load_models():
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "ntkd", "models.py")
     spec = importlib.util.spec_from_file_location("ntkd_models", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # Flax dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 

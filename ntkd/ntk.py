@@ -198,7 +198,9 @@ def _basis(mode: str, k: int, logit: int, dtype) -> jax.Array:
 def _contract_flat(mode: str, j1: jax.Array, j2: jax.Array) -> jax.Array:
     """Θ from flat per-example gradients j: (b, m, P)."""
     if mode == "full":
-        return jnp.einsum("iap,jbp->ijab", j1, j2, precision=_HIGHEST)
+        (b1, m, _), b2 = j1.shape, j2.shape[0]
+        prod = jnp.matmul(j1.reshape(b1 * m, -1), j2.reshape(b2 * m, -1).T, precision=_HIGHEST)
+        return jnp.transpose(prod.reshape(b1, m, b2, m), (0, 2, 1, 3))
     r1 = j1.reshape(j1.shape[0], -1)
     r2 = j2.reshape(j2.shape[0], -1)
     return jnp.matmul(r1, r2.T, precision=_HIGHEST)
