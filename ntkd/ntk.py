@@ -61,7 +61,7 @@ MODES = ("full", "trace", "logit", "sum")
 IMPLEMENTATIONS = ("auto", "jacobian", "ntvp", "structured")
 """Exact algorithms; ``auto`` picks one by a cost model."""
 
-BLOCK_MEMORY_BYTES = 512 * 2**20
+BLOCK_MEMORY_BYTES = 1024 * 2**20
 """Working-memory budget per block used to pick the default ``block_size``."""
 
 FEATURE_CACHE_BYTES = 4 * 2**30
@@ -603,7 +603,7 @@ def _pad_to(x: np.ndarray | jax.Array, n: int):
 
 def _block_default(bytes_per_example: int, k: int, mode: str, ndev: int, n: int) -> int:
     out = 4 * (k * k if mode == "full" else 1)
-    b = BLOCK_MEMORY_BYTES // max(4 * bytes_per_example + 1, 1)
+    b = BLOCK_MEMORY_BYTES // max(2 * bytes_per_example, 1)  # row + column features
     b = int(min(b, math.isqrt(BLOCK_MEMORY_BYTES // out), 2048))
     b = max(8, b)
     return b
@@ -683,6 +683,9 @@ class _Engine:
         result = None
         params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
 
+        # With x2=None and row features == column features, a block's features
+        # serve both as its row and as the column of earlier rows.
+        shared = symmetric and type(algo).col is type(algo).row
         cache_cols = len(starts2) > 1
         col_cache: dict = {}
 
@@ -697,13 +700,11 @@ class _Engine:
             return f
 
         for i, s1 in enumerate(starts1):
-            xr = block(x1, s1)
-            rf = row(params, xr)
+            rf = col_feats(i) if shared else row(params, block(x1, s1))
             for j, s2 in enumerate(starts2):
                 if symmetric and j < i:
                     continue
-                cf = rf if (symmetric and i == j and algo.col is algo.row) else (
-                        col(params, xr) if symmetric and i == j else col_feats(j))
+                cf = rf if shared and i == j else col_feats(j)
                 kij = np.asarray(pair(params, rf, cf))
                 if result is None:
                     result = np.zeros(out_shape, kij.dtype)
@@ -714,6 +715,8 @@ class _Engine:
                     if self.mode == "full":
                         t = np.swapaxes(t, 2, 3)
                     result[s2:s2 + e2, s1:s1 + e1] = t[:e2, :e1]
+            if shared:
+                col_cache.pop(i, None)  # later rows only pair with later columns
         return result if as_numpy else jnp.asarray(result)
 
 
