@@ -85,7 +85,8 @@ def _parser_train_teacher(sub) -> None:
 def _cmd_distill(args) -> int:
     from ntkd.training import train_student
 
-    cfg = _config_from_args(args, regime=args.regime, teacher_dir=args.teacher, teacher_epoch=args.teacher_epoch,
+    teacher = str(Path(args.teacher).resolve()) if args.teacher else None
+    cfg = _config_from_args(args, regime=args.regime, teacher_dir=teacher, teacher_epoch=args.teacher_epoch,
                             temperature=args.temperature, alpha=args.alpha)
     _print_summary(train_student(cfg, args.out, progress=not args.no_progress))
     return 0

@@ -113,7 +113,7 @@ class StudyConfig:
     def student_config(self, regime: dict, seed: int, teacher_dir: Path) -> TrainConfig:
         fields = {k: v for k, v in regime.items() if k != "name"}
         if fields.get("regime", "none") != "none":
-            fields["teacher_dir"] = str(teacher_dir)
+            fields["teacher_dir"] = str(teacher_dir)  # relative to the student's run folder
         return TrainConfig(dataset=self.dataset, dataset_options=self.dataset_options, data_dir=self.data_dir,
                            **{**self.student, **fields, "seed": seed})
 
@@ -158,7 +158,8 @@ class Study:
         train(cfg.teacher_config(), self.teacher_dir, dataset=self.ds, progress=self.progress)
         jobs = [(r, s) for s in cfg.seeds for r in cfg.regimes]
         for regime, seed in tqdm(jobs, desc="students", disable=not self.progress):
-            train(cfg.student_config(regime, seed, self.teacher_dir), self.student_dir(regime["name"], seed),
+            run = self.student_dir(regime["name"], seed)
+            train(cfg.student_config(regime, seed, Path(os.path.relpath(self.teacher_dir, run))), run,
                   dataset=self.ds, progress=False)
 
     # ------------------------------------------------------------------ helpers

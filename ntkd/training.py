@@ -145,7 +145,8 @@ class TrainConfig:
         seed: initialisation, batch order and augmentation.
         checkpoint_every: save every N epochs (epoch 0 and the last are always saved).
         regime: ``none``, ``offline``, ``early_stopped`` or ``online`` (students).
-        teacher_dir: the teacher's run folder (KD regimes).
+        teacher_dir: the teacher's run folder (KD regimes); a relative path is taken
+            relative to the student's ``workdir``, so a study folder can be moved.
         teacher_epoch: checkpoint for ``early_stopped``.
         temperature, alpha: KD temperature τ and weight of the KD term.
         eval_batch_size: batch size for evaluation passes.
@@ -399,7 +400,7 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike, *, dataset: Dataset | No
                         schedule=cfg.schedule, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                         warmup_steps=cfg.warmup_epochs * steps_per_epoch)
 
-    teacher = _Teacher(cfg, ds) if cfg.regime != "none" else None
+    teacher = _Teacher(cfg, ds, workdir) if cfg.regime != "none" else None
     ref_train, ref_test = (teacher.reference_logits if teacher else (None, None))
     step = _make_train_step(model, tx, temperature=cfg.temperature, alpha=cfg.alpha, augment=cfg.augment,
                             teacher_model=teacher.model if teacher else None)
@@ -478,8 +479,8 @@ def train_student(cfg: TrainConfig, workdir: str | os.PathLike, **kwargs) -> dic
 class _Teacher:
     """Teacher checkpoints of a KD run: which variables to distil from at each epoch."""
 
-    def __init__(self, cfg: TrainConfig, ds: Dataset):
-        self.dir = Path(cfg.teacher_dir).expanduser()
+    def __init__(self, cfg: TrainConfig, ds: Dataset, workdir: Path):
+        self.dir = workdir / Path(cfg.teacher_dir).expanduser()
         self.epochs = ckpt_lib.list_epochs(self.dir)
         if not self.epochs:
             raise ckpt_lib.CheckpointError(f"teacher folder {self.dir} has no checkpoints; train it with "
