@@ -54,7 +54,7 @@ def plot_teacher_checkpoints(res: dict, path: Path, title: str = "") -> Path:
     ax2.grid(False)
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
-    ax.legend(h1 + h2, l1 + l2, loc="center right", ncol=1)
+    ax.legend(h1 + h2, l1 + l2, loc="upper left", bbox_to_anchor=(1.13, 1.0))
     ax.set_title(f"{title}: teacher checkpoints in the student's NTK at init (n={res['n']})")
     return _save(fig, path)
 
@@ -70,8 +70,9 @@ def plot_student_complexity(res: dict, path: Path, title: str = "") -> Path:
         ax.set_xlabel("student epoch (checkpoint)")
         ax.set_yscale("log")
     axes[0][0].set_ylabel("adjusted supervision complexity")
-    axes[0][-1].legend(loc="upper right")
-    fig.suptitle(f"{title}: complexity of targets in the student's NTK along its training (n={res['n']})")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=4, bbox_to_anchor=(0.5, 0.0))
+    fig.suptitle(f"{title}: complexity of targets in the student's NTK along its training (n={res['n']})", y=1.04)
     return _save(fig, path)
 
 
