@@ -103,11 +103,15 @@ def _locate(mask: np.ndarray) -> tuple[int, ...]:
 
 
 def _kernel_matrix(K: ArrayLike, name: str = "K") -> tuple[np.ndarray, int, int | None, float]:
-    """Validates K and returns (matrix (N, N) float64, n, k or None, input eps)."""
+    """Validates K and returns (matrix (N, N) float64, n, k or None, input eps).
+
+    Asymmetry within ``SYMMETRY_RTOL`` is accepted as round-off; the solvers
+    then read only the lower triangle (LAPACK ``potrf``/``syevr`` convention).
+    """
     K_in = np.asarray(K)
     eps = (np.finfo(K_in.dtype).eps
            if np.issubdtype(K_in.dtype, np.floating) else np.finfo(np.float64).eps)
-    K_np = K_in.astype(np.float64)
+    K_np = K_in.astype(np.float64, copy=False)
     if K_np.ndim == 2 and K_np.shape[0] == K_np.shape[1]:
         n, k, mat = K_np.shape[0], None, K_np
     elif (K_np.ndim == 4 and K_np.shape[0] == K_np.shape[1]
@@ -123,15 +127,27 @@ def _kernel_matrix(K: ArrayLike, name: str = "K") -> tuple[np.ndarray, int, int 
         raise ValueError(
             f"{name} has a non-finite entry {name}{list(where)} = {K_np[where]}; "
             "recompute the kernel (in float64 if it overflowed).")
-    scale = np.max(np.abs(mat)) if mat.size else 0.0
-    asym = np.abs(mat - mat.T)
-    if mat.size and asym.max() > SYMMETRY_RTOL * scale:
-        i, j = np.unravel_index(np.argmax(asym), asym.shape)
+    scale = float(np.max(np.abs(mat))) if mat.size else 0.0
+    asym, (i, j) = _max_asymmetry(mat)
+    if asym > SYMMETRY_RTOL * scale:
         raise ValueError(
-            f"{name} is not symmetric: |K[{i}, {j}] - K[{j}, {i}]| = {asym[i, j]:.3g} "
+            f"{name} is not symmetric: |K[{i}, {j}] - K[{j}, {i}]| = {asym:.3g} "
             f"(max |K| = {scale:.3g}, tolerance {SYMMETRY_RTOL:g} relative). Pass the "
             "Gram matrix of one input set with itself, or symmetrise (K + K.T) / 2.")
-    return 0.5 * (mat + mat.T), n, k, float(eps)
+    return mat, n, k, float(eps)
+
+
+def _max_asymmetry(mat: np.ndarray, block: int = 512) -> tuple[float, tuple[int, int]]:
+    """max |K - Kᵀ| and its location, tile by tile (no n² temporary, cache friendly)."""
+    worst, where = 0.0, (0, 0)
+    size = mat.shape[0]
+    for r in range(0, size, block):
+        for c in range(r, size, block):
+            diff = np.abs(mat[r:r + block, c:c + block] - mat[c:c + block, r:r + block].T)
+            if diff.size and diff.max() > worst:
+                a, b = np.unravel_index(np.argmax(diff), diff.shape)
+                worst, where = float(diff[a, b]), (r + int(a), c + int(b))
+    return worst, where
 
 
 def _target_matrix(Y: ArrayLike, n: int, k: int | None) -> np.ndarray:
@@ -184,9 +200,11 @@ class KernelFactor:
         roundoff = size * eps_in * float(np.max(np.diag(mat)))
         jitter = 0.0
         for _ in range(4):
-            shifted = mat + (ridge_abs + jitter) * np.eye(size)
+            chol = mat.copy()
+            chol.flat[::size + 1] += ridge_abs + jitter
             try:
-                chol, _ = scipy.linalg.cho_factor(shifted, lower=True, check_finite=False)
+                chol, _ = scipy.linalg.cho_factor(chol, lower=True, overwrite_a=True,
+                                                  check_finite=False)
                 break
             except np.linalg.LinAlgError:
                 lam_min = float(scipy.linalg.eigvalsh(
@@ -207,7 +225,8 @@ class KernelFactor:
                 f"Cholesky failed even with jitter {jitter:.3g}; K is numerically "
                 "singular. Add a ridge, e.g. ridge=1e-6.")
         self._chol = chol
-        anorm = float(np.max(np.sum(np.abs(shifted), axis=0)))
+        # 1-norm of K + shift: the shift only adds to the (non-negative) diagonal.
+        anorm = float(np.max(np.sum(np.abs(mat), axis=0))) + ridge_abs + jitter
         rcond, _ = scipy.linalg.lapack.dpocon(chol, anorm, uplo="L")
         cond = float(1.0 / rcond) if rcond > 0 else math.inf
         self.info = SolveInfo(method="cholesky", relative_ridge=float(ridge),
@@ -252,7 +271,8 @@ def factor_kernel(K: ArrayLike, *, ridge: float = 0.0) -> KernelFactor:
 
     Args:
       K: scalar kernel ``(n, n)`` or full kernel ``(n, n, k, k)``; must be
-        symmetric (to 1e-5 relative), finite and positive semi-definite.
+        symmetric (to 1e-5 relative; the lower triangle is used), finite and
+        positive semi-definite.
       ridge: relative ridge λ ≥ 0.
 
     Returns:
