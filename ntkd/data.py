@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import os
 import pickle
@@ -159,17 +160,30 @@ def _load_mnist1d(*, root: Path, seed: int, num_samples: int = 5000, train_split
             ``corr_noise_scale``, ``shear_scale``, ...).
     """
     del root
+    x, y, x_test, y_test = _generate_mnist1d(int(seed), int(num_samples), float(train_split),
+                                             tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
+                                                   for k, v in generator_args.items())))
+    return _finish("mnist1d", x, y, x_test, y_test, 10)
+
+
+@functools.lru_cache(maxsize=8)
+def _generate_mnist1d(seed: int, num_samples: int, train_split: float, generator_args: tuple):
+    """Generation takes ~1 s, so repeated loads in one process share the arrays."""
     from mnist1d.data import get_dataset_args, make_dataset
 
+    generator_args = dict(generator_args)
     args = get_dataset_args()
     unknown = set(generator_args) - set(vars(args))
     if unknown:
         raise DatasetError(f"unknown mnist1d option(s) {sorted(unknown)}; known: {sorted(vars(args))}")
-    args.num_samples, args.train_split, args.seed = int(num_samples), float(train_split), int(seed)
+    args.num_samples, args.train_split, args.seed = num_samples, train_split, seed
     for k, v in generator_args.items():
         setattr(args, k, v)
     d = make_dataset(args)
-    return _finish("mnist1d", d["x"][..., None], d["y"], d["x_test"][..., None], d["y_test"], 10)
+    arrays = (d["x"][..., None], d["y"], d["x_test"][..., None], d["y_test"])
+    for a in arrays:
+        a.setflags(write=False)
+    return arrays
 
 
 def _load_digits(*, root: Path, seed: int, test_fraction: float = 0.25) -> Dataset:

@@ -71,7 +71,7 @@ class CNN1D(nn.Module):
     num_classes: int
     features: Sequence[int] = (32, 32, 32)
     kernel_size: int = 5
-    strides: Sequence[int] = (2, 2, 1)
+    strides: Sequence[int] = (2, 2, 2)
     act: Callable = nn.relu
 
     @nn.compact
@@ -190,6 +190,8 @@ def get_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
     """
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    # JSON configs give lists; modules must stay hashable (jit caches key on them)
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
     try:
         return _REGISTRY[name](num_classes=num_classes, **kwargs)
     except TypeError as e:

@@ -1,0 +1,137 @@
+"""The ``ntkd`` command line: a thin layer over the library.
+
+Each subcommand is one ``_cmd_*`` function that parses nothing itself and
+calls library functions; ``_COMMANDS`` registers them.
+
+    ntkd train-teacher --out runs/teacher
+    ntkd distill --teacher runs/teacher --regime online --out runs/online
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable
+
+
+def _json_arg(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {text!r} ({e}); e.g. '{{\"widths\": [256, 256]}}'")
+
+
+def _add_train_args(p: argparse.ArgumentParser, *, model: str, epochs: int, lr: float) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="mnist1d", help="mnist1d, digits, cifar10, cifar100, tinyimagenet, gaussian")
+    g.add_argument("--dataset-options", type=_json_arg, default={}, metavar="JSON",
+                   help='loader options, e.g. \'{"num_samples": 2000}\'')
+    g.add_argument("--data-dir", default=None, help="folder with local archives (CIFAR, Tiny-ImageNet)")
+    g = p.add_argument_group("model and optimisation")
+    g.add_argument("--model", default=model, help="mlp, cnn1d, lenet5, resnet20, resnet56, resnet110")
+    g.add_argument("--model-options", type=_json_arg, default={}, metavar="JSON",
+                   help='model options, e.g. \'{"widths": [512, 512]}\' or \'{"width": 8}\'')
+    g.add_argument("--epochs", type=int, default=epochs)
+    g.add_argument("--batch-size", type=int, default=128)
+    g.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
+    g.add_argument("--lr", type=float, default=lr, help="peak learning rate")
+    g.add_argument("--schedule", choices=("constant", "cosine", "step"), default="cosine")
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--warmup-epochs", type=int, default=0)
+    g.add_argument("--augment", action="store_true", help="random crop + flip (32x32 images)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--checkpoint-every", type=int, default=1, help="save every N epochs (0 and last always)")
+    p.add_argument("--out", required=True, help="run folder; rerunning on it resumes an interrupted run")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _config_from_args(args, **extra):
+    from ntkd.training import TrainConfig
+
+    return TrainConfig(dataset=args.dataset, dataset_options=args.dataset_options, data_dir=args.data_dir,
+                       model=args.model, model_options=args.model_options, epochs=args.epochs,
+                       batch_size=args.batch_size, optimizer=args.optimizer, learning_rate=args.lr,
+                       schedule=args.schedule, momentum=args.momentum, weight_decay=args.weight_decay,
+                       warmup_epochs=args.warmup_epochs, augment=args.augment, seed=args.seed,
+                       checkpoint_every=args.checkpoint_every, **extra)
+
+
+def _print_summary(result: dict) -> None:
+    last = result["history"][-1]
+    keys = [k for k in ("epoch", "train_acc", "test_acc", "train_fidelity", "test_fidelity", "test_kl",
+                        "margin_median") if k in last]
+    print("  ".join(f"{k}={last[k]:.4g}" if isinstance(last[k], float) else f"{k}={last[k]}" for k in keys))
+    print(f"results in {result['workdir']} (config.json, history.json, checkpoints/)")
+
+
+def _cmd_train_teacher(args) -> int:
+    from ntkd.training import train_teacher
+
+    _print_summary(train_teacher(_config_from_args(args), args.out, progress=not args.no_progress))
+    return 0
+
+
+def _parser_train_teacher(sub) -> None:
+    p = sub.add_parser("train-teacher", help="train a teacher with cross-entropy, checkpointing along training",
+                       description="Train a teacher with cross-entropy on labels; saves a checkpoint every "
+                                   "--checkpoint-every epochs (epoch 0 = init) for later KD and analysis.")
+    _add_train_args(p, model="cnn1d", epochs=60, lr=1e-2)
+    p.set_defaults(func=_cmd_train_teacher)
+
+
+def _cmd_distill(args) -> int:
+    from ntkd.training import train_student
+
+    cfg = _config_from_args(args, regime=args.regime, teacher_dir=args.teacher, teacher_epoch=args.teacher_epoch,
+                            temperature=args.temperature, alpha=args.alpha)
+    _print_summary(train_student(cfg, args.out, progress=not args.no_progress))
+    return 0
+
+
+def _parser_distill(sub) -> None:
+    p = sub.add_parser("distill", help="train a student: no KD, offline, early-stopped or online KD",
+                       description="Train a student. Regimes: none (labels only), offline (final teacher), "
+                                   "early_stopped (teacher checkpoint --teacher-epoch), online (at student "
+                                   "epoch e the teacher checkpoint of epoch e, or the latest saved before).")
+    _add_train_args(p, model="mlp", epochs=60, lr=1e-2)
+    p.add_argument("--regime", choices=("none", "offline", "early_stopped", "online"), default="offline")
+    p.add_argument("--teacher", default=None, help="the teacher's run folder (its --out)")
+    p.add_argument("--teacher-epoch", type=int, default=None, help="checkpoint for --regime early_stopped")
+    p.add_argument("--temperature", "-T", type=float, default=1.0, help="KD temperature tau")
+    p.add_argument("--alpha", type=float, default=1.0, help="weight of the KD term (1 - alpha on labels)")
+    p.set_defaults(func=_cmd_distill)
+
+
+_COMMANDS: list[Callable] = [
+    _parser_train_teacher,
+    _parser_distill,
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ntkd", description="Knowledge distillation through the student's empirical NTK.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in _COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``ntkd`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished checkpoints and results are kept; rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"ntkd {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,545 @@
+"""Losses, optimisers, and teacher/student training (SPEC §4).
+
+Regimes for students (``TrainConfig.regime``):
+
+- ``none``: cross-entropy on labels (no KD).
+- ``offline``: τ²·KL(softmax(z_T/τ) ‖ softmax(z_S/τ)) against the final teacher.
+- ``early_stopped``: the same against the teacher checkpoint ``teacher_epoch``.
+- ``online``: at student epoch e (1-based) the target is the teacher checkpoint
+  of epoch e, or the latest saved one not after e (:func:`online_teacher_epoch`).
+
+``alpha`` mixes KD with the label loss: ``alpha·KD + (1 − alpha)·CE``.
+
+A run folder (``workdir``) holds ``config.json``, ``history.json`` (one row per
+epoch) and ``checkpoints/<epoch>/``. Rerunning the same command on a folder
+with an interrupted run resumes from its latest checkpoint; data order and
+augmentation depend only on (seed, epoch), so the result equals an
+uninterrupted run.
+
+Training is data-parallel over all local JAX devices: batches are sharded
+along a one-axis ``jax.sharding.Mesh`` and parameters replicated; XLA inserts
+the gradient all-reduce.
+
+Example:
+    >>> cfg = TrainConfig(model="cnn1d", epochs=60)
+    >>> teacher = train_teacher(cfg, "runs/teacher")
+    >>> scfg = TrainConfig(model="mlp", regime="online", teacher_dir="runs/teacher")
+    >>> student = train_student(scfg, "runs/online")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.typing import ArrayLike
+from tqdm.auto import tqdm
+
+from ntkd import checkpoints as ckpt_lib
+from ntkd import metrics
+from ntkd._io import read_json, write_json
+from ntkd.data import Dataset, augment_images, iterate_batches, load_dataset
+from ntkd.models import get_model, init_variables
+
+REGIMES = ("none", "offline", "early_stopped", "online")
+
+
+# ----------------------------------------------------------------------------- losses
+
+def softmax_cross_entropy(logits: ArrayLike, targets: ArrayLike) -> jax.Array:
+    """Mean cross-entropy of ``logits`` (n, k) against integer labels (n,) or
+    probability targets (n, k)."""
+    logits = jnp.asarray(logits)
+    targets = jnp.asarray(targets)
+    if targets.ndim == 1:
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, targets))
+    if targets.shape != logits.shape:
+        raise ValueError(f"targets {targets.shape} must be labels ({logits.shape[0]},) or "
+                         f"probabilities {logits.shape}")
+    return jnp.mean(-jnp.sum(targets * jax.nn.log_softmax(logits), -1))
+
+
+def kd_loss(student_logits: ArrayLike, teacher_logits: ArrayLike, temperature: float = 1.0) -> jax.Array:
+    """Hinton's distillation loss τ²·KL(softmax(z_T/τ) ‖ softmax(z_S/τ)), mean over examples.
+
+    Its gradient w.r.t. the student logits is τ·(softmax(z_S/τ) − softmax(z_T/τ)) / n.
+    """
+    t = jax.lax.stop_gradient(jnp.asarray(teacher_logits)) / temperature
+    s = jnp.asarray(student_logits) / temperature
+    log_pt = jax.nn.log_softmax(t)
+    return temperature**2 * jnp.mean(jnp.sum(jnp.exp(log_pt) * (log_pt - jax.nn.log_softmax(s)), -1))
+
+
+def distillation_loss(student_logits, labels, teacher_logits=None, *, temperature: float = 1.0,
+                      alpha: float = 1.0) -> jax.Array:
+    """``alpha``·KD + (1 − ``alpha``)·CE; plain CE when ``teacher_logits`` is None."""
+    ce = softmax_cross_entropy(student_logits, labels)
+    if teacher_logits is None:
+        return ce
+    return alpha * kd_loss(student_logits, teacher_logits, temperature) + (1.0 - alpha) * ce
+
+
+# ----------------------------------------------------------------------------- optimisers
+
+def make_optimizer(name: str = "adam", learning_rate: float = 1e-3, *, total_steps: int,
+                   schedule: str = "cosine", momentum: float = 0.9, weight_decay: float = 0.0,
+                   warmup_steps: int = 0) -> optax.GradientTransformation:
+    """An Optax optimiser with a learning-rate schedule.
+
+    Args:
+        name: ``"sgd"`` (with Nesterov-free momentum) or ``"adam"`` (AdamW when
+            ``weight_decay`` > 0).
+        learning_rate: peak learning rate.
+        total_steps: number of optimisation steps (sets the decay horizon).
+        schedule: ``"constant"``, ``"cosine"`` or ``"step"`` (×0.1 at 50% and 75%).
+        momentum: SGD momentum.
+        weight_decay: decoupled weight decay.
+        warmup_steps: linear warm-up steps.
+    """
+    if schedule == "constant":
+        lr = optax.constant_schedule(learning_rate)
+    elif schedule == "cosine":
+        lr = optax.cosine_decay_schedule(learning_rate, max(total_steps - warmup_steps, 1))
+    elif schedule == "step":
+        lr = optax.piecewise_constant_schedule(
+            learning_rate, {int(0.5 * total_steps): 0.1, int(0.75 * total_steps): 0.1})
+    else:
+        raise ValueError(f"unknown schedule {schedule!r}; choose constant, cosine or step")
+    if warmup_steps:
+        lr = optax.join_schedules([optax.linear_schedule(0.0, learning_rate, warmup_steps), lr],
+                                  [warmup_steps])
+    if name == "sgd":
+        return optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(lr, momentum=momentum or None))
+    if name == "adam":
+        return optax.adamw(lr, weight_decay=weight_decay) if weight_decay else optax.adam(lr)
+    raise ValueError(f"unknown optimizer {name!r}; choose sgd or adam")
+
+
+# ----------------------------------------------------------------------------- config and state
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything that defines a training run (saved as ``config.json``).
+
+    Attributes:
+        dataset, dataset_options, data_dir: passed to :func:`ntkd.data.load_dataset`.
+        model, model_options: passed to :func:`ntkd.models.get_model`.
+        epochs, batch_size: training length and global batch size (divisible by
+            the number of devices).
+        optimizer, learning_rate, schedule, momentum, weight_decay, warmup_epochs:
+            see :func:`make_optimizer`.
+        augment: random crop + flip (32×32 images only).
+        seed: initialisation, data order and augmentation.
+        checkpoint_every: save every N epochs (epoch 0 and the last are always saved).
+        regime: ``none``, ``offline``, ``early_stopped`` or ``online`` (students).
+        teacher_dir: the teacher's run folder (KD regimes).
+        teacher_epoch: checkpoint for ``early_stopped``.
+        temperature, alpha: KD temperature τ and weight of the KD term.
+        eval_batch_size: batch size for evaluation passes.
+    """
+
+    dataset: str = "mnist1d"
+    dataset_options: dict = dataclasses.field(default_factory=dict)
+    data_dir: str | None = None
+    model: str = "cnn1d"
+    model_options: dict = dataclasses.field(default_factory=dict)
+    epochs: int = 60
+    batch_size: int = 128
+    optimizer: str = "adam"
+    learning_rate: float = 1e-2
+    schedule: str = "cosine"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    warmup_epochs: int = 0
+    augment: bool = False
+    seed: int = 0
+    checkpoint_every: int = 1
+    regime: str = "none"
+    teacher_dir: str | None = None
+    teacher_epoch: int | None = None
+    temperature: float = 1.0
+    alpha: float = 1.0
+    eval_batch_size: int = 1000
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown config keys {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+    def validate(self) -> None:
+        if self.regime not in REGIMES:
+            raise ValueError(f"unknown regime {self.regime!r}; choose one of {', '.join(REGIMES)}")
+        if self.regime != "none" and not self.teacher_dir:
+            raise ValueError(f"regime {self.regime!r} needs teacher_dir (--teacher RUN_DIR)")
+        if self.regime == "early_stopped" and self.teacher_epoch is None:
+            raise ValueError("regime 'early_stopped' needs teacher_epoch (--teacher-epoch N)")
+        if self.epochs < 1 or self.batch_size < 1 or self.checkpoint_every < 1:
+            raise ValueError(f"epochs, batch_size, checkpoint_every must be >= 1, got "
+                             f"{self.epochs}, {self.batch_size}, {self.checkpoint_every}")
+        if self.temperature <= 0 or not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"need temperature > 0 and 0 <= alpha <= 1, got {self.temperature}, {self.alpha}")
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Model variables and optimiser state; a pytree."""
+
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+
+    @property
+    def variables(self) -> dict:
+        v = {"params": self.params}
+        if self.batch_stats is not None:
+            v["batch_stats"] = self.batch_stats
+        return v
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def predict(model, variables: dict, x: ArrayLike, *, batch_size: int = 1000) -> np.ndarray:
+    """Logits (n, k) of ``model`` on ``x`` in eval mode, computed in fixed-size
+    batches (the last one padded) so only one shape is ever compiled."""
+    x = np.asarray(x)
+    if x.ndim < 2:
+        raise ValueError(f"x must have a batch axis, got shape {x.shape}")
+    fn = _predict_fn(model)
+    n = len(x)
+    b = min(batch_size, n)
+    out = []
+    for i in range(0, n, b):
+        chunk = x[i:i + b]
+        pad = b - len(chunk)
+        if pad:
+            chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
+        out.append(np.asarray(fn(variables, chunk))[:b - pad])
+    return np.concatenate(out)
+
+
+@functools.lru_cache(maxsize=64)
+def _predict_fn(model):
+    return jax.jit(lambda variables, x: model.apply(variables, x, train=False))
+
+
+# ----------------------------------------------------------------------------- steps
+
+def _mesh() -> Mesh:
+    return Mesh(np.array(jax.devices()), ("data",))
+
+
+def _make_train_step(model, tx, *, temperature: float, alpha: float, augment: bool,
+                     teacher_model=None):
+    """A jitted step: (state, x, y, teacher_vars, key) -> (state, loss)."""
+
+    def step(state: TrainState, x, y, teacher_variables, key):
+        if augment:
+            x = augment_images(key, x)
+        teacher_logits = None
+        if teacher_model is not None:
+            teacher_logits = teacher_model.apply(teacher_variables, x, train=False)
+
+        def loss_fn(params):
+            variables = {"params": params}
+            if state.batch_stats is not None:
+                variables["batch_stats"] = state.batch_stats
+                logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+                new_bs = updates["batch_stats"]
+            else:
+                logits, new_bs = model.apply(variables, x, train=True), None
+            if y.ndim == 2:  # fixed soft targets (see `fit`)
+                loss = softmax_cross_entropy(logits, y)
+            else:
+                loss = distillation_loss(logits, y, teacher_logits, temperature=temperature, alpha=alpha)
+            return loss, new_bs
+
+        (loss, new_bs), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return TrainState(params, new_bs, opt_state), loss
+
+    return jax.jit(step, donate_argnums=(0,))
+
+
+def _check_inputs(x: np.ndarray, input_shape: Sequence[int], what: str) -> None:
+    if tuple(x.shape[1:]) != tuple(input_shape):
+        raise ValueError(f"{what} has example shape {tuple(x.shape[1:])} but the model was built for "
+                         f"{tuple(input_shape)}; check --dataset / the teacher's dataset")
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"{what} contains NaN or inf values; clean the data before training")
+
+
+def _init_state(model, tx, key, input_shape) -> TrainState:
+    variables = init_variables(model, key, input_shape)
+    return TrainState(variables["params"], variables.get("batch_stats"), tx.init(variables["params"]))
+
+
+def _run_epoch(step, state, ds: Dataset, cfg: TrainConfig, epoch: int, teacher_variables, sharding):
+    n_dev = len(jax.devices())
+    bs = min(cfg.batch_size, len(ds.x_train))
+    bs -= bs % n_dev
+    if bs == 0:
+        raise ValueError(f"batch size {cfg.batch_size} is smaller than the {n_dev} devices")
+    key = jax.random.fold_in(jax.random.key(cfg.seed), epoch)
+    losses = []
+    for i, idx in enumerate(iterate_batches(len(ds.x_train), bs, seed=cfg.seed, epoch=epoch)):
+        x = jax.device_put(ds.x_train[idx], sharding)
+        y = jax.device_put(ds.y_train[idx], sharding)
+        state, loss = step(state, x, y, teacher_variables, jax.random.fold_in(key, i))
+        losses.append(loss)
+    return state, float(np.mean(jax.device_get(losses)))
+
+
+# ----------------------------------------------------------------------------- teacher schedule
+
+def online_teacher_epoch(student_epoch: int, saved_epochs: Iterable[int]) -> int:
+    """Teacher checkpoint used at (1-based) student epoch e in online KD:
+    the latest saved teacher epoch not after e (SPEC §4).
+
+    Raises:
+        ValueError: when no saved epoch is ≤ e.
+    """
+    saved = sorted(saved_epochs)
+    eligible = [s for s in saved if s <= student_epoch]
+    if not eligible:
+        raise ValueError(f"no teacher checkpoint at or before epoch {student_epoch} (saved: {saved}); "
+                         "save teacher checkpoints from epoch 0 or 1 (checkpoint_every)")
+    return eligible[-1]
+
+
+# ----------------------------------------------------------------------------- training
+
+def _epoch_row(model, state, ds, cfg, ref_train, ref_test) -> dict:
+    variables = state.variables
+    z_train = predict(model, variables, ds.x_train, batch_size=cfg.eval_batch_size)
+    z_test = predict(model, variables, ds.x_test, batch_size=cfg.eval_batch_size)
+    row = {"train_acc": float(metrics.accuracy(z_train, ds.y_train)),
+           "test_acc": float(metrics.accuracy(z_test, ds.y_test))}
+    if ref_train is not None:
+        row["train_fidelity"] = float(metrics.fidelity(z_train, ref_train))
+        row["test_fidelity"] = float(metrics.fidelity(z_test, ref_test))
+        row["test_kl"] = float(metrics.mean_kl(ref_test, z_test))
+        ref_labels = np.argmax(ref_train, -1)
+    else:
+        ref_labels = ds.y_train
+    m = metrics.margin_summary(metrics.margins(z_train, ref_labels))
+    row.update({f"margin_{k}": v for k, v in m.items()})
+    return row
+
+
+def train(cfg: TrainConfig, workdir: str | os.PathLike, *, dataset: Dataset | None = None,
+          progress: bool = True, on_epoch_end: Callable[[int, dict], None] | None = None) -> dict:
+    """Trains a teacher (``regime="none"``) or a student, resuming if possible.
+
+    Args:
+        cfg: the run's configuration.
+        workdir: run folder; created if missing. If it holds an interrupted run with
+            the same configuration, training resumes from its latest checkpoint.
+        dataset: an already loaded dataset (else loaded from ``cfg``).
+        progress: show a progress bar.
+        on_epoch_end: called as ``on_epoch_end(epoch, history_row)`` after each
+            epoch's checkpoint and history are written (e.g. for early stopping,
+            by raising).
+
+    Returns:
+        ``{"variables", "history", "model", "workdir"}``.
+    """
+    cfg.validate()
+    workdir = Path(workdir).expanduser()
+    _claim_workdir(workdir, cfg)
+    ds = dataset if dataset is not None else load_dataset(
+        cfg.dataset, data_dir=cfg.data_dir, seed=cfg.seed, **cfg.dataset_options)
+    model = get_model(cfg.model, ds.num_classes, **cfg.model_options)
+    _check_inputs(ds.x_train, ds.input_shape, "training inputs")
+    _check_inputs(ds.x_test, ds.input_shape, "test inputs")
+    if cfg.augment and ds.x_train.ndim != 4:
+        raise ValueError(f"augment=True needs images (n, H, W, C); {ds.name} inputs have shape {ds.x_train.shape}")
+
+    steps_per_epoch = max(len(ds.x_train) // min(cfg.batch_size, len(ds.x_train)), 1)
+    tx = make_optimizer(cfg.optimizer, cfg.learning_rate, total_steps=cfg.epochs * steps_per_epoch,
+                        schedule=cfg.schedule, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                        warmup_steps=cfg.warmup_epochs * steps_per_epoch)
+
+    teacher = _Teacher(cfg, ds) if cfg.regime != "none" else None
+    ref_train, ref_test = (teacher.reference_logits if teacher else (None, None))
+    step = _make_train_step(model, tx, temperature=cfg.temperature, alpha=cfg.alpha, augment=cfg.augment,
+                            teacher_model=teacher.model if teacher else None)
+
+    meta = {"model": cfg.model, "model_options": cfg.model_options, "num_classes": ds.num_classes,
+            "input_shape": list(ds.input_shape), "dataset": cfg.dataset,
+            "dataset_options": cfg.dataset_options, "regime": cfg.regime, "seed": cfg.seed}
+    state = _init_state(model, tx, jax.random.key(cfg.seed), ds.input_shape)
+    history: list[dict] = []
+    start = 0
+    saved = ckpt_lib.list_epochs(workdir)
+    if saved:
+        restored = ckpt_lib.load_checkpoint(workdir, saved[-1], opt_state_target=state.opt_state,
+                                            variables_target=state.variables)
+        v = restored.variables
+        state = TrainState(v["params"], v.get("batch_stats"), restored.opt_state)
+        start = saved[-1]
+        history = [r for r in _read_history(workdir) if r["epoch"] <= start]
+    else:
+        row = dict(epoch=0, loss=None, **_epoch_row(model, state, ds, cfg, ref_train, ref_test))
+        history = [row]
+        ckpt_lib.save_checkpoint(workdir, 0, state.variables, opt_state=state.opt_state,
+                                 metadata=dict(meta, metrics=row))
+        write_json(workdir / "history.json", history)
+
+    mesh = _mesh()
+    data_sharding, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+    state = jax.device_put(state, replicated)
+    bar = tqdm(range(start + 1, cfg.epochs + 1), desc=f"{cfg.regime if teacher else 'train'} {cfg.model}",
+               disable=not progress, initial=start, total=cfg.epochs, leave=False)
+    for epoch in bar:
+        t0 = time.perf_counter()
+        t_vars, t_epoch = (teacher.variables_for(epoch) if teacher else (None, None))
+        t_vars = jax.device_put(t_vars, replicated) if t_vars is not None else None
+        state, loss = _run_epoch(step, state, ds, cfg, epoch, t_vars, data_sharding)
+        if not np.isfinite(loss):
+            raise FloatingPointError(f"training loss became {loss} at epoch {epoch}; lower the learning "
+                                     f"rate (now {cfg.learning_rate}) — checkpoints up to epoch {epoch - 1} are kept")
+        row = {"epoch": epoch, "loss": loss, **_epoch_row(model, state, ds, cfg, ref_train, ref_test),
+               "seconds": time.perf_counter() - t0}
+        if t_epoch is not None:
+            row["teacher_epoch"] = t_epoch
+        history.append(row)
+        if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs:
+            ckpt_lib.save_checkpoint(workdir, epoch, state.variables, opt_state=state.opt_state,
+                                     metadata=dict(meta, metrics=row))
+            write_json(workdir / "history.json", history)
+        bar.set_postfix(loss=f"{loss:.3f}", test_acc=f"{row['test_acc']:.3f}")
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, row)
+    write_json(workdir / "history.json", history)
+    return {"variables": jax.device_get(state.variables), "history": history, "model": model,
+            "workdir": workdir}
+
+
+def train_teacher(cfg: TrainConfig, workdir: str | os.PathLike, **kwargs) -> dict:
+    """Trains a teacher with cross-entropy, saving checkpoints along training.
+    See :func:`train` for arguments and return value."""
+    if cfg.regime != "none":
+        raise ValueError(f"a teacher is trained with regime 'none', got {cfg.regime!r}")
+    return train(cfg, workdir, **kwargs)
+
+
+def train_student(cfg: TrainConfig, workdir: str | os.PathLike, **kwargs) -> dict:
+    """Trains a student under ``cfg.regime`` (none/offline/early_stopped/online).
+    See :func:`train` for arguments and return value."""
+    return train(cfg, workdir, **kwargs)
+
+
+class _Teacher:
+    """Teacher checkpoints of a KD run: which variables to distil from at each epoch."""
+
+    def __init__(self, cfg: TrainConfig, ds: Dataset):
+        self.dir = Path(cfg.teacher_dir).expanduser()
+        self.epochs = ckpt_lib.list_epochs(self.dir)
+        if not self.epochs:
+            raise ckpt_lib.CheckpointError(f"teacher folder {self.dir} has no checkpoints; train it with "
+                                           "`ntkd train-teacher --out {self.dir}` first")
+        self.model, final_vars, meta = ckpt_lib.restore_model(self.dir)
+        if tuple(meta["input_shape"]) != ds.input_shape or meta["num_classes"] != ds.num_classes:
+            raise ValueError(f"teacher in {self.dir} was trained on inputs {tuple(meta['input_shape'])} with "
+                             f"{meta['num_classes']} classes (dataset {meta['dataset']!r}) but the student data "
+                             f"has {ds.input_shape} and {ds.num_classes} classes")
+        self.regime, self.cfg = cfg.regime, cfg
+        self._cache = {self.epochs[-1]: final_vars}
+        if cfg.regime == "early_stopped" and cfg.teacher_epoch not in self.epochs:
+            raise ValueError(f"teacher_epoch {cfg.teacher_epoch} not saved in {self.dir}; saved: {self.epochs}")
+        self.reference_logits = (predict(self.model, final_vars, ds.x_train, batch_size=cfg.eval_batch_size),
+                                 predict(self.model, final_vars, ds.x_test, batch_size=cfg.eval_batch_size))
+
+    def _load(self, epoch: int):
+        if epoch not in self._cache:
+            self._cache = {self.epochs[-1]: self._cache[self.epochs[-1]]}
+            self._cache[epoch] = ckpt_lib.restore_model(self.dir, epoch)[1]
+        return self._cache[epoch]
+
+    def variables_for(self, student_epoch: int):
+        if self.regime == "offline":
+            e = self.epochs[-1]
+        elif self.regime == "early_stopped":
+            e = self.cfg.teacher_epoch
+        else:
+            e = online_teacher_epoch(student_epoch, self.epochs)
+        return self._load(e), e
+
+
+def _claim_workdir(workdir: Path, cfg: TrainConfig) -> None:
+    """Writes config.json, or checks that an existing run has the same config."""
+    path = workdir / "config.json"
+    if path.exists():
+        old = read_json(path)
+        if old != cfg.to_dict():
+            diff = {k: (old.get(k), v) for k, v in cfg.to_dict().items() if old.get(k) != v}
+            raise ValueError(f"{workdir} holds a run with a different configuration {diff} "
+                             "(saved, requested); use another output folder or delete it")
+    else:
+        workdir.mkdir(parents=True, exist_ok=True)
+        write_json(path, cfg.to_dict())
+
+
+def _read_history(workdir: Path) -> list[dict]:
+    path = workdir / "history.json"
+    return read_json(path) if path.exists() else []
+
+
+def fit(model, x: ArrayLike, targets: ArrayLike, *, epochs: int, batch_size: int = 128,
+        learning_rate: float = 1e-3, optimizer: str = "adam", schedule: str = "constant",
+        seed: int = 0, x_test: ArrayLike | None = None, y_test: ArrayLike | None = None,
+        progress: bool = False) -> tuple[dict, list[dict]]:
+    """Trains ``model`` in memory on fixed targets with cross-entropy (no checkpoints).
+
+    For experiments that compare target distributions (label smoothing,
+    partial-teacher KD, ...) on small models.
+
+    Args:
+        model: a Linen model.
+        x: (n, *input_shape) inputs.
+        targets: (n,) integer labels or (n, k) probabilities.
+        epochs, batch_size, learning_rate, optimizer, schedule: training setup.
+        seed: initialisation and data order.
+        x_test, y_test: optional test set; its accuracy is logged per epoch.
+
+    Returns:
+        ``(variables, history)`` with one history row per epoch.
+    """
+    x, targets = np.asarray(x, np.float32), np.asarray(targets)
+    if len(targets) != len(x):
+        raise ValueError(f"x has {len(x)} examples but targets has {len(targets)}")
+    if targets.ndim == 2:
+        targets = targets.astype(np.float32)
+    bs = min(batch_size, len(x))
+    tx = make_optimizer(optimizer, learning_rate, total_steps=epochs * (len(x) // bs), schedule=schedule)
+    state = _init_state(model, tx, jax.random.key(seed), x.shape[1:])
+    step = _make_train_step(model, tx, temperature=1.0, alpha=1.0, augment=False)
+    history = []
+    for epoch in tqdm(range(1, epochs + 1), disable=not progress, leave=False):
+        losses = []
+        for idx in iterate_batches(len(x), bs, seed=seed, epoch=epoch):
+            state, loss = step(state, x[idx], targets[idx], None, None)
+            losses.append(loss)
+        row = {"epoch": epoch, "loss": float(np.mean(jax.device_get(losses)))}
+        if x_test is not None:
+            row["test_acc"] = float(metrics.accuracy(predict(model, state.variables, x_test), y_test))
+        history.append(row)
+    return jax.device_get(state.variables), history
