@@ -37,7 +37,7 @@ import numpy as np
 import scipy.linalg
 from jax.typing import ArrayLike
 
-from ntkd import _io
+from ntkd import _io, metrics, ntk
 from ntkd import targets as targets_lib
 
 __all__ = [
@@ -477,12 +477,7 @@ class MarginBound:
 
 
 def _margins(logits: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """ρ_i = f_i[t_i] − max_{c≠t_i} f_i[c] for logits (n, k), reference (n,)."""
-    rows = np.arange(logits.shape[0])
-    true = logits[rows, reference]
-    others = logits.copy()
-    others[rows, reference] = -np.inf
-    return true - others.max(axis=1)
+    return np.asarray(metrics.margins(logits, reference), dtype=np.float64)
 
 
 def margin_bound(student_logits: ArrayLike, teacher_logits: ArrayLike, labels: ArrayLike,
@@ -545,18 +540,6 @@ def margin_bound(student_logits: ArrayLike, teacher_logits: ArrayLike, labels: A
                        total=total, gamma=float(gamma), delta=float(delta), n=n)
 
 
-def _student_kernel(student_apply_fn, student_params, x, mode):
-    try:
-        from ntkd import ntk
-    except ImportError:
-        ntk = None
-    if ntk is None or not hasattr(ntk, "empirical_ntk"):
-        raise ImportError(
-            "ntkd.ntk.empirical_ntk is not available in this checkout; pass the "
-            "student's kernel on x as kernel=.")
-    return ntk.empirical_ntk(student_apply_fn, student_params, x, mode=mode)
-
-
 def compare_teachers(student_apply_fn: Callable | None, student_params: Any,
                      x: ArrayLike, labels: ArrayLike,
                      teachers: Mapping[str, ArrayLike], *,
@@ -567,8 +550,8 @@ def compare_teachers(student_apply_fn: Callable | None, student_params: Any,
                      seed: int = 0) -> list[dict[str, Any]]:
     """Supervision complexity of several teachers' targets in one student NTK.
 
-    The student's eNTK on x is computed (or taken from ``kernel=``) and
-    factorised once; every target then costs one triangular solve. Rows:
+    The student's eNTK on x is computed with :func:`ntkd.ntk.empirical_ntk`
+    (or taken from ``kernel=``) and factorised once; every target then costs one triangular solve. Rows:
 
     * one per (teacher, temperature) with targets ``softmax(z / τ)``;
     * ``"labels"``: one-hot true labels (temperature None);
@@ -583,8 +566,9 @@ def compare_teachers(student_apply_fn: Callable | None, student_params: Any,
     2023, arXiv 2301.12245, Fig. 1 and §5.
 
     Args:
-      student_apply_fn: ``f(params, x) -> logits (n, k)``; may be None when both
-        ``kernel`` and ``student_logits`` are given.
+      student_apply_fn: ``f(params, x) -> logits (n, k)`` (for Flax models
+        ``ntkd.ntk.flax_apply_fn``); may be None when both ``kernel`` and
+        ``student_logits`` are given.
       student_params: the student's parameters (PyTree).
       x: ``(n, ...)`` inputs of the training subset.
       labels: ``(n,)`` true integer labels.
@@ -613,7 +597,7 @@ def compare_teachers(student_apply_fn: Callable | None, student_params: Any,
     labels_np = np.asarray(labels)
     n = labels_np.shape[0]
     if kernel is None:
-        kernel = _student_kernel(student_apply_fn, student_params, x, mode)
+        kernel = ntk.empirical_ntk(student_apply_fn, student_params, x, mode=mode)
     if student_logits is None:
         student_logits = student_apply_fn(student_params, x)
     s_logits = np.asarray(student_logits, dtype=np.float64)
