@@ -267,7 +267,8 @@ def factor_kernel(K: ArrayLike, *, ridge: float = 0.0) -> KernelFactor:
     indefinite: when the smallest eigenvalue is above ``-N · eps · max diag K``
     (eps of K's input dtype) it is lifted to about ``+|λ_min|``; below that K
     is reported as indefinite. A condition number above ``COND_WARN`` = 1e10
-    issues an :class:`IllConditionedKernelWarning`.
+    issues an :class:`IllConditionedKernelWarning`. C and A are defined in
+    Harutyunyan et al., ICLR 2023, arXiv 2301.12245.
 
     Args:
       K: scalar kernel ``(n, n)`` or full kernel ``(n, n, k, k)``; must be
@@ -354,6 +355,8 @@ def supervision_complexity_cg(matvec: Callable[[Any], ArrayLike], Y: ArrayLike, 
     returns ``C = Σ Y ⊙ X``. The error in C is quadratic in the CG error, so a
     moderate ``tol`` already gives C to several digits. Each matvec's own
     precision (float32 for a default JAX eNTK) bounds the reachable residual.
+    C as in Harutyunyan et al., ICLR 2023, arXiv 2301.12245; CG as in Hestenes
+    and Stiefel, 1952.
 
     Args:
       matvec: for a scalar kernel ``v (n,) -> K v (n,)``; with ``full=True``

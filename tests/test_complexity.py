@@ -1,5 +1,6 @@
 """Tests for ntkd.complexity against NumPy/SciPy oracles and invariances."""
 
+import doctest
 import json
 import math
 import os
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 from ntkd import complexity as cx
-from ntkd import targets
+from ntkd import kernels, targets
 
 
 def random_psd(rng, n, *, floor=0.1):
@@ -307,6 +308,12 @@ def test_write_and_format_table(tmp_path):
     assert lines[2] == "t,2.0,,3"
     text = cx.format_table(rows)
     assert text.splitlines()[2] == "| labels |  | 1.235 |  |"
+
+
+@pytest.mark.parametrize("module", [cx, kernels, targets], ids=lambda m: m.__name__)
+def test_docstring_examples_run(module):
+    result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0
 
 
 # --- integration: temperature lowers complexity on MNIST-1D --------------------
