@@ -113,7 +113,7 @@ class StudyConfig:
     def student_config(self, regime: dict, seed: int, teacher_dir: Path) -> TrainConfig:
         fields = {k: v for k, v in regime.items() if k != "name"}
         if fields.get("regime", "none") != "none":
-            fields["teacher_dir"] = str(teacher_dir)
+            fields["teacher_dir"] = str(teacher_dir)  # relative to the student's run folder
         return TrainConfig(dataset=self.dataset, dataset_options=self.dataset_options, data_dir=self.data_dir,
                            **{**self.student, **fields, "seed": seed})
 
@@ -158,7 +158,8 @@ class Study:
         train(cfg.teacher_config(), self.teacher_dir, dataset=self.ds, progress=self.progress)
         jobs = [(r, s) for s in cfg.seeds for r in cfg.regimes]
         for regime, seed in tqdm(jobs, desc="students", disable=not self.progress):
-            train(cfg.student_config(regime, seed, self.teacher_dir), self.student_dir(regime["name"], seed),
+            run = self.student_dir(regime["name"], seed)
+            train(cfg.student_config(regime, seed, Path(os.path.relpath(self.teacher_dir, run))), run,
                   dataset=self.ds, progress=False)
 
     # ------------------------------------------------------------------ helpers
@@ -316,6 +317,50 @@ class Study:
             write_csv(self.results / "distillation.csv", result["rows"])
             write_text(self.results / "distillation.md", distillation_markdown(result))
         return result
+
+
+def teacher_complexity_table(student_dir: str | os.PathLike, teacher_dirs, *, student_epoch: int = 0,
+                             teacher_epochs: list[int] | None = None, temperatures=(1.0, 2.0, 4.0, 8.0),
+                             n: int = 1000, mode: str = "trace", ridge: float = 0.0,
+                             data_dir: str | None = None) -> list[dict]:
+    """Complexity of teacher checkpoints' targets in a student's NTK, from run folders.
+
+    The student's checkpoint fixes the dataset (from its metadata); the kernel
+    is its eNTK on the first ``n`` training examples. See
+    :func:`ntkd.complexity.compare_teachers` for the columns; rows of teacher
+    checkpoints also carry ``teacher_run``, ``teacher_epoch`` and
+    ``teacher_test_acc`` (from the teacher's history).
+
+    Args:
+        student_dir: student (or any) run folder whose NTK measures complexity.
+        teacher_dirs: one or more teacher run folders.
+        student_epoch: the student checkpoint (0 = initialisation).
+        teacher_epochs: teacher checkpoints to use (None: every saved one).
+        temperatures, mode, ridge: see :func:`ntkd.complexity.compare_teachers`.
+        n: number of training examples.
+        data_dir: folder with local archives, when the dataset needs one.
+    """
+    model, variables, meta = ckpt_lib.restore_model(student_dir, student_epoch)
+    ds = load_dataset(meta["dataset"], data_dir=data_dir, seed=meta.get("data_seed", 0), **meta["dataset_options"])
+    x, y = ds.x_train[:n], ds.y_train[:n]
+    apply_fn, params = flax_apply_fn(model, variables)
+    K = np.asarray(empirical_ntk(apply_fn, params, x, mode=mode), np.float64)
+    teachers, info = {}, {}
+    for tdir in [teacher_dirs] if isinstance(teacher_dirs, (str, os.PathLike)) else teacher_dirs:
+        tdir = Path(tdir)
+        saved = ckpt_lib.list_epochs(tdir)
+        if not saved:
+            raise ckpt_lib.CheckpointError(f"teacher folder {tdir} has no checkpoints")
+        hist = {r["epoch"]: r for r in read_json(tdir / "history.json")} if (tdir / "history.json").exists() else {}
+        for e in teacher_epochs if teacher_epochs else saved:
+            tmodel, tvars, _ = ckpt_lib.restore_model(tdir, e)
+            name = f"{tdir.name}@{e}"
+            teachers[name] = predict(tmodel, tvars, x)
+            info[name] = {"teacher_run": str(tdir), "teacher_epoch": e,
+                          "teacher_test_acc": hist.get(e, {}).get("test_acc")}
+    rows = compare_teachers(None, None, x, y, teachers, temperatures=temperatures, kernel=K,
+                            student_logits=predict(model, variables, x), ridge=ridge, mode=mode)
+    return [{**r, **info.get(r["target"], {})} for r in rows]
 
 
 def _config_digest(config: StudyConfig) -> str:
