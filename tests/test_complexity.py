@@ -293,6 +293,20 @@ def test_compare_teachers_with_precomputed_kernel():
                             kernel=K, student_logits=student)
 
 
+def test_compare_teachers_full_kernel_and_centred_targets():
+    rng = np.random.default_rng(15)
+    n, k = 8, 3
+    K4 = full_from_matrix(random_psd(rng, n * k), n, k)
+    z = rng.normal(size=(n, k))
+    rows = cx.compare_teachers(None, None, None, np.arange(n) % k, {"t": z}, temperatures=(2,),
+                               kernel=K4, student_logits=z, center=True)
+    Y = np.asarray(targets.softmax_targets(z, 2.0)) - 1.0 / k
+    assert rows[0]["complexity"] == pytest.approx(cx.supervision_complexity(K4, Y), rel=1e-6)
+    assert rows[0]["margin_error"] == 0.0  # the student is the teacher here
+    assert rows[1]["complexity"] == pytest.approx(
+        cx.supervision_complexity(K4, np.eye(k)[np.arange(n) % k]), rel=1e-10)
+
+
 def test_write_and_format_table(tmp_path):
     rows = [{"target": "labels", "temperature": None, "complexity": 1.23456789},
             {"target": "t", "temperature": 2.0, "complexity": float("nan"), "extra": 3}]
