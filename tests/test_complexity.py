@@ -4,7 +4,6 @@ import doctest
 import json
 import math
 import os
-import time
 import warnings
 
 import jax
@@ -370,7 +369,6 @@ def test_higher_temperature_lowers_teacher_complexity_on_mnist1d():
 
     from ntkd import data, models
 
-    start = time.time()
     ds = data.load_dataset("mnist1d", num_samples=2500)
     x, y = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
     t_model = models.get_model("mlp", 10, widths=(100, 100))
@@ -405,4 +403,3 @@ def test_higher_temperature_lowers_teacher_complexity_on_mnist1d():
     assert all(a1 > a2 for a1, a2 in zip(a, a[1:])), a
     by_name = {r["target"]: r["adjusted_complexity"] for r in rows}
     assert by_name["random"] > by_name["labels"] > a[-1]
-    assert time.time() - start < 60
