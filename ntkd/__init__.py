@@ -10,3 +10,24 @@ The public facade. Library modules:
 """
 
 __version__ = "0.1.0"
+
+# ntkd.complexity (supervision complexity, margin bound, tables), ntkd.kernels
+# (alignment, CKA, Hutch++), ntkd.targets; see docs/complexity.md.
+from ntkd.complexity import (  # noqa: E402
+    adjusted_supervision_complexity,
+    compare_teachers,
+    factor_kernel,
+    format_table,
+    margin_bound,
+    supervision_complexity,
+    supervision_complexity_cg,
+    write_table,
+)
+from ntkd.kernels import (  # noqa: E402
+    alignment_spectrum,
+    estimate_alignment,
+    hutchinson_trace,
+    hutchpp_trace,
+    kernel_alignment,
+)
+from ntkd.targets import one_hot, random_labels, softmax_targets  # noqa: E402
