@@ -24,6 +24,16 @@ _TARGET_STYLE = {"random": ("random labels", "tab:red", ":"), "labels": ("true l
                  "online_teacher": ("online teacher (same epoch)", "tab:purple", "-.")}
 
 
+def _target_curves(res: dict):
+    """(key in rows, label, color, linestyle, alpha) of every curve in a student-complexity panel."""
+    curves = [(k, label, c, ls, 1.0) for k, (label, c, ls) in _TARGET_STYLE.items() if k in ("random", "labels")]
+    for i, t in enumerate(res["temperatures"]):
+        for kind in ("offline_teacher", "online_teacher"):
+            label, c, ls = _TARGET_STYLE[kind]
+            curves.append((f"{kind}_t{t:g}", f"{label}, τ={t:g}", c, ls, 1.0 if i == 0 else 0.45))
+    return curves
+
+
 def _save(fig, path: Path) -> Path:
     import io
 
@@ -64,14 +74,15 @@ def plot_student_complexity(res: dict, path: Path, title: str = "") -> Path:
     fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.2), sharey=True, squeeze=False)
     for ax, panel in zip(axes[0], panels):
         epochs = [r["epoch"] for r in panel["rows"]]
-        for key, (label, color, ls) in _TARGET_STYLE.items():
-            ax.plot(epochs, [r[key] for r in panel["rows"]], ls, marker="o", ms=3, color=color, label=label)
+        for key, label, color, ls, alpha in _target_curves(res):
+            ax.plot(epochs, [r[key] for r in panel["rows"]], ls, marker="o", ms=3, color=color, alpha=alpha,
+                    label=label)
         ax.set_title(f"student trained: {panel['regime']}")
         ax.set_xlabel("student epoch (checkpoint)")
         ax.set_yscale("log")
     axes[0][0].set_ylabel("adjusted supervision complexity")
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", ncol=4, bbox_to_anchor=(0.5, 0.0))
+    fig.legend(handles, labels, loc="upper center", ncol=3, bbox_to_anchor=(0.5, 0.0))
     fig.suptitle(f"{title}: complexity of targets in the student's NTK along its training (n={res['n']})", y=1.04)
     return _save(fig, path)
 

@@ -57,7 +57,10 @@ def test_results_are_consistent_with_runs(study_dir):
     online = sc["panels"][1]["rows"]
     assert [r["epoch"] for r in online] == [0, 2, 4]
     # at the last student epoch the online teacher is the final teacher
-    assert online[-1]["online_teacher"] == pytest.approx(online[-1]["offline_teacher"])
+    for t in ("1", "4"):
+        assert online[-1][f"online_teacher_t{t}"] == pytest.approx(online[-1][f"offline_teacher_t{t}"])
+        # and a higher temperature gives lower complexity of the same teacher's targets
+    assert all(r["offline_teacher_t4"] < r["offline_teacher_t1"] for r in online)
 
 
 def test_rerun_is_identical_and_resumes_without_recomputing(study_dir, tmp_path):
@@ -99,18 +102,26 @@ def _fake_results(tmp_path, online_acc):
     results.mkdir(parents=True)
     (tmp_path / "study.json").write_text(json.dumps(dict(
         name="fake", teacher={"model": "t"}, student={"model": "s"}, seeds=[0, 1], n_kernel=10, ntk_mode="trace")))
-    row = lambda name, acc, fid: {"regime": name, "seeds": 2, "test_acc_mean": acc, "test_acc_std": 0.01,
-                                  "test_fidelity_mean": fid, "test_fidelity_std": 0.01}
-    dist = {"rows": [row("offline τ=1", 0.70, 0.72), row("online τ=1", online_acc, online_acc + 0.02)],
+    def row(name, acc, fid, kind, student="main"):
+        return {"regime": name, "student": student, "kind": kind, "temperature": None if kind == "none" else 1.0,
+                "seeds": 2, "test_acc_mean": acc, "test_acc_std": 0.01, "test_fidelity_mean": fid,
+                "test_fidelity_std": 0.01}
+
+    dist = {"rows": [row("no-KD", 0.6, None, "none"), row("offline τ=1", 0.70, 0.72, "offline"),
+                     row("online τ=1", online_acc, online_acc + 0.02, "online"),
+                     # a second student with a smaller capacity gap (teacher 0.9, no-KD 0.85)
+                     row("no-KD · big", 0.85, None, "none", "big"), row("offline τ=1 · big", 0.86, 0.9, "offline", "big"),
+                     row("online τ=1 · big", 0.865, 0.91, "online", "big")],
             "teacher_test_acc": 0.9, "teacher_train_acc": 1.0}
     (results / "distillation.json").write_text(json.dumps(dist))
     epochs = [0, 1, 2, 3]
     tc = [{"target": str(e), "teacher_epoch": e, "temperature": t, "adjusted_complexity": (1 + e) / t}
           for e in epochs for t in (1.0, 2.0)]
     (results / "teacher_checkpoints.json").write_text(json.dumps({"rows": tc}))
-    sc_rows = [{"epoch": e, "labels": 2 - 0.4 * e, "random": 3 - 0.4 * e, "offline_teacher": 1.5 - 0.3 * e,
-                "online_teacher": 0.2 + 0.1 * e} for e in epochs]
-    (results / "student_complexity.json").write_text(json.dumps({"panels": [{"regime": "no-KD", "rows": sc_rows}]}))
+    sc_rows = [{"epoch": e, "labels": 2 - 0.4 * e, "random": 3 - 0.4 * e, "offline_teacher_t1": 1.5 - 0.3 * e,
+                "online_teacher_t1": 0.2 + 0.1 * e} for e in epochs]
+    (results / "student_complexity.json").write_text(json.dumps(
+        {"temperatures": [1.0], "panels": [{"regime": "no-KD", "rows": sc_rows}]}))
     return tmp_path
 
 
@@ -120,8 +131,11 @@ def test_report_verdicts_follow_the_numbers(tmp_path):
     assert "Higher temperature lowers the complexity of teacher targets — **reproduced**" in good
     assert "Later teacher checkpoints have higher complexity — **reproduced**" in good
     assert "Random labels > true labels > offline teacher, in the student's NTK — **reproduced**" in good
+    # main student: gap 30 points, online gain +5 points > big student's gap 5 points, gain +0.5 points
+    assert "most when the teacher–student capacity gap is large — **reproduced**" in good
     bad = write_report(_fake_results(tmp_path / "bad", online_acc=0.65)).read_text()
     assert "Online KD improves on offline KD, with higher fidelity — **not reproduced**" in bad
+    assert "most when the teacher–student capacity gap is large — **not reproduced**" in bad
     # online targets end at 0.5 while offline ends at 0.6: not within 10%, so that finding is not reproduced
     assert "rise to meet the offline teacher — **not reproduced**" in good
 
