@@ -382,6 +382,38 @@ def _config_digest(config: StudyConfig) -> str:
     return hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
+def step_main(step: str, doc: str, argv: list[str] | None = None) -> Path:
+    """Command-line entry of one experiment script in ``experiments/``: trains
+    what the step needs (resuming), runs the step, redraws its figure.
+
+    Args:
+        step: one of :data:`STEPS`.
+        doc: the script's docstring (shown by ``--help``).
+        argv: arguments (default: ``sys.argv[1:]``).
+    """
+    import argparse
+
+    from ntkd.configs import get_config
+    from ntkd.plotting import plot_study
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="mnist1d", help="study preset (ntkd.configs)")
+    parser.add_argument("--quick", action="store_true", help="the small smoke-test version")
+    parser.add_argument("--out", default=None, help="study folder (default results/<dataset>[_quick])")
+    parser.add_argument("--data-dir", default=None)
+    args = parser.parse_args(argv)
+    cfg = get_config(args.dataset, quick=args.quick)
+    if args.data_dir:
+        cfg.data_dir = args.data_dir
+    study = Study(cfg, args.out or f"results/{args.dataset}{'_quick' if args.quick else ''}")
+    study.train_all()
+    study.run_step(step)
+    for path in plot_study(study.out):
+        if path.stem == step:
+            print(path)
+    return study.out
+
+
 def run_study(config: StudyConfig, out: str | os.PathLike, *, steps: tuple[str, ...] = STEPS,
               progress: bool = True, figures: bool = True) -> Path:
     """Trains every run, runs the analysis steps, draws the figures and writes report.md.

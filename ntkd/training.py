@@ -377,9 +377,9 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike, *, dataset: Dataset | No
             the same configuration, training resumes from its latest checkpoint.
         dataset: an already loaded dataset (else loaded from ``cfg``).
         progress: show a progress bar.
-        on_epoch_end: called as ``on_epoch_end(epoch, history_row)`` after each
-            epoch's checkpoint and history are written (e.g. for early stopping,
-            by raising).
+        on_epoch_end: called as ``on_epoch_end(epoch, history_row)`` after each epoch
+            (and after its checkpoint, on checkpoint epochs); raising stops training,
+            e.g. for early stopping, and a rerun resumes from the latest checkpoint.
 
     Returns:
         ``{"variables", "history", "model", "workdir"}``.
