@@ -93,8 +93,9 @@ def plot_distillation(res: dict, path: Path, title: str = "") -> Path:
     x = np.arange(len(rows))
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     ax = axes[0]
+    colors = ["tab:blue" if r.get("student", "main") == "main" else "tab:cyan" for r in rows]
     ax.bar(x, [100 * r["test_acc_mean"] for r in rows], yerr=[100 * r["test_acc_std"] for r in rows],
-           color="tab:blue", alpha=0.8, capsize=3)
+           color=colors, alpha=0.8, capsize=3)
     ax.axhline(100 * res["teacher_test_acc"], color="k", ls="--", lw=1, label="teacher")
     lo = min(100 * r["test_acc_mean"] for r in rows)
     ax.set_ylim(max(0, lo - 10), 100)
@@ -120,7 +121,7 @@ def plot_ntk_similarity(res: dict, path: Path, title: str = "") -> Path:
     rows = res["rows"]
     names = [r["regime"] for r in rows]
     x = np.arange(len(rows))
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), gridspec_kw={"width_ratios": [1.4, 1]})
+    fig, axes = plt.subplots(1, 2, figsize=(11.5, 4.0), gridspec_kw={"width_ratios": [1.3, 1], "wspace": 0.5})
     ax = axes[0]
     bars = [("cka_vs_init", "CKA vs own NTK at init", "tab:blue"), ("cka_vs_teacher", "CKA vs teacher NTK", "tab:orange"),
             ("alignment_vs_teacher", "alignment vs teacher NTK", "tab:gray")]
@@ -173,10 +174,11 @@ def plot_margins(res: dict, path: Path, title: str = "") -> Path:
     for i, r in enumerate(rows):
         ax.text(i, bottom[i], f"γ={r['best_bound']['gamma']:g}", ha="center", va="bottom", fontsize=7)
     ax.axhline(1.0, color="k", ls="--", lw=0.8)
+    ax.set_ylim(0, 1.15 * max(bottom.max(), 1.0))
     ax.set_xticks(x)
     ax.set_xticklabels([r["regime"] for r in rows], rotation=30, ha="right")
     ax.set_ylabel("bound on P(error), at its best γ")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.suptitle(f"{title}: margins and the generalisation bound (seed {res['seed']}, n={res['n']})")
     return _save(fig, path)
 

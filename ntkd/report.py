@@ -34,8 +34,21 @@ def distillation_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _verdict(ok: bool | None) -> str:
-    return {True: "**reproduced**", False: "**not reproduced**", None: "**not tested**"}[ok]
+def _verdict(ok: bool | str | None) -> str:
+    return {True: "**reproduced**", False: "**not reproduced**", None: "**not tested**",
+            "inconclusive": "**inconclusive** (same direction, within 2 standard errors)"}[ok]
+
+
+def _stderr(row: dict, key: str) -> float:
+    """Standard error of a seed mean."""
+    return row[f"{key}_std"] / np.sqrt(max(row["seeds"], 1))
+
+
+def _significance(diffs: list[tuple[float, float]]) -> bool | str:
+    """Verdict for differences (value, standard error) that should all be positive."""
+    if any(d <= 0 for d, _ in diffs):
+        return False
+    return True if all(d > 2 * se for d, se in diffs) else "inconclusive"
 
 
 def _teacher_findings(res: dict) -> list[str]:
@@ -126,14 +139,18 @@ def _distillation_findings(res: dict) -> list[str]:
         groups.setdefault(r.get("student", "main"), []).append(r)
     main = groups.get("main", [])
     pairs = _kd_pairs(main)
-    ok = bool(pairs) and all(on["test_acc_mean"] > off["test_acc_mean"] and
-                             on["test_fidelity_mean"] > off["test_fidelity_mean"] for _, off, on in pairs)
+    diffs = [(on[f"{k}_mean"] - off[f"{k}_mean"], np.hypot(_stderr(on, k), _stderr(off, k)))
+             for _, off, on in pairs for k in ("test_acc", "test_fidelity")]
+    ok = _significance(diffs) if pairs else False
     lines = [f"τ={t:g}: online {_pm(on, 'test_acc')}% vs offline {_pm(off, 'test_acc')}% test accuracy, "
              f"test fidelity {_pm(on, 'test_fidelity')}% vs {_pm(off, 'test_fidelity')}%" for t, off, on in pairs]
     no_kd = next((r for r in main if r.get("kind") == "none"), {})
     out = [f"### Online KD improves on offline KD, with higher fidelity — {_verdict(ok)}",
            "Criterion: mean test accuracy and mean test fidelity of online KD above offline KD at each τ (main "
-           f"student). Seen: {'; '.join(lines)}. No-KD student: {_pm(no_kd, 'test_acc')}%; teacher "
+           "student) by more than 2 standard errors of the difference (mean ± std over seeds below). Seen: "
+           f"{'; '.join(lines)}; differences in units of their standard error: "
+           f"{', '.join(f'{d / se:.1f}' if se > 0 else 'inf' for d, se in diffs)}. No-KD student: "
+           f"{_pm(no_kd, 'test_acc')}%; teacher "
            f"{100 * res['teacher_test_acc']:.1f}%."]
     gaps = []
     for student, rows in groups.items():
@@ -141,7 +158,8 @@ def _distillation_findings(res: dict) -> list[str]:
         for t, off, on in _kd_pairs(rows):
             if base is not None:
                 gaps.append((student, t, res["teacher_test_acc"] - base["test_acc_mean"],
-                             on["test_acc_mean"] - off["test_acc_mean"]))
+                             on["test_acc_mean"] - off["test_acc_mean"],
+                             np.hypot(_stderr(on, "test_acc"), _stderr(off, "test_acc"))))
     temps = sorted({g[1] for g in gaps})
     comparable = [t for t in temps if len([g for g in gaps if g[1] == t]) >= 2]
     if not comparable:
@@ -149,15 +167,16 @@ def _distillation_findings(res: dict) -> list[str]:
                 "Needs at least two students (regimes with a `student` label) with no-KD, offline and online runs "
                 "at a shared τ; this run has fewer."]
         return out
-    checks = []
+    diffs = []
     for t in comparable:
         g = sorted((x for x in gaps if x[1] == t), key=lambda x: x[2])
-        checks.append(all(a[3] < b[3] for a, b in zip(g, g[1:])))
-    detail = "; ".join(f"{s} (τ={t:g}): gap {100 * gap:.1f} points, online − offline {100 * gain:+.1f} points"
-                       for s, t, gap, gain in gaps if t in comparable)
-    out += [f"### …most when the teacher–student capacity gap is large — {_verdict(all(checks))}",
+        diffs += [(b[3] - a[3], np.hypot(a[4], b[4])) for a, b in zip(g, g[1:])]
+    detail = "; ".join(f"{s} (τ={t:g}): gap {100 * gap:.1f} points, online − offline {100 * gain:+.1f} ± "
+                       f"{100 * se:.1f} points (± standard error)" for s, t, gap, gain, se in gaps if t in comparable)
+    out += [f"### …most when the teacher–student capacity gap is large — {_verdict(_significance(diffs))}",
             "Criterion: ordering students by capacity gap (teacher accuracy − the student's no-KD accuracy), the "
-            f"gain of online over offline KD increases with the gap at each shared τ. Seen: {detail}."]
+            "gain of online over offline KD increases with the gap at each shared τ, by more than 2 standard "
+            f"errors. Seen: {detail}."]
     return out
 
 
