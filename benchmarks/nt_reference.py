@@ -1,0 +1,100 @@
+"""Times neural-tangents 0.6.5 on a workload exported by ``ntk_speed.py``.
+
+Runs inside the pinned venv ``benchmarks/.nt_venv`` (JAX 0.4.23, Flax 0.8.0,
+neural-tangents 0.6.5), never in the main environment:
+
+    benchmarks/.nt_venv/bin/python benchmarks/nt_reference.py IN.npz OUT.npz --repeats 3
+
+IN.npz holds ``x``, ``meta`` (JSON: model name/kwargs, mode, k) and the
+variables as flattened leaves named by their path (``params/dense0/kernel``).
+The model is rebuilt from ``ntkd/models.py`` (imported by file path, so the
+rest of ntkd, which needs current JAX, is not imported). OUT.npz receives
+each implementation's kernel (``trace`` is neural-tangents' MEAN over logits)
+and a JSON ``timings`` record.
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+
+import neural_tangents as nt
+
+IMPLEMENTATIONS = {
+    "nt-jacobian": nt.NtkImplementation.JACOBIAN_CONTRACTION,
+    "nt-ntvp": nt.NtkImplementation.NTK_VECTOR_PRODUCTS,
+    "nt-structured": nt.NtkImplementation.STRUCTURED_DERIVATIVES,
+}
+
+
+def _load_models():
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "ntkd", "models.py")
+    spec = importlib.util.spec_from_file_location("ntkd_models", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # Flax dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def _unflatten(flat: dict) -> dict:
+    tree: dict = {}
+    for key, value in flat.items():
+        node = tree
+        parts = key.split("/")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = jax.numpy.asarray(value)
+    return tree
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("inp")
+    parser.add_argument("out")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--impls", default=",".join(IMPLEMENTATIONS))
+    args = parser.parse_args()
+
+    data = np.load(args.inp)
+    meta = json.loads(str(data["meta"]))
+    variables = _unflatten({k[len("var:"):]: data[k] for k in data.files if k.startswith("var:")})
+    x = jax.numpy.asarray(data["x"])
+    models = _load_models()
+    model = models.get_model(meta["model"], meta["k"], **meta["model_kwargs"])
+    rest = {c: v for c, v in variables.items() if c != "params"}
+
+    def apply_fn(params, xx):
+        return model.apply({"params": params, **rest}, xx, train=False)
+
+    trace_axes = () if meta["mode"] == "full" else (-1,)
+    results, timings = {}, {}
+    for name in args.impls.split(","):
+        fn = jax.jit(nt.empirical_ntk_fn(apply_fn, trace_axes=trace_axes, vmap_axes=0,
+                                         implementation=IMPLEMENTATIONS[name]))
+        try:
+            t0 = time.perf_counter()
+            kernel = np.asarray(fn(x, None, variables["params"]))
+            first = time.perf_counter() - t0
+            runs = []
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                fn(x, None, variables["params"]).block_until_ready()
+                runs.append(time.perf_counter() - t0)
+            med = statistics.median(runs)
+            results[name] = kernel
+            timings[name] = {"seconds": med, "compile": max(first - med, 0.0), "runs": runs}
+        except Exception as e:  # report, keep timing the others
+            timings[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        print(name, timings[name], file=sys.stderr, flush=True)
+    np.savez(args.out, timings=json.dumps(timings), jax=jax.__version__,
+             nt=nt.__version__ if hasattr(nt, "__version__") else "0.6.5", **results)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,223 @@
+"""Speed of ntkd's empirical NTK against a naive baseline and neural-tangents.
+
+Full run (all workloads at the sizes of the issue, neural-tangents included;
+tens of minutes on a 2-core CPU):
+
+    PYTHONPATH=. python benchmarks/ntk_speed.py --reference
+
+Quick run (n scaled by 0.1, one repeat, a few minutes):
+
+    PYTHONPATH=. python benchmarks/ntk_speed.py --quick --reference
+
+Workloads (same params and inputs for every contender): MLP (256, 256) on
+MNIST-1D shapes (n=1000), 1-D CNN on MNIST-1D (n=1000), LeNet-5 on 32×32×3
+(n=500), ResNet-20 on 32×32×3 (n=256); modes ``full`` and ``trace``; x2 = None
+(symmetric kernels) everywhere.
+
+Contenders: ntkd ``auto``/``structured``/``jacobian``/``ntvp``; ``naive``
+(``jit(vmap(jacrev))`` + per-leaf ``einsum``, one block); with
+``--reference``, neural-tangents 0.6.5 JACOBIAN_CONTRACTION,
+NTK_VECTOR_PRODUCTS and STRUCTURED_DERIVATIVES run by ``nt_reference.py`` in
+the pinned venv ``benchmarks/.nt_venv`` (created on demand).
+
+Reported per contender: median seconds after a warm-up call, compile time
+(first call minus median), ratio to neural-tangents' best, JC-equivalent
+GFLOP/s (the Jacobian-contraction cost N·O·3[FP] + 2·N²·O²·P (full) or
+2·N²·O·P (trace), [FP] from XLA's cost analysis of one forward pass, divided
+by the time) and that as a fraction of a float32 matmul peak measured in the
+same run, and the max relative deviation from ntkd ``jacobian`` (NT's trace
+is multiplied by k: it is a mean).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ntkd.models import get_model, init_variables
+from ntkd.ntk import empirical_ntk_fn, flax_apply_fn
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORK = os.path.join(HERE, "_work")
+VENV = os.path.join(HERE, ".nt_venv")
+NT_PINS = ["jax==0.4.23", "jaxlib==0.4.23", "flax==0.8.0", "optax==0.1.9",
+           "tensorflow-cpu==2.15.*", "neural-tangents==0.6.5", "numpy<2"]
+
+WORKLOADS = {  # name -> (model, model kwargs, input shape, n)
+    "mlp": ("mlp", {"widths": [256, 256]}, (40, 1), 1000),
+    "cnn1d": ("cnn1d", {}, (40, 1), 1000),
+    "lenet5": ("lenet5", {}, (32, 32, 3), 500),
+    "resnet20": ("resnet20", {}, (32, 32, 3), 256),
+}
+NTKD_IMPLS = ("auto", "structured", "jacobian", "ntvp")
+
+
+def _time(fn, repeats: int) -> tuple[float, float, np.ndarray]:
+    t0 = time.perf_counter()
+    out = np.asarray(fn())
+    first = time.perf_counter() - t0
+    runs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        runs.append(time.perf_counter() - t0)
+    med = statistics.median(runs)
+    return med, max(first - med, 0.0), out
+
+
+def matmul_peak_gflops(size: int = 2048, repeats: int = 5) -> float:
+    a = jax.random.normal(jax.random.PRNGKey(0), (size, size), jnp.float32)
+    f = jax.jit(lambda u: u @ u)
+    f(a).block_until_ready()
+    best = min(_timed(lambda: f(a).block_until_ready()) for _ in range(repeats))
+    return 2 * size**3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def naive_ntk_fn(apply_fn, mode: str):
+    """vmap(jacrev) of the per-example network, einsum per parameter leaf."""
+
+    def per_example(p, xi):
+        return apply_fn(p, xi[None])[0]
+
+    @jax.jit
+    def fn(params, x):
+        j = jax.vmap(jax.jacrev(per_example), (None, 0))(params, x)
+        leaves = [l.reshape(l.shape[:2] + (-1,)) for l in jax.tree.leaves(j)]
+        if mode == "full":
+            return sum(jnp.einsum("iap,jbp->ijab", l, l) for l in leaves)
+        return sum(jnp.einsum("iap,jap->ij", l, l) for l in leaves)
+
+    return fn
+
+
+def jc_flops(apply_fn, params, x, k: int, mode: str) -> float:
+    one = jax.ShapeDtypeStruct((1,) + x.shape[1:], x.dtype)
+    cost = jax.jit(apply_fn).lower(params, one).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    fp = float(cost.get("flops", 0.0))
+    n = x.shape[0]
+    p = sum(l.size for l in jax.tree.leaves(params))
+    contraction = 2 * n * n * (k * k if mode == "full" else k) * p
+    return n * k * 3 * fp + contraction
+
+
+def ensure_venv() -> str:
+    python = os.path.join(VENV, "bin", "python")
+    if os.path.exists(python):
+        return python
+    subprocess.run([sys.executable, "-m", "venv", VENV], check=True)
+    subprocess.run([python, "-m", "pip", "install", "-q", *NT_PINS], check=True)
+    return python
+
+
+def export(path: str, name: str, kwargs: dict, variables: dict, x, mode: str, k: int) -> None:
+    flat = {}
+    for keypath, leaf in jax.tree_util.tree_leaves_with_path(variables):
+        flat["var:" + "/".join(str(getattr(q, "key", q)) for q in keypath)] = np.asarray(leaf)
+    meta = {"model": name, "model_kwargs": kwargs, "mode": mode, "k": k}
+    np.savez(path, x=np.asarray(x), meta=json.dumps(meta), **flat)
+
+
+def run_reference(python: str, inp: str, out: str, repeats: int) -> tuple[dict, dict]:
+    env = dict(os.environ, PYTHONPATH="", TF_CPP_MIN_LOG_LEVEL="3")
+    subprocess.run([python, os.path.join(HERE, "nt_reference.py"), inp, out,
+                    "--repeats", str(repeats)], check=True, env=env)
+    data = np.load(out)
+    timings = json.loads(str(data["timings"]))
+    kernels = {n: data[n] for n in data.files if n.startswith("nt-")}
+    return timings, kernels
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n-scale", type=float, default=1.0, help="multiply every n by this")
+    parser.add_argument("--quick", action="store_true", help="--n-scale 0.1 --repeats 1")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workloads", default=",".join(WORKLOADS))
+    parser.add_argument("--modes", default="full,trace")
+    parser.add_argument("--impls", default=",".join(NTKD_IMPLS + ("naive",)))
+    parser.add_argument("--reference", action="store_true", help="also time neural-tangents 0.6.5")
+    parser.add_argument("--json", default=os.path.join(WORK, "ntk_speed.json"))
+    args = parser.parse_args()
+    if args.quick:
+        args.n_scale, args.repeats = 0.1, 1
+    os.makedirs(WORK, exist_ok=True)
+    python = ensure_venv() if args.reference else None
+
+    peak = matmul_peak_gflops()
+    print(f"device: {jax.devices()[0].device_kind} x{len(jax.devices())}; "
+          f"float32 matmul peak {peak:.1f} GFLOP/s; jax {jax.__version__}", flush=True)
+    rows = []
+    for wname in args.workloads.split(","):
+        name, kwargs, shape, n = WORKLOADS[wname]
+        n = max(8, int(round(n * args.n_scale)))
+        model = get_model(name, 10, **kwargs)
+        variables = init_variables(model, jax.random.PRNGKey(0), shape)
+        x = jax.random.normal(jax.random.PRNGKey(1), (n,) + shape, jnp.float32)
+        apply_fn, params = flax_apply_fn(model, variables)
+        nparams = sum(l.size for l in jax.tree.leaves(params))
+        for mode in args.modes.split(","):
+            flops = jc_flops(apply_fn, params, x, 10, mode)
+            found = {}
+            for impl in args.impls.split(","):
+                fn = (naive_ntk_fn(apply_fn, mode) if impl == "naive"
+                      else empirical_ntk_fn(apply_fn, mode=mode, implementation=impl))
+                call = (lambda: fn(params, x)) if impl == "naive" else (lambda: fn(x, None, params))
+                try:
+                    sec, comp, kern = _time(call, args.repeats)
+                    found["ntkd-" + impl if impl != "naive" else "naive"] = (sec, comp, kern)
+                except Exception as e:  # e.g. out of memory: report and go on
+                    print(f"  {wname} {mode} {impl}: {type(e).__name__}: {str(e)[:200]}")
+                print(f"  {wname} n={n} {mode} {impl}: {found.get('ntkd-' + impl, found.get(impl, (float('nan'),))) [0]:.3f}s",
+                      flush=True)
+            if python:
+                inp = os.path.join(WORK, f"{wname}_{mode}_in.npz")
+                out = os.path.join(WORK, f"{wname}_{mode}_out.npz")
+                export(inp, name, kwargs, variables, x, mode, 10)
+                timings, kernels = run_reference(python, inp, out, args.repeats)
+                for key, t in timings.items():
+                    if "error" in t:
+                        print(f"  {wname} {mode} {key}: {t['error']}")
+                        continue
+                    kern = kernels[key] * (10 if mode == "trace" else 1)
+                    found[key] = (t["seconds"], t["compile"], kern)
+            ref = found.get("ntkd-jacobian", next(iter(found.values())))[2]
+            nt_best = min((v[0] for k, v in found.items() if k.startswith("nt-")), default=None)
+            for key, (sec, comp, kern) in found.items():
+                err = float(np.max(np.abs(kern - ref)) / np.max(np.abs(ref)))
+                rows.append(dict(workload=wname, n=n, params=nparams, mode=mode, contender=key,
+                                 seconds=sec, compile=comp,
+                                 vs_nt_best=(nt_best / sec) if nt_best else None,
+                                 gflops=flops / sec / 1e9, peak_frac=flops / sec / 1e9 / peak,
+                                 rel_err=err))
+    with open(args.json, "w") as f:
+        json.dump({"peak_gflops": peak, "rows": rows, "argv": sys.argv}, f, indent=1)
+    print()
+    print(f"| workload | n | mode | contender | seconds | compile s | speed-up vs NT best | "
+          f"JC-equiv GFLOP/s | of peak | rel. err |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        ratio = f"{r['vs_nt_best']:.2f}x" if r["vs_nt_best"] else "-"
+        print(f"| {r['workload']} | {r['n']} | {r['mode']} | {r['contender']} | {r['seconds']:.3f} | "
+              f"{r['compile']:.1f} | {ratio} | {r['gflops']:.1f} | {100 * r['peak_frac']:.0f}% | "
+              f"{r['rel_err']:.1e} |")
+
+
+if __name__ == "__main__":
+    main()
