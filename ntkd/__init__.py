@@ -1,14 +1,37 @@
 """ntkd: knowledge distillation through the student's empirical NTK.
 
-The public facade. Library modules:
+The public facade re-exports the functions used most from a notebook.
+Library modules:
 
 - ``ntkd.data``: datasets (MNIST-1D, digits, CIFAR-10/100, Tiny-ImageNet, Gaussian).
 - ``ntkd.models``: Flax Linen models used through ``apply(variables, x)``.
 - ``ntkd.training``: losses, optimisers, teacher and student training.
 - ``ntkd.checkpoints``: atomic Orbax checkpoints with metadata.
 - ``ntkd.metrics``: accuracy, fidelity, KL, margins.
+- ``ntkd.ntk``: the empirical-NTK engine (docs/ntk.md).
+- ``ntkd.complexity``, ``ntkd.kernels``, ``ntkd.targets``: supervision
+  complexity, the margin bound, alignment/CKA, Hutch++ (docs/complexity.md).
+- ``ntkd.study``, ``ntkd.configs``, ``ntkd.report``, ``ntkd.plotting``: the study.
 """
 
 __version__ = "0.1.0"
 
+from ntkd.complexity import (  # noqa: E402
+    adjusted_supervision_complexity,
+    compare_teachers,
+    factor_kernel,
+    format_table,
+    margin_bound,
+    supervision_complexity,
+    supervision_complexity_cg,
+    write_table,
+)
+from ntkd.kernels import (  # noqa: E402
+    alignment_spectrum,
+    estimate_alignment,
+    hutchinson_trace,
+    hutchpp_trace,
+    kernel_alignment,
+)
 from ntkd.ntk import empirical_ntk, empirical_ntk_fn, flax_apply_fn, ntk_vp_fn  # noqa: E402
+from ntkd.targets import one_hot, random_labels, softmax_targets  # noqa: E402

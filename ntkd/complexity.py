@@ -37,7 +37,7 @@ import numpy as np
 import scipy.linalg
 from jax.typing import ArrayLike
 
-from ntkd import _io
+from ntkd import _io, metrics, ntk
 from ntkd import targets as targets_lib
 
 __all__ = [
@@ -103,11 +103,15 @@ def _locate(mask: np.ndarray) -> tuple[int, ...]:
 
 
 def _kernel_matrix(K: ArrayLike, name: str = "K") -> tuple[np.ndarray, int, int | None, float]:
-    """Validates K and returns (matrix (N, N) float64, n, k or None, input eps)."""
+    """Validates K and returns (matrix (N, N) float64, n, k or None, input eps).
+
+    Asymmetry within ``SYMMETRY_RTOL`` is accepted as round-off; the solvers
+    then read only the lower triangle (LAPACK ``potrf``/``syevr`` convention).
+    """
     K_in = np.asarray(K)
     eps = (np.finfo(K_in.dtype).eps
            if np.issubdtype(K_in.dtype, np.floating) else np.finfo(np.float64).eps)
-    K_np = K_in.astype(np.float64)
+    K_np = K_in.astype(np.float64, copy=False)
     if K_np.ndim == 2 and K_np.shape[0] == K_np.shape[1]:
         n, k, mat = K_np.shape[0], None, K_np
     elif (K_np.ndim == 4 and K_np.shape[0] == K_np.shape[1]
@@ -123,15 +127,27 @@ def _kernel_matrix(K: ArrayLike, name: str = "K") -> tuple[np.ndarray, int, int 
         raise ValueError(
             f"{name} has a non-finite entry {name}{list(where)} = {K_np[where]}; "
             "recompute the kernel (in float64 if it overflowed).")
-    scale = np.max(np.abs(mat)) if mat.size else 0.0
-    asym = np.abs(mat - mat.T)
-    if mat.size and asym.max() > SYMMETRY_RTOL * scale:
-        i, j = np.unravel_index(np.argmax(asym), asym.shape)
+    scale = float(np.max(np.abs(mat))) if mat.size else 0.0
+    asym, (i, j) = _max_asymmetry(mat)
+    if asym > SYMMETRY_RTOL * scale:
         raise ValueError(
-            f"{name} is not symmetric: |K[{i}, {j}] - K[{j}, {i}]| = {asym[i, j]:.3g} "
+            f"{name} is not symmetric: |K[{i}, {j}] - K[{j}, {i}]| = {asym:.3g} "
             f"(max |K| = {scale:.3g}, tolerance {SYMMETRY_RTOL:g} relative). Pass the "
             "Gram matrix of one input set with itself, or symmetrise (K + K.T) / 2.")
-    return 0.5 * (mat + mat.T), n, k, float(eps)
+    return mat, n, k, float(eps)
+
+
+def _max_asymmetry(mat: np.ndarray, block: int = 512) -> tuple[float, tuple[int, int]]:
+    """max |K - Kᵀ| and its location, tile by tile (no n² temporary, cache friendly)."""
+    worst, where = 0.0, (0, 0)
+    size = mat.shape[0]
+    for r in range(0, size, block):
+        for c in range(r, size, block):
+            diff = np.abs(mat[r:r + block, c:c + block] - mat[c:c + block, r:r + block].T)
+            if diff.size and diff.max() > worst:
+                a, b = np.unravel_index(np.argmax(diff), diff.shape)
+                worst, where = float(diff[a, b]), (r + int(a), c + int(b))
+    return worst, where
 
 
 def _target_matrix(Y: ArrayLike, n: int, k: int | None) -> np.ndarray:
@@ -184,9 +200,11 @@ class KernelFactor:
         roundoff = size * eps_in * float(np.max(np.diag(mat)))
         jitter = 0.0
         for _ in range(4):
-            shifted = mat + (ridge_abs + jitter) * np.eye(size)
+            chol = mat.copy()
+            chol.flat[::size + 1] += ridge_abs + jitter
             try:
-                chol, _ = scipy.linalg.cho_factor(shifted, lower=True, check_finite=False)
+                chol, _ = scipy.linalg.cho_factor(chol, lower=True, overwrite_a=True,
+                                                  check_finite=False)
                 break
             except np.linalg.LinAlgError:
                 lam_min = float(scipy.linalg.eigvalsh(
@@ -207,7 +225,8 @@ class KernelFactor:
                 f"Cholesky failed even with jitter {jitter:.3g}; K is numerically "
                 "singular. Add a ridge, e.g. ridge=1e-6.")
         self._chol = chol
-        anorm = float(np.max(np.sum(np.abs(shifted), axis=0)))
+        # 1-norm of K + shift: the shift only adds to the (non-negative) diagonal.
+        anorm = float(np.max(np.sum(np.abs(mat), axis=0))) + ridge_abs + jitter
         rcond, _ = scipy.linalg.lapack.dpocon(chol, anorm, uplo="L")
         cond = float(1.0 / rcond) if rcond > 0 else math.inf
         self.info = SolveInfo(method="cholesky", relative_ridge=float(ridge),
@@ -248,11 +267,13 @@ def factor_kernel(K: ArrayLike, *, ridge: float = 0.0) -> KernelFactor:
     indefinite: when the smallest eigenvalue is above ``-N · eps · max diag K``
     (eps of K's input dtype) it is lifted to about ``+|λ_min|``; below that K
     is reported as indefinite. A condition number above ``COND_WARN`` = 1e10
-    issues an :class:`IllConditionedKernelWarning`.
+    issues an :class:`IllConditionedKernelWarning`. C and A are defined in
+    Harutyunyan et al., ICLR 2023, arXiv 2301.12245.
 
     Args:
       K: scalar kernel ``(n, n)`` or full kernel ``(n, n, k, k)``; must be
-        symmetric (to 1e-5 relative), finite and positive semi-definite.
+        symmetric (to 1e-5 relative; the lower triangle is used), finite and
+        positive semi-definite.
       ridge: relative ridge λ ≥ 0.
 
     Returns:
@@ -334,6 +355,8 @@ def supervision_complexity_cg(matvec: Callable[[Any], ArrayLike], Y: ArrayLike, 
     returns ``C = Σ Y ⊙ X``. The error in C is quadratic in the CG error, so a
     moderate ``tol`` already gives C to several digits. Each matvec's own
     precision (float32 for a default JAX eNTK) bounds the reachable residual.
+    C as in Harutyunyan et al., ICLR 2023, arXiv 2301.12245; CG as in Hestenes
+    and Stiefel, 1952.
 
     Args:
       matvec: for a scalar kernel ``v (n,) -> K v (n,)``; with ``full=True``
@@ -457,12 +480,7 @@ class MarginBound:
 
 
 def _margins(logits: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """ρ_i = f_i[t_i] − max_{c≠t_i} f_i[c] for logits (n, k), reference (n,)."""
-    rows = np.arange(logits.shape[0])
-    true = logits[rows, reference]
-    others = logits.copy()
-    others[rows, reference] = -np.inf
-    return true - others.max(axis=1)
+    return np.asarray(metrics.margins(logits, reference), dtype=np.float64)
 
 
 def margin_bound(student_logits: ArrayLike, teacher_logits: ArrayLike, labels: ArrayLike,
@@ -525,18 +543,6 @@ def margin_bound(student_logits: ArrayLike, teacher_logits: ArrayLike, labels: A
                        total=total, gamma=float(gamma), delta=float(delta), n=n)
 
 
-def _student_kernel(student_apply_fn, student_params, x, mode):
-    try:
-        from ntkd import ntk
-    except ImportError:
-        ntk = None
-    if ntk is None or not hasattr(ntk, "empirical_ntk"):
-        raise ImportError(
-            "ntkd.ntk.empirical_ntk is not available in this checkout; pass the "
-            "student's kernel on x as kernel=.")
-    return ntk.empirical_ntk(student_apply_fn, student_params, x, mode=mode)
-
-
 def compare_teachers(student_apply_fn: Callable | None, student_params: Any,
                      x: ArrayLike, labels: ArrayLike,
                      teachers: Mapping[str, ArrayLike], *,
@@ -547,8 +553,8 @@ def compare_teachers(student_apply_fn: Callable | None, student_params: Any,
                      seed: int = 0) -> list[dict[str, Any]]:
     """Supervision complexity of several teachers' targets in one student NTK.
 
-    The student's eNTK on x is computed (or taken from ``kernel=``) and
-    factorised once; every target then costs one triangular solve. Rows:
+    The student's eNTK on x is computed with :func:`ntkd.ntk.empirical_ntk`
+    (or taken from ``kernel=``) and factorised once; every target then costs one triangular solve. Rows:
 
     * one per (teacher, temperature) with targets ``softmax(z / τ)``;
     * ``"labels"``: one-hot true labels (temperature None);
@@ -563,8 +569,9 @@ def compare_teachers(student_apply_fn: Callable | None, student_params: Any,
     2023, arXiv 2301.12245, Fig. 1 and §5.
 
     Args:
-      student_apply_fn: ``f(params, x) -> logits (n, k)``; may be None when both
-        ``kernel`` and ``student_logits`` are given.
+      student_apply_fn: ``f(params, x) -> logits (n, k)`` (for Flax models
+        ``ntkd.ntk.flax_apply_fn``); may be None when both ``kernel`` and
+        ``student_logits`` are given.
       student_params: the student's parameters (PyTree).
       x: ``(n, ...)`` inputs of the training subset.
       labels: ``(n,)`` true integer labels.
@@ -593,7 +600,7 @@ def compare_teachers(student_apply_fn: Callable | None, student_params: Any,
     labels_np = np.asarray(labels)
     n = labels_np.shape[0]
     if kernel is None:
-        kernel = _student_kernel(student_apply_fn, student_params, x, mode)
+        kernel = ntk.empirical_ntk(student_apply_fn, student_params, x, mode=mode)
     if student_logits is None:
         student_logits = student_apply_fn(student_params, x)
     s_logits = np.asarray(student_logits, dtype=np.float64)

@@ -54,7 +54,8 @@ def kernel_alignment(K1: ArrayLike, K2: ArrayLike, *, centered: bool = False) ->
     ``H = I − 11ᵀ/n`` over examples (``H ⊗ I_k`` for full kernels), which
     makes it invariant to adding a constant ``c·11ᵀ``. Both forms are
     invariant to positive rescaling of either kernel, and a kernel is aligned
-    with itself at 1.
+    with itself at 1 (Cristianini et al., NeurIPS 2001; Cortes, Mohri,
+    Rostamizadeh, JMLR 2012; used on student/teacher eNTKs in SPEC §3).
 
     Args:
       K1: ``(n, n)`` or ``(n, n, k, k)`` kernel.

@@ -24,6 +24,16 @@ _TARGET_STYLE = {"random": ("random labels", "tab:red", ":"), "labels": ("true l
                  "online_teacher": ("online teacher (same epoch)", "tab:purple", "-.")}
 
 
+def _target_curves(res: dict):
+    """(key in rows, label, color, linestyle, alpha) of every curve in a student-complexity panel."""
+    curves = [(k, label, c, ls, 1.0) for k, (label, c, ls) in _TARGET_STYLE.items() if k in ("random", "labels")]
+    for i, t in enumerate(res["temperatures"]):
+        for kind in ("offline_teacher", "online_teacher"):
+            label, c, ls = _TARGET_STYLE[kind]
+            curves.append((f"{kind}_t{t:g}", f"{label}, τ={t:g}", c, ls, 1.0 if i == 0 else 0.45))
+    return curves
+
+
 def _save(fig, path: Path) -> Path:
     import io
 
@@ -54,7 +64,7 @@ def plot_teacher_checkpoints(res: dict, path: Path, title: str = "") -> Path:
     ax2.grid(False)
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
-    ax.legend(h1 + h2, l1 + l2, loc="center right", ncol=1)
+    ax.legend(h1 + h2, l1 + l2, loc="upper left", bbox_to_anchor=(1.13, 1.0))
     ax.set_title(f"{title}: teacher checkpoints in the student's NTK at init (n={res['n']})")
     return _save(fig, path)
 
@@ -64,14 +74,16 @@ def plot_student_complexity(res: dict, path: Path, title: str = "") -> Path:
     fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.2), sharey=True, squeeze=False)
     for ax, panel in zip(axes[0], panels):
         epochs = [r["epoch"] for r in panel["rows"]]
-        for key, (label, color, ls) in _TARGET_STYLE.items():
-            ax.plot(epochs, [r[key] for r in panel["rows"]], ls, marker="o", ms=3, color=color, label=label)
+        for key, label, color, ls, alpha in _target_curves(res):
+            ax.plot(epochs, [r[key] for r in panel["rows"]], ls, marker="o", ms=3, color=color, alpha=alpha,
+                    label=label)
         ax.set_title(f"student trained: {panel['regime']}")
         ax.set_xlabel("student epoch (checkpoint)")
         ax.set_yscale("log")
     axes[0][0].set_ylabel("adjusted supervision complexity")
-    axes[0][-1].legend(loc="upper right")
-    fig.suptitle(f"{title}: complexity of targets in the student's NTK along its training (n={res['n']})")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=3, bbox_to_anchor=(0.5, 0.0))
+    fig.suptitle(f"{title}: complexity of targets in the student's NTK along its training (n={res['n']})", y=1.04)
     return _save(fig, path)
 
 
@@ -81,8 +93,9 @@ def plot_distillation(res: dict, path: Path, title: str = "") -> Path:
     x = np.arange(len(rows))
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     ax = axes[0]
+    colors = ["tab:blue" if r.get("student", "main") == "main" else "tab:cyan" for r in rows]
     ax.bar(x, [100 * r["test_acc_mean"] for r in rows], yerr=[100 * r["test_acc_std"] for r in rows],
-           color="tab:blue", alpha=0.8, capsize=3)
+           color=colors, alpha=0.8, capsize=3)
     ax.axhline(100 * res["teacher_test_acc"], color="k", ls="--", lw=1, label="teacher")
     lo = min(100 * r["test_acc_mean"] for r in rows)
     ax.set_ylim(max(0, lo - 10), 100)
@@ -108,7 +121,7 @@ def plot_ntk_similarity(res: dict, path: Path, title: str = "") -> Path:
     rows = res["rows"]
     names = [r["regime"] for r in rows]
     x = np.arange(len(rows))
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), gridspec_kw={"width_ratios": [1.4, 1]})
+    fig, axes = plt.subplots(1, 2, figsize=(11.5, 4.0), gridspec_kw={"width_ratios": [1.3, 1], "wspace": 0.5})
     ax = axes[0]
     bars = [("cka_vs_init", "CKA vs own NTK at init", "tab:blue"), ("cka_vs_teacher", "CKA vs teacher NTK", "tab:orange"),
             ("alignment_vs_teacher", "alignment vs teacher NTK", "tab:gray")]
@@ -161,10 +174,11 @@ def plot_margins(res: dict, path: Path, title: str = "") -> Path:
     for i, r in enumerate(rows):
         ax.text(i, bottom[i], f"γ={r['best_bound']['gamma']:g}", ha="center", va="bottom", fontsize=7)
     ax.axhline(1.0, color="k", ls="--", lw=0.8)
+    ax.set_ylim(0, 1.15 * max(bottom.max(), 1.0))
     ax.set_xticks(x)
     ax.set_xticklabels([r["regime"] for r in rows], rotation=30, ha="right")
     ax.set_ylabel("bound on P(error), at its best γ")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.suptitle(f"{title}: margins and the generalisation bound (seed {res['seed']}, n={res['n']})")
     return _save(fig, path)
 

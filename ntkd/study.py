@@ -74,12 +74,17 @@ class StudyConfig:
         teacher: :class:`ntkd.training.TrainConfig` fields of the teacher.
         student: TrainConfig fields shared by all students (regime fields are set per regime).
         regimes: one dict per student regime: ``name`` plus TrainConfig fields
-            (``regime``, ``temperature``, ``teacher_epoch``, ``alpha``).
+            (``regime``, ``temperature``, ``teacher_epoch``, ``alpha``, and ``model`` /
+            ``model_options`` to override the student). Regimes of another student carry
+            ``student`` (a label); they enter the distillation table and the capacity-gap
+            comparison, while the NTK analyses use the main student's regimes.
         seeds: student seeds (the table reports mean ± std over them).
         temperatures: τ of the teacher-checkpoint analysis.
         teacher_epochs: teacher checkpoints analysed (None: every saved one).
         n_kernel: training examples used by the NTK analyses.
         complexity_regimes: regimes whose training is followed in step 2 (one panel each).
+        complexity_temperatures: τ of the offline/online teacher targets in step 2; the
+            report's checks use the first.
         ntk_mode: scalar eNTK mode of the analyses (``trace``, ``sum`` or ``logit``).
         ridge: relative ridge of the complexity solves.
         gammas: margin thresholds γ of the bound.
@@ -98,6 +103,7 @@ class StudyConfig:
     teacher_epochs: list | None = None
     n_kernel: int = 1000
     complexity_regimes: list = dataclasses.field(default_factory=list)
+    complexity_temperatures: list = dataclasses.field(default_factory=lambda: [1.0, 4.0])
     ntk_mode: str = "trace"
     ridge: float = 0.0
     gammas: list = dataclasses.field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0, 8.0, 16.0])
@@ -111,11 +117,16 @@ class StudyConfig:
                            **self.teacher)
 
     def student_config(self, regime: dict, seed: int, teacher_dir: Path) -> TrainConfig:
-        fields = {k: v for k, v in regime.items() if k != "name"}
+        fields = {k: v for k, v in regime.items() if k not in ("name", "student")}
         if fields.get("regime", "none") != "none":
-            fields["teacher_dir"] = str(teacher_dir)
+            fields["teacher_dir"] = str(teacher_dir)  # relative to the student's run folder
         return TrainConfig(dataset=self.dataset, dataset_options=self.dataset_options, data_dir=self.data_dir,
                            **{**self.student, **fields, "seed": seed})
+
+    @property
+    def main_regimes(self) -> list[dict]:
+        """Regimes of the main student (those without a ``student`` label)."""
+        return [r for r in self.regimes if "student" not in r]
 
     def regime(self, name: str) -> dict:
         for r in self.regimes:
@@ -158,7 +169,8 @@ class Study:
         train(cfg.teacher_config(), self.teacher_dir, dataset=self.ds, progress=self.progress)
         jobs = [(r, s) for s in cfg.seeds for r in cfg.regimes]
         for regime, seed in tqdm(jobs, desc="students", disable=not self.progress):
-            train(cfg.student_config(regime, seed, self.teacher_dir), self.student_dir(regime["name"], seed),
+            run = self.student_dir(regime["name"], seed)
+            train(cfg.student_config(regime, seed, Path(os.path.relpath(self.teacher_dir, run))), run,
                   dataset=self.ds, progress=False)
 
     # ------------------------------------------------------------------ helpers
@@ -185,7 +197,7 @@ class Study:
         cfg = self.config
         saved = ckpt_lib.list_epochs(self.teacher_dir)
         epochs = [e for e in (cfg.teacher_epochs or saved) if e in saved]
-        student0 = self.student_dir(cfg.regimes[0]["name"], cfg.seeds[0])
+        student0 = self.student_dir(cfg.main_regimes[0]["name"], cfg.seeds[0])
         K = self.ntk(student0, 0)
         s_logits = self.logits(student0, 0)
         teachers = {str(e): self.logits(self.teacher_dir, e) for e in epochs}
@@ -201,28 +213,30 @@ class Study:
     def student_complexity(self) -> dict:
         cfg = self.config
         k = self.ds.num_classes
-        Y_labels = np.asarray(one_hot(self.y_sub, k))
-        Y_random = np.asarray(random_labels(jax.random.key(0), len(self.y_sub), k))
         teacher_saved = ckpt_lib.list_epochs(self.teacher_dir)
-        Y_offline = np.asarray(softmax_targets(self.logits(self.teacher_dir), 1.0))
-        online_cache: dict[int, np.ndarray] = {}
+        z_final = self.logits(self.teacher_dir)
+        fixed = {"labels": np.asarray(one_hot(self.y_sub, k)),
+                 "random": np.asarray(random_labels(jax.random.key(0), len(self.y_sub), k))}
+        for t in cfg.complexity_temperatures:
+            fixed[f"offline_teacher_t{t:g}"] = np.asarray(softmax_targets(z_final, t))
+        online_logits: dict[int, np.ndarray] = {}
         panels = []
         for name in cfg.complexity_regimes:
             run = self.student_dir(name, cfg.seeds[0])
             rows = []
             for e in tqdm(ckpt_lib.list_epochs(run), desc=f"complexity {name}", disable=not self.progress, leave=False):
                 te = online_teacher_epoch(max(e, teacher_saved[0]), teacher_saved)
-                if te not in online_cache:
-                    online_cache[te] = np.asarray(softmax_targets(self.logits(self.teacher_dir, te), 1.0))
+                if te not in online_logits:
+                    online_logits[te] = self.logits(self.teacher_dir, te)
                 factor = factor_kernel(self.ntk(run, e), ridge=cfg.ridge)
-                rows.append({"epoch": e, "online_teacher_epoch": te,
-                             "labels": factor.adjusted_complexity(Y_labels),
-                             "random": factor.adjusted_complexity(Y_random),
-                             "offline_teacher": factor.adjusted_complexity(Y_offline),
-                             "online_teacher": factor.adjusted_complexity(online_cache[te]),
-                             "condition_number": factor.info.condition_number})
+                row = {"epoch": e, "online_teacher_epoch": te,
+                       **{key: factor.adjusted_complexity(Y) for key, Y in fixed.items()}}
+                for t in cfg.complexity_temperatures:
+                    row[f"online_teacher_t{t:g}"] = factor.adjusted_complexity(softmax_targets(online_logits[te], t))
+                rows.append({**row, "condition_number": factor.info.condition_number})
             panels.append({"regime": name, "rows": rows})
-        return {"n": len(self.y_sub), "mode": cfg.ntk_mode, "temperature": 1.0, "panels": panels}
+        return {"n": len(self.y_sub), "mode": cfg.ntk_mode, "temperatures": cfg.complexity_temperatures,
+                "panels": panels}
 
     def distillation(self) -> dict:
         cfg = self.config
@@ -234,7 +248,9 @@ class Study:
                 last = self.history(self.student_dir(regime["name"], seed))[-1]
                 finals.append(last)
                 per_run.append({"regime": regime["name"], "seed": seed, **{k: last.get(k) for k in keys}})
-            row = {"regime": regime["name"], "seeds": len(finals)}
+            row = {"regime": regime["name"], "student": regime.get("student", "main"),
+                   "kind": regime.get("regime", "none"), "temperature": regime.get("temperature"),
+                   "seeds": len(finals)}
             for key in keys:
                 vals = [f[key] for f in finals if f.get(key) is not None]
                 if vals:
@@ -249,7 +265,7 @@ class Study:
         seed = cfg.seeds[0]
         K_teacher = self.ntk(self.teacher_dir)
         finals, rows = {}, []
-        for regime in tqdm(cfg.regimes, desc="NTK similarity", disable=not self.progress, leave=False):
+        for regime in tqdm(cfg.main_regimes, desc="NTK similarity", disable=not self.progress, leave=False):
             run = self.student_dir(regime["name"], seed)
             K0, K1 = self.ntk(run, 0), self.ntk(run)
             finals[regime["name"]] = K1
@@ -271,7 +287,7 @@ class Study:
         z_teacher = self.logits(self.teacher_dir)
         ref = z_teacher.argmax(1)
         out = []
-        for regime in tqdm(cfg.regimes, desc="margins", disable=not self.progress, leave=False):
+        for regime in tqdm(cfg.main_regimes, desc="margins", disable=not self.progress, leave=False):
             run = self.student_dir(regime["name"], seed)
             z = self.logits(run)
             m = np.asarray(metrics.margins(z, ref))
@@ -318,8 +334,84 @@ class Study:
         return result
 
 
+def teacher_complexity_table(student_dir: str | os.PathLike, teacher_dirs, *, student_epoch: int = 0,
+                             teacher_epochs: list[int] | None = None, temperatures=(1.0, 2.0, 4.0, 8.0),
+                             n: int = 1000, mode: str = "trace", ridge: float = 0.0,
+                             data_dir: str | None = None) -> list[dict]:
+    """Complexity of teacher checkpoints' targets in a student's NTK, from run folders.
+
+    The student's checkpoint fixes the dataset (from its metadata); the kernel
+    is its eNTK on the first ``n`` training examples. See
+    :func:`ntkd.complexity.compare_teachers` for the columns; rows of teacher
+    checkpoints also carry ``teacher_run``, ``teacher_epoch`` and
+    ``teacher_test_acc`` (from the teacher's history).
+
+    Args:
+        student_dir: student (or any) run folder whose NTK measures complexity.
+        teacher_dirs: one or more teacher run folders.
+        student_epoch: the student checkpoint (0 = initialisation).
+        teacher_epochs: teacher checkpoints to use (None: every saved one).
+        temperatures, mode, ridge: see :func:`ntkd.complexity.compare_teachers`.
+        n: number of training examples.
+        data_dir: folder with local archives, when the dataset needs one.
+    """
+    model, variables, meta = ckpt_lib.restore_model(student_dir, student_epoch)
+    ds = load_dataset(meta["dataset"], data_dir=data_dir, seed=meta.get("data_seed", 0), **meta["dataset_options"])
+    x, y = ds.x_train[:n], ds.y_train[:n]
+    apply_fn, params = flax_apply_fn(model, variables)
+    K = np.asarray(empirical_ntk(apply_fn, params, x, mode=mode), np.float64)
+    teachers, info = {}, {}
+    for tdir in [teacher_dirs] if isinstance(teacher_dirs, (str, os.PathLike)) else teacher_dirs:
+        tdir = Path(tdir)
+        saved = ckpt_lib.list_epochs(tdir)
+        if not saved:
+            raise ckpt_lib.CheckpointError(f"teacher folder {tdir} has no checkpoints")
+        hist = {r["epoch"]: r for r in read_json(tdir / "history.json")} if (tdir / "history.json").exists() else {}
+        for e in teacher_epochs if teacher_epochs else saved:
+            tmodel, tvars, _ = ckpt_lib.restore_model(tdir, e)
+            name = f"{tdir.name}@{e}"
+            teachers[name] = predict(tmodel, tvars, x)
+            info[name] = {"teacher_run": str(tdir), "teacher_epoch": e,
+                          "teacher_test_acc": hist.get(e, {}).get("test_acc")}
+    rows = compare_teachers(None, None, x, y, teachers, temperatures=temperatures, kernel=K,
+                            student_logits=predict(model, variables, x), ridge=ridge, mode=mode)
+    return [{**r, **info.get(r["target"], {})} for r in rows]
+
+
 def _config_digest(config: StudyConfig) -> str:
     return hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def step_main(step: str, doc: str, argv: list[str] | None = None) -> Path:
+    """Command-line entry of one experiment script in ``experiments/``: trains
+    what the step needs (resuming), runs the step, redraws its figure.
+
+    Args:
+        step: one of :data:`STEPS`.
+        doc: the script's docstring (shown by ``--help``).
+        argv: arguments (default: ``sys.argv[1:]``).
+    """
+    import argparse
+
+    from ntkd.configs import get_config
+    from ntkd.plotting import plot_study
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="mnist1d", help="study preset (ntkd.configs)")
+    parser.add_argument("--quick", action="store_true", help="the small smoke-test version")
+    parser.add_argument("--out", default=None, help="study folder (default results/<dataset>[_quick])")
+    parser.add_argument("--data-dir", default=None)
+    args = parser.parse_args(argv)
+    cfg = get_config(args.dataset, quick=args.quick)
+    if args.data_dir:
+        cfg.data_dir = args.data_dir
+    study = Study(cfg, args.out or f"results/{args.dataset}{'_quick' if args.quick else ''}")
+    study.train_all()
+    study.run_step(step)
+    for path in plot_study(study.out):
+        if path.stem == step:
+            print(path)
+    return study.out
 
 
 def run_study(config: StudyConfig, out: str | os.PathLike, *, steps: tuple[str, ...] = STEPS,

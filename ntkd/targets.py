@@ -54,8 +54,9 @@ def one_hot(labels: ArrayLike, k: int) -> jax.Array:
 def random_labels(key: jax.Array, n: int, k: int) -> jax.Array:
     """One-hot targets of classes drawn uniformly at random.
 
-    The reference "random labels" curve of the paper: its supervision
-    complexity is the ceiling that learnable targets should stay well below.
+    The reference "random labels" curve of Harutyunyan et al. (ICLR 2023,
+    arXiv 2301.12245): its supervision complexity is the ceiling that
+    learnable targets should stay well below.
 
     Args:
         key: a ``jax.random`` key.
@@ -79,7 +80,8 @@ def softmax_targets(logits: ArrayLike,
     """Teacher soft labels ``softmax(logits / temperature)``.
 
     Higher temperatures give smoother targets and, in the student's NTK, lower
-    supervision complexity (SPEC §2, §5).
+    supervision complexity (SPEC §2, §5; Harutyunyan et al., ICLR 2023,
+    arXiv 2301.12245).
 
     Args:
         logits: ``(n, k)`` teacher logits.

@@ -75,6 +75,15 @@ def test_alignment_spectrum_matches_eigh():
 
 # --- matrix-free estimators --------------------------------------------------
 
+def trace_entk_oracle(apply_fn, params, x):
+    """Brute-force trace eNTK Σ_a J_a J_aᵀ from per-example jax.jacrev."""
+    per_example = lambda p, xi: apply_fn(p, xi[None])[0]  # noqa: E731
+    jac = jax.vmap(jax.jacrev(per_example), in_axes=(None, 0))(params, x)
+    n, k = x.shape[0], jax.tree.leaves(jac)[0].shape[1]
+    flat = jnp.concatenate([j.reshape(n, k, -1) for j in jax.tree.leaves(jac)], axis=-1)
+    return jnp.einsum("iap,jap->ij", flat, flat)
+
+
 def matvec_of(K):
     K_j = jnp.asarray(K, jnp.float32)
     return jax.jit(lambda v: K_j @ v)
@@ -141,6 +150,23 @@ def test_alignment_estimate_with_jax_float32_matvecs():
     est = kernels.estimate_alignment(matvec_of(K1), matvec_of(K2), 30, num_probes=16)
     assert abs(est.value - numpy_alignment(K1, K2)) <= 4 * est.stderr + 1e-5
     assert est.num_matvecs == 16 + 8 + 16
+
+
+def test_estimators_with_ntk_vector_products():
+    from ntkd import models, ntk
+
+    model = models.get_model("mlp", 3, widths=(32,))
+    apply_fn, params = ntk.flax_apply_fn(model, models.init_variables(model, jax.random.key(0), (5,)))
+    moved = jax.tree.map(lambda p: p + 0.3 * jax.random.normal(jax.random.key(2), p.shape), params)
+    x = jax.random.normal(jax.random.key(1), (30, 5))
+    K0, K1 = (np.asarray(trace_entk_oracle(apply_fn, p, x), np.float64) for p in (params, moved))
+    mv0, mv1 = ntk.ntk_vp_fn(apply_fn, params, x), ntk.ntk_vp_fn(apply_fn, moved, x)
+    tr = kernels.hutchpp_trace(mv0, 30, num_matvecs=24)
+    assert abs(tr.value - np.trace(K0)) <= 4 * tr.stderr + 1e-4 * np.trace(K0)
+    for centered in (False, True):
+        est = kernels.estimate_alignment(mv0, mv1, 30, centered=centered, num_probes=16)
+        exact = kernels.kernel_alignment(K0, K1, centered=centered)
+        assert abs(est.value - exact) <= 4 * est.stderr + 1e-4
 
 
 def test_estimator_argument_errors():
