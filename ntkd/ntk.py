@@ -454,11 +454,10 @@ class _Structured:
             kernel = _subtree(params, path)["kernel"]
             d = math.prod(kernel.shape[:-1])
             eye = jnp.eye(d, dtype=a.dtype).reshape(kernel.shape[:-1] + (d,))
-            ident = c.module.clone(features=d, use_bias=False)
-            patches = ident.apply({"params": {"kernel": eye}}, a, precision=_HIGHEST) \
-                    if "precision" in inspect.signature(ident.__call__).parameters else \
-                    ident.apply({"params": {"kernel": eye}}, a)
-            patches = patches.reshape(b, -1, d)
+            # The same Conv with an identity kernel: its output channels are the
+            # patches, with Flax's own padding, stride and dilation conventions.
+            ident = c.module.clone(features=d, use_bias=False, precision=_HIGHEST)
+            patches = ident.apply({"params": {"kernel": eye}}, a).reshape(b, -1, d)
         if "bias" in c.leaves:
             patches = jnp.concatenate([patches, jnp.ones(patches.shape[:2] + (1,), patches.dtype)], -1)
         return patches
