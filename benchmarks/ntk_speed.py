@@ -133,10 +133,10 @@ def export(path: str, name: str, kwargs: dict, variables: dict, x, mode: str, k:
     np.savez(path, x=np.asarray(x), meta=json.dumps(meta), **flat)
 
 
-def run_reference(python: str, inp: str, out: str, repeats: int) -> tuple[dict, dict]:
+def run_reference(python: str, inp: str, out: str, repeats: int, impls: str) -> tuple[dict, dict]:
     env = dict(os.environ, PYTHONPATH="", TF_CPP_MIN_LOG_LEVEL="3")
     subprocess.run([python, os.path.join(HERE, "nt_reference.py"), inp, out,
-                    "--repeats", str(repeats)], check=True, env=env)
+                    "--repeats", str(repeats), "--impls", impls], check=True, env=env)
     data = np.load(out)
     timings = json.loads(str(data["timings"]))
     kernels = {n: data[n] for n in data.files if n.startswith("nt-")}
@@ -153,6 +153,7 @@ def main() -> None:
     parser.add_argument("--modes", default="full,trace")
     parser.add_argument("--impls", default=",".join(NTKD_IMPLS + ("naive",)))
     parser.add_argument("--reference", action="store_true", help="also time neural-tangents 0.6.5")
+    parser.add_argument("--nt-impls", default="nt-jacobian,nt-ntvp,nt-structured")
     parser.add_argument("--json", default=os.path.join(WORK, "ntk_speed.json"))
     args = parser.parse_args()
     if args.quick:
@@ -190,7 +191,7 @@ def main() -> None:
                 inp = os.path.join(WORK, f"{wname}_{mode}_in.npz")
                 out = os.path.join(WORK, f"{wname}_{mode}_out.npz")
                 export(inp, name, kwargs, variables, x, mode, 10)
-                timings, kernels = run_reference(python, inp, out, args.repeats)
+                timings, kernels = run_reference(python, inp, out, args.repeats, args.nt_impls)
                 for key, t in timings.items():
                     if "error" in t:
                         print(f"  {wname} {mode} {key}: {t['error']}")

@@ -195,12 +195,17 @@ def _basis(mode: str, k: int, logit: int, dtype) -> jax.Array:
     return jnp.ones((1, k), dtype)
 
 
-def _contract_flat(mode: str, j1: jax.Array, j2: jax.Array) -> jax.Array:
-    """Θ from flat per-example gradients j: (b, m, P)."""
+def _contract_flat(mode: str, j1: jax.Array, j2: jax.Array, *, iajb: bool = False) -> jax.Array:
+    """Θ from flat per-example gradients j: (b, m, P).
+
+    For ``full`` the matmul's natural layout is (i, a, j, b); ``iajb=True``
+    keeps it so callers can accumulate several terms before one transpose.
+    """
     if mode == "full":
         (b1, m, _), b2 = j1.shape, j2.shape[0]
         prod = jnp.matmul(j1.reshape(b1 * m, -1), j2.reshape(b2 * m, -1).T, precision=_HIGHEST)
-        return jnp.transpose(prod.reshape(b1, m, b2, m), (0, 2, 1, 3))
+        prod = prod.reshape(b1, m, b2, m)
+        return prod if iajb else jnp.transpose(prod, (0, 2, 1, 3))
     r1 = j1.reshape(j1.shape[0], -1)
     r2 = j2.reshape(j2.shape[0], -1)
     return jnp.matmul(r1, r2.T, precision=_HIGHEST)
@@ -527,9 +532,11 @@ class _Structured:
             s = a1.shape[1]
             if s == 1:
                 pa = jnp.matmul(a1[:, 0], a2[:, 0].T, precision=_HIGHEST)
-                if mode == "full":
-                    pg = jnp.einsum("iac,jbc->ijab", g1[:, :, 0], g2[:, :, 0], precision=_HIGHEST)
-                    term = pa[:, :, None, None] * pg
+                if mode == "full":  # accumulated as (i, a, j, b): matmul layout
+                    b1, m, _, cout = g1.shape
+                    pg = jnp.matmul(g1.reshape(b1 * m, cout), g2.reshape(-1, cout).T,
+                                    precision=_HIGHEST).reshape(b1, m, -1, m)
+                    term = pa[:, None, :, None] * pg
                 else:
                     f1 = g1.reshape(g1.shape[0], -1)
                     f2 = g2.reshape(g2.shape[0], -1)
@@ -537,16 +544,16 @@ class _Structured:
             else:
                 pa = jnp.einsum("ipd,jqd->ijpq", a1, a2, precision=_HIGHEST)
                 if mode == "full":
-                    term = jnp.einsum("ijpq,iapc,jbqc->ijab", pa, g1, g2, precision=_HIGHEST,
+                    term = jnp.einsum("ijpq,iapc,jbqc->iajb", pa, g1, g2, precision=_HIGHEST,
                                                         optimize=True)
                 else:
                     pg = jnp.einsum("iapc,jaqc->ijpq", g1, g2, precision=_HIGHEST)
                     term = jnp.sum(pa * pg, axis=(2, 3))
             k = term if k is None else k + term
         if r["j"] is not None:
-            term = _contract_flat(mode, r["j"], c["j"])
+            term = _contract_flat(mode, r["j"], c["j"], iajb=True)
             k = term if k is None else k + term
-        return k
+        return jnp.transpose(k, (0, 2, 1, 3)) if mode == "full" else k
 
 
 # --------------------------------------------------------------------------
@@ -600,12 +607,11 @@ def _pad_to(x: np.ndarray | jax.Array, n: int):
     return jnp.concatenate([x, reps.astype(x.dtype)], axis=0)
 
 
-def _block_default(bytes_per_example: int, k: int, mode: str, ndev: int, n: int) -> int:
+def _block_default(bytes_per_example: int, k: int, mode: str) -> int:
+    """Largest block whose row + column features and kernel block fit the budget."""
     out = 4 * (k * k if mode == "full" else 1)
-    b = BLOCK_MEMORY_BYTES // max(2 * bytes_per_example, 1)  # row + column features
-    b = int(min(b, math.isqrt(BLOCK_MEMORY_BYTES // out), 2048))
-    b = max(8, b)
-    return b
+    b = BLOCK_MEMORY_BYTES // max(2 * bytes_per_example, 1)
+    return max(8, int(min(b, math.isqrt(BLOCK_MEMORY_BYTES // out), 2048)))
 
 
 class _Engine:
@@ -667,7 +673,7 @@ class _Engine:
         if b is None:
             feat = jax.eval_shape(row, params, jax.ShapeDtypeStruct((ndev,) + x1.shape[1:], x1.dtype))
             per_ex = sum(l.size * l.dtype.itemsize for l in jax.tree.leaves(feat)) // ndev
-            b = _block_default(per_ex, k, self.mode, ndev, max(n1, n2))
+            b = _block_default(per_ex, k, self.mode)
         b = int(min(b, max(n1, n2)))
         b = -(-b // ndev) * ndev  # every block splits evenly over the devices
         rows = NamedSharding(mesh, PartitionSpec("d"))
@@ -697,6 +703,11 @@ class _Engine:
                 if size * len(starts2) <= FEATURE_CACHE_BYTES:
                     col_cache[j] = f
             return f
+
+        if len(starts1) == len(starts2) == 1:  # one block: stay on device
+            rf = row(params, block(x1, 0))
+            kij = pair(params, rf, rf if shared else col(params, block(x2, 0)))[:n1, :n2]
+            return np.asarray(kij) if as_numpy else kij
 
         for i, s1 in enumerate(starts1):
             rf = col_feats(i) if shared else row(params, block(x1, s1))
