@@ -135,7 +135,7 @@ def plot_variance(results: dict, path: str | Path) -> None:
     ax.plot(v["lams"], v["empirical"], "o", ms=4, label="empirical variance of KD gradients")
     ax.axvline(stats["lam_star_var"], color="k", ls=":", label=f"λ*_var = C/σ_T² = {stats['lam_star_var']:.3f}")
     ax.set(xlabel="KD weight λ", ylabel="per-sample gradient variance at θ*", yscale="log",
-           title=f"(a) Gradient noise V(λ), MNIST-1D, GD teacher @ {mn['main_teacher']} steps")
+           title=f"(a) Gradient noise V(λ), MNIST-1D, teacher @ {mn['main_teacher']} GD steps")
     ax.legend(fontsize=8)
 
     ax = axes[0, 1]
@@ -149,12 +149,12 @@ def plot_variance(results: dict, path: str | Path) -> None:
            title="(b) KD-SGD final loss gap vs λ, MNIST-1D")
     ax.legend(fontsize=8)
 
-    for ax, ds, name in ((axes[0, 2], mn, "MNIST-1D"), (axes[1, 0], dg, "digits")):
+    for ax, ds, name, tag in ((axes[0, 2], mn, "MNIST-1D", "c"), (axes[1, 0], dg, "digits", "d")):
         for method, curve in ds["curves"].items():
             epochs = np.arange(1, len(curve) + 1)
             ax.plot(epochs, np.maximum(curve, 1e-10), label=method.replace("_", " "))
         ax.set(xlabel="epoch", ylabel="training loss gap f(θ) − f*", yscale="log",
-               title=f"(c) {name}: lr={ds['learning_rate']:.3g}, batch {cfg['batch_size']}, "
+               title=f"({tag}) {name}: γ={ds['learning_rate']:.3g}, batch {cfg['batch_size']}, "
                      f"teacher @ {ds['main_teacher']} GD steps")
         ax.legend(fontsize=8)
 
@@ -163,7 +163,7 @@ def plot_variance(results: dict, path: str | Path) -> None:
     for key in [k for k in pl if k != "learning_rates"]:
         ax.plot(pl["learning_rates"], np.maximum(pl[key], 1e-10), "o-", label=key.replace("_", " "))
     ax.set(xlabel="step size γ", ylabel=f"plateau: mean f − f* over last {cfg['plateau_last_epochs']} epochs",
-           xscale="log", yscale="log", title="(d) Plateau vs step size, MNIST-1D")
+           xscale="log", yscale="log", title="(e) Plateau vs step size, MNIST-1D")
     ax.legend(fontsize=8)
 
     ax = axes[1, 2]
@@ -173,7 +173,7 @@ def plot_variance(results: dict, path: str | Path) -> None:
         ax.plot(gaps, np.maximum(pt[key], 1e-10), "o-", label=key.replace("_", " "))
     ax.axhline(pt["sgd"], color="k", ls="--", label="SGD (no teacher)")
     ax.set(xlabel="teacher quality f(θ_T) − f* (GD checkpoints; leftmost = θ*)",
-           ylabel="plateau f − f*", xscale="log", yscale="log", title="(e) Plateau vs teacher quality, MNIST-1D")
+           ylabel="plateau f − f*", xscale="log", yscale="log", title="(f) Plateau vs teacher quality, MNIST-1D")
     ax.legend(fontsize=8)
     fig.suptitle("Safaryan et al. 2023: KD as partial variance reduction (linear softmax student, τ = 1)")
     _save(fig, Path(path))
