@@ -179,4 +179,76 @@ def plot_variance(results: dict, path: str | Path) -> None:
     _save(fig, Path(path))
 
 
-PLOTTERS = {"linear": plot_linear, "variance": plot_variance}
+def plot_knowledge(results: dict, path: str | Path) -> None:
+    """Six panels: accuracy ladders, NLL, rescaling factors, logit-layer geometry, teacher similarity."""
+    cfg = results["config"]
+    datasets = results["datasets"]
+    variants = list(next(iter(datasets.values()))["ladder"])
+    labels = [v.replace("_", "-") for v in variants]
+    fig, axes = plt.subplots(2, 3, figsize=(16, 9))
+
+    for ax, (name, ds) in zip(axes[0, :2], datasets.items()):
+        acc = [ds["ladder"][v]["test_acc"] for v in variants]
+        ax.bar(range(len(variants)), [a["mean"] for a in acc], yerr=[a["std"] for a in acc],
+               color=[f"C{i}" for i in range(len(variants))], capsize=4)
+        lo = min(a["mean"] - a["std"] for a in acc)
+        hi = max(a["mean"] + a["std"] for a in acc)
+        ax.set_ylim(lo - 0.3 * (hi - lo) - 0.01, hi + 0.3 * (hi - lo) + 0.01)
+        ax.set_xticks(range(len(variants)), labels)
+        ref = f"teacher {ds['teacher_test_acc']:.3f}"
+        if "bayes_test_acc" in ds:
+            ref += f", Bayes {ds['bayes_test_acc']:.3f}"
+        ax.set(ylabel=f"student test accuracy (mean ± std, {len(cfg['seeds'])} seeds)",
+               title=f"({'ab'[list(datasets).index(name)]}) {name}: n_student={ds['n_student']} ({ref})")
+
+    ax = axes[0, 2]
+    width = 0.8 / len(datasets)
+    for j, (name, ds) in enumerate(datasets.items()):
+        ece = [ds["ladder"][v]["test_ece"] for v in variants]
+        ax.bar(np.arange(len(variants)) + j * width, [e["mean"] for e in ece], width,
+               yerr=[e["std"] for e in ece], label=name, capsize=3)
+    ax.set_xticks(np.arange(len(variants)) + 0.4 - width / 2, labels)
+    ax.set(ylabel="test expected calibration error (15 bins)", title="(c) Calibration")
+    ax.legend(fontsize=8)
+
+    ax = axes[1, 0]
+    for j, (name, ds) in enumerate(datasets.items()):
+        item = ds["instance"][0]
+        sc = item["scatter"]
+        ax.scatter(sc["teacher_conf"], sc["w"], s=6, alpha=0.5, color=f"C{j}",
+                   label=f"{name}: Spearman {item['spearman_w_vs_teacher_conf']:.2f}")
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set(xlabel="teacher confidence p_T[true class]",
+           ylabel="rescaling factor w_i (early CE student)",
+           title=f"(d) Instance level: gradient rescaling, λ={cfg['lam']}")
+    ax.legend(fontsize=8)
+
+    ax = axes[1, 1]
+    for j, (name, ds) in enumerate(datasets.items()):
+        corr = [ds["ladder"][v]["corr_head_cosine_vs_teacher_similarity"] for v in variants]
+        ax.bar(np.arange(len(variants)) + j * width, [c["mean"] for c in corr], width,
+               yerr=[c["std"] for c in corr], label=name, capsize=3)
+    gauss = datasets.get("gaussian")
+    if gauss is not None and "head_cosine_within_minus_across" in gauss["ladder"][variants[0]]:
+        diff = [gauss["ladder"][v]["head_cosine_within_minus_across"]["mean"] for v in variants]
+        ax.plot(np.arange(len(variants)) + 0.4 - width / 2, diff, "kD-",
+                label="gaussian: cos within − across super-class")
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set_ylim(top=1.5 * ax.get_ylim()[1])
+    ax.set_xticks(np.arange(len(variants)) + 0.4 - width / 2, labels)
+    ax.set(ylabel="Spearman(student head cosines, teacher similarity)",
+           title="(e) Domain level: student logit-layer geometry")
+    ax.legend(fontsize=8)
+
+    ax = axes[1, 2]
+    if gauss is not None:
+        s_mat = np.asarray(gauss["teacher_class_similarity"])
+        im = ax.imshow(s_mat, cmap="viridis")
+        fig.colorbar(im, ax=ax, fraction=0.046, label="S_jk (symmetrised)")
+        ax.set(xlabel="class k", ylabel="class j",
+               title=f"(f) gaussian teacher similarity; super-class = class mod {max(gauss['superclass']) + 1}")
+    fig.suptitle("Tang et al. 2020: universe (LS), instance (KD-pt) and domain (KD-sim) knowledge")
+    _save(fig, Path(path))
+
+
+PLOTTERS = {"linear": plot_linear, "variance": plot_variance, "knowledge": plot_knowledge}
