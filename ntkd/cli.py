@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Callable
 
 
@@ -123,9 +124,87 @@ def _parser_theory(sub) -> None:
     p.set_defaults(func=_cmd_theory)
 
 
+def _cmd_complexity(args) -> int:
+    from ntkd.complexity import format_table, write_table
+    from ntkd.study import teacher_complexity_table
+
+    rows = teacher_complexity_table(args.student, args.teacher, student_epoch=args.student_epoch,
+                                    teacher_epochs=args.teacher_epochs, temperatures=args.temperatures,
+                                    n=args.n, mode=args.mode, ridge=args.ridge, data_dir=args.data_dir)
+    print(format_table(rows))
+    paths = write_table(rows, str(Path(args.out) / "complexity"))
+    print("wrote " + ", ".join(map(str, paths)))
+    return 0
+
+
+def _parser_complexity(sub) -> None:
+    p = sub.add_parser("complexity", help="supervision complexity of teacher checkpoints in a student's NTK",
+                       description="For every checkpoint of each --teacher run and every temperature, the "
+                                   "(adjusted) supervision complexity of the teacher's softened predictions in the "
+                                   "student's eNTK on the first --n training examples, with teacher accuracy and "
+                                   "student margin statistics; true and random labels as references.")
+    p.add_argument("--student", required=True, help="student run folder")
+    p.add_argument("--student-epoch", type=int, default=0, help="student checkpoint whose NTK is used (0 = init)")
+    p.add_argument("--teacher", required=True, nargs="+", help="teacher run folder(s)")
+    p.add_argument("--teacher-epochs", type=int, nargs="*", default=None, help="checkpoints (default: all saved)")
+    p.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0])
+    p.add_argument("--n", type=int, default=1000, help="training examples in the kernel")
+    p.add_argument("--mode", choices=("trace", "sum", "logit", "full"), default="trace", help="eNTK mode")
+    p.add_argument("--ridge", type=float, default=0.0, help="relative ridge (times tr K / n)")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--out", required=True, help="folder for complexity.csv / complexity.json")
+    p.set_defaults(func=_cmd_complexity)
+
+
+def _cmd_reproduce(args) -> int:
+    from ntkd.configs import get_config
+    from ntkd.study import run_study
+
+    cfg = get_config(args.dataset, quick=args.quick)
+    if args.data_dir:
+        cfg.data_dir = args.data_dir
+    out = args.out or f"results/{args.dataset}{'_quick' if args.quick else ''}"
+    path = run_study(cfg, out, progress=not args.no_progress)
+    print(f"report: {path / 'report.md'}\nfigures: {path / 'figures'}\nresults: {path / 'results'}")
+    return 0
+
+
+def _parser_reproduce(sub) -> None:
+    p = sub.add_parser("reproduce", help="run the whole study: train, analyse, plot, write report.md",
+                       description="Train the teacher and the students of every KD regime, run the five analyses "
+                                   "(teacher checkpoints, complexity along training, distillation table, NTK "
+                                   "similarity, margins and bound), draw the figures and write report.md. "
+                                   "Interrupted runs resume; finished steps are not recomputed.")
+    p.add_argument("--dataset", default="mnist1d", help="preset: mnist1d (default), digits, cifar10, cifar100")
+    p.add_argument("--quick", action="store_true", help="a small smoke-test version (about 2 minutes)")
+    p.add_argument("--out", default=None, help="study folder (default results/<dataset>[_quick])")
+    p.add_argument("--data-dir", default=None, help="folder with local archives (CIFAR)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_reproduce)
+
+
+def _cmd_figures(args) -> int:
+    from ntkd.plotting import plot_study
+
+    for path in plot_study(args.results_dir):
+        print(path)
+    return 0
+
+
+def _parser_figures(sub) -> None:
+    p = sub.add_parser("figures", help="redraw every figure from saved results",
+                       description="Redraw the figures of a study folder (written by `ntkd reproduce`) from its "
+                                   "results/*.json alone.")
+    p.add_argument("results_dir", help="study folder (the --out of `ntkd reproduce`)")
+    p.set_defaults(func=_cmd_figures)
+
+
 _COMMANDS: list[Callable] = [
     _parser_train_teacher,
     _parser_distill,
+    _parser_complexity,
+    _parser_reproduce,
+    _parser_figures,
     _parser_theory,
 ]
 
@@ -139,9 +218,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _enable_compilation_cache() -> None:
+    """Reuses XLA compilations across runs (``$NTKD_JAX_CACHE``, default ~/.cache/ntkd/jax)."""
+    import os
+
+    import jax
+
+    path = os.environ.get("NTKD_JAX_CACHE", str(Path.home() / ".cache" / "ntkd" / "jax"))
+    if path:
+        jax.config.update("jax_compilation_cache_dir", path)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``ntkd`` console script."""
     args = build_parser().parse_args(argv)
+    _enable_compilation_cache()
     try:
         return args.func(args)
     except KeyboardInterrupt:

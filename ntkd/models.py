@@ -190,6 +190,8 @@ def get_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
     """
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    # JSON configs give lists; modules must stay hashable (jit caches key on them)
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
     try:
         return _REGISTRY[name](num_classes=num_classes, **kwargs)
     except TypeError as e:

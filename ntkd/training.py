@@ -133,14 +133,16 @@ class TrainConfig:
     """Everything that defines a training run (saved as ``config.json``).
 
     Attributes:
-        dataset, dataset_options, data_dir: passed to :func:`ntkd.data.load_dataset`.
+        dataset, dataset_options, data_dir, data_seed: passed to :func:`ntkd.data.load_dataset`
+            (``data_seed`` fixes generated data and splits; it is separate from ``seed`` so
+            students of several seeds see the teacher's data).
         model, model_options: passed to :func:`ntkd.models.get_model`.
         epochs, batch_size: training length and global batch size (divisible by
             the number of devices).
         optimizer, learning_rate, schedule, momentum, weight_decay, warmup_epochs:
             see :func:`make_optimizer`.
         augment: random crop + flip (32×32 images only).
-        seed: initialisation, data order and augmentation.
+        seed: initialisation, batch order and augmentation.
         checkpoint_every: save every N epochs (epoch 0 and the last are always saved).
         regime: ``none``, ``offline``, ``early_stopped`` or ``online`` (students).
         teacher_dir: the teacher's run folder (KD regimes).
@@ -152,6 +154,7 @@ class TrainConfig:
     dataset: str = "mnist1d"
     dataset_options: dict = dataclasses.field(default_factory=dict)
     data_dir: str | None = None
+    data_seed: int = 0
     model: str = "cnn1d"
     model_options: dict = dataclasses.field(default_factory=dict)
     epochs: int = 60
@@ -247,7 +250,11 @@ def _mesh() -> Mesh:
 
 def _make_train_step(model, tx, *, temperature: float, alpha: float, augment: bool,
                      teacher_model=None):
-    """A jitted step: (state, x, y, teacher_vars, key) -> (state, loss)."""
+    """One optimisation step: (state, x, y, teacher_vars, key) -> (state, loss).
+
+    ``y`` holds integer labels, or (n, k) probabilities for fixed soft targets
+    (see :func:`fit`).
+    """
 
     def step(state: TrainState, x, y, teacher_variables, key):
         if augment:
@@ -264,7 +271,7 @@ def _make_train_step(model, tx, *, temperature: float, alpha: float, augment: bo
                 new_bs = updates["batch_stats"]
             else:
                 logits, new_bs = model.apply(variables, x, train=True), None
-            if y.ndim == 2:  # fixed soft targets (see `fit`)
+            if y.ndim == 2:
                 loss = softmax_cross_entropy(logits, y)
             else:
                 loss = distillation_loss(logits, y, teacher_logits, temperature=temperature, alpha=alpha)
@@ -275,7 +282,38 @@ def _make_train_step(model, tx, *, temperature: float, alpha: float, augment: bo
         params = optax.apply_updates(state.params, updates)
         return TrainState(params, new_bs, opt_state), loss
 
-    return jax.jit(step, donate_argnums=(0,))
+    return step
+
+
+def _make_epoch_fn(step, batch_sharding: NamedSharding):
+    """A jitted epoch: scans ``step`` over the batches' index rows, with the
+    whole (replicated) training set on device, so an epoch is one dispatch.
+
+    Returns:
+        ``epoch_fn(state, x_all, y_all, batches (steps, bs), teacher_vars, key) -> (state, losses)``.
+    """
+
+    def epoch_fn(state, x_all, y_all, batches, teacher_variables, key):
+        def body(state, inputs):
+            i, idx = inputs
+            x = jax.lax.with_sharding_constraint(x_all[idx], batch_sharding)
+            y = jax.lax.with_sharding_constraint(y_all[idx], batch_sharding)
+            return step(state, x, y, teacher_variables, jax.random.fold_in(key, i))
+
+        return jax.lax.scan(body, state, (jnp.arange(batches.shape[0]), batches))
+
+    return jax.jit(epoch_fn, donate_argnums=(0,))
+
+
+def _epoch_batches(n: int, batch_size: int, *, seed: int, epoch: int) -> np.ndarray:
+    """Index rows (steps, bs) of one epoch; bs is rounded down to a multiple of the device count."""
+    n_dev = len(jax.devices())
+    bs = min(batch_size, n)
+    bs -= bs % n_dev
+    if bs == 0:
+        raise ValueError(f"batch size {batch_size} is smaller than the {n_dev} devices; use a batch size "
+                         f"that is a multiple of {n_dev}")
+    return np.stack(list(iterate_batches(n, bs, seed=seed, epoch=epoch)))
 
 
 def _check_inputs(x: np.ndarray, input_shape: Sequence[int], what: str) -> None:
@@ -289,22 +327,6 @@ def _check_inputs(x: np.ndarray, input_shape: Sequence[int], what: str) -> None:
 def _init_state(model, tx, key, input_shape) -> TrainState:
     variables = init_variables(model, key, input_shape)
     return TrainState(variables["params"], variables.get("batch_stats"), tx.init(variables["params"]))
-
-
-def _run_epoch(step, state, ds: Dataset, cfg: TrainConfig, epoch: int, teacher_variables, sharding):
-    n_dev = len(jax.devices())
-    bs = min(cfg.batch_size, len(ds.x_train))
-    bs -= bs % n_dev
-    if bs == 0:
-        raise ValueError(f"batch size {cfg.batch_size} is smaller than the {n_dev} devices")
-    key = jax.random.fold_in(jax.random.key(cfg.seed), epoch)
-    losses = []
-    for i, idx in enumerate(iterate_batches(len(ds.x_train), bs, seed=cfg.seed, epoch=epoch)):
-        x = jax.device_put(ds.x_train[idx], sharding)
-        y = jax.device_put(ds.y_train[idx], sharding)
-        state, loss = step(state, x, y, teacher_variables, jax.random.fold_in(key, i))
-        losses.append(loss)
-    return state, float(np.mean(jax.device_get(losses)))
 
 
 # ----------------------------------------------------------------------------- teacher schedule
@@ -365,7 +387,7 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike, *, dataset: Dataset | No
     workdir = Path(workdir).expanduser()
     _claim_workdir(workdir, cfg)
     ds = dataset if dataset is not None else load_dataset(
-        cfg.dataset, data_dir=cfg.data_dir, seed=cfg.seed, **cfg.dataset_options)
+        cfg.dataset, data_dir=cfg.data_dir, seed=cfg.data_seed, **cfg.dataset_options)
     model = get_model(cfg.model, ds.num_classes, **cfg.model_options)
     _check_inputs(ds.x_train, ds.input_shape, "training inputs")
     _check_inputs(ds.x_test, ds.input_shape, "test inputs")
@@ -384,7 +406,8 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike, *, dataset: Dataset | No
 
     meta = {"model": cfg.model, "model_options": cfg.model_options, "num_classes": ds.num_classes,
             "input_shape": list(ds.input_shape), "dataset": cfg.dataset,
-            "dataset_options": cfg.dataset_options, "regime": cfg.regime, "seed": cfg.seed}
+            "dataset_options": cfg.dataset_options, "data_seed": cfg.data_seed, "regime": cfg.regime,
+            "seed": cfg.seed}
     state = _init_state(model, tx, jax.random.key(cfg.seed), ds.input_shape)
     history: list[dict] = []
     start = 0
@@ -406,13 +429,18 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike, *, dataset: Dataset | No
     mesh = _mesh()
     data_sharding, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
     state = jax.device_put(state, replicated)
+    epoch_fn = _make_epoch_fn(step, data_sharding)
+    x_all, y_all = jax.device_put((ds.x_train, ds.y_train), replicated)
     bar = tqdm(range(start + 1, cfg.epochs + 1), desc=f"{cfg.regime if teacher else 'train'} {cfg.model}",
                disable=not progress, initial=start, total=cfg.epochs, leave=False)
     for epoch in bar:
         t0 = time.perf_counter()
         t_vars, t_epoch = (teacher.variables_for(epoch) if teacher else (None, None))
         t_vars = jax.device_put(t_vars, replicated) if t_vars is not None else None
-        state, loss = _run_epoch(step, state, ds, cfg, epoch, t_vars, data_sharding)
+        batches = _epoch_batches(len(ds.x_train), cfg.batch_size, seed=cfg.seed, epoch=epoch)
+        state, losses = epoch_fn(state, x_all, y_all, batches, t_vars,
+                                 jax.random.fold_in(jax.random.key(cfg.seed), epoch))
+        loss = float(np.mean(jax.device_get(losses)))
         if not np.isfinite(loss):
             raise FloatingPointError(f"training loss became {loss} at epoch {epoch}; lower the learning "
                                      f"rate (now {cfg.learning_rate}) — checkpoints up to epoch {epoch - 1} are kept")
@@ -532,12 +560,13 @@ def fit(model, x: ArrayLike, targets: ArrayLike, *, epochs: int, batch_size: int
     tx = make_optimizer(optimizer, learning_rate, total_steps=epochs * (len(x) // bs), schedule=schedule)
     state = _init_state(model, tx, jax.random.key(seed), x.shape[1:])
     step = _make_train_step(model, tx, temperature=1.0, alpha=1.0, augment=False)
+    mesh = _mesh()
+    epoch_fn = _make_epoch_fn(step, NamedSharding(mesh, P("data")))
+    x_all, y_all = jax.device_put((x, targets), NamedSharding(mesh, P()))
     history = []
     for epoch in tqdm(range(1, epochs + 1), disable=not progress, leave=False):
-        losses = []
-        for idx in iterate_batches(len(x), bs, seed=seed, epoch=epoch):
-            state, loss = step(state, x[idx], targets[idx], None, None)
-            losses.append(loss)
+        batches = _epoch_batches(len(x), bs, seed=seed, epoch=epoch)
+        state, losses = epoch_fn(state, x_all, y_all, batches, None, jax.random.key(seed))
         row = {"epoch": epoch, "loss": float(np.mean(jax.device_get(losses)))}
         if x_test is not None:
             row["test_acc"] = float(metrics.accuracy(predict(model, state.variables, x_test), y_test))

@@ -1,0 +1,852 @@
+"""Empirical neural tangent kernels of Flax/JAX networks.
+
+For a network ``f(params, x) -> (n, k)`` logits the empirical NTK is
+
+    Θ(x, x')[a, b] = Σ_p ∂f_a(x)/∂θ_p · ∂f_b(x')/∂θ_p
+
+and this module computes it in four *modes* (``full`` (n1, n2, k, k),
+``trace`` = Σ_a Θ[a, a], ``logit`` = Θ[c, c], ``sum`` = NTK of Σ_a f_a) with
+three exact *implementations* (Novak, Sohl-Dickstein, Schoenholz, "Fast Finite
+Width Neural Tangent Kernel", ICML 2022):
+
+- ``jacobian``: per-example Jacobians (one VJP per logit), contracted by one
+  large matmul per block pair.
+- ``ntvp``: NTK-vector products; row Jacobians pushed forward through the
+  linearised network on the column block (no parameter contraction).
+- ``structured``: layer-wise. Inputs and output cotangents of every
+  ``nn.Dense``/``nn.Conv`` are captured with ``flax.linen.intercept_methods``;
+  a dense layer's block is ``(a1·a2ᵀ) ⊙ (g1·g2ᵀ)`` and a convolution's is
+  ``Σ_{p,q} (patch1_p·patch2_q)(g1_p·g2_q)``, so kernel weights are never
+  contracted one by one. Per layer the cheaper of that factorisation and a
+  per-example weight gradient built from the same patches is chosen. Every
+  other parameter (BatchNorm scale/shift, unknown layers) gets its exact
+  per-example Jacobian from a VJP of its own layer only.
+
+Kernels are computed in blocks of examples; each block's features
+(Jacobians, patches, cotangents) are computed once and reused for all block
+pairs, blocks are sharded over ``jax.devices()`` with ``NamedSharding`` and
+results stream into a host buffer. See ``docs/ntk.md``.
+
+Examples are assumed independent (``f(x)[i]`` depends on ``x[i]`` only), which
+holds for every network in eval mode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+__all__ = [
+    "MODES",
+    "IMPLEMENTATIONS",
+    "FlaxApplyFn",
+    "flax_apply_fn",
+    "empirical_ntk_fn",
+    "empirical_ntk",
+    "ntk_vp_fn",
+]
+
+MODES = ("full", "trace", "logit", "sum")
+"""Kernel modes; ``trace`` is the SUM over logits (neural-tangents: mean)."""
+
+IMPLEMENTATIONS = ("auto", "jacobian", "ntvp", "structured")
+"""Exact algorithms; ``auto`` picks one by a cost model."""
+
+BLOCK_MEMORY_BYTES = 512 * 2**20
+"""Working-memory budget per block used to pick the default ``block_size``."""
+
+FEATURE_CACHE_BYTES = 4 * 2**30
+"""Up to this many bytes of per-block features are kept for reuse."""
+
+_MAX_FACT_POSITIONS = 256
+"""Above this many output positions a conv layer always uses weight gradients
+(the factorised form needs (b1, b2, S, S) temporaries)."""
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+PyTree = Any
+
+
+# --------------------------------------------------------------------------
+# Flax adapter
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FlaxApplyFn:
+  """``apply_fn(params, x)`` of a Linen module with frozen non-param state.
+
+  Carries the module and the frozen collections so that the ``structured``
+  implementation can intercept its layers.
+  """
+
+  module: nn.Module
+  frozen: dict
+  kwargs: dict
+
+  def variables(self, params: PyTree) -> dict:
+    return {"params": params, **self.frozen}
+
+  def __call__(self, params: PyTree, x: jax.Array) -> jax.Array:
+    return self.module.apply(self.variables(params), x, **self.kwargs)
+
+
+def flax_apply_fn(model: nn.Module, variables: dict) -> tuple[FlaxApplyFn, PyTree]:
+  """Splits a Linen model into a differentiable ``apply_fn`` and its params.
+
+  Only ``variables["params"]`` is differentiated; every other collection
+  (e.g. BatchNorm ``batch_stats``) is closed over and the model runs in eval
+  mode (``train=False`` when its ``__call__`` takes ``train``).
+
+  Args:
+    model: a ``flax.linen.Module``.
+    variables: its variables, e.g. from ``model.init``; must hold ``"params"``.
+
+  Returns:
+    ``(apply_fn, params)`` with ``apply_fn(params, x) -> (n, k)``.
+
+  Example:
+    >>> apply_fn, params = flax_apply_fn(model, variables)
+    >>> k = empirical_ntk(apply_fn, params, x)
+  """
+  if "params" not in variables:
+    raise ValueError(
+        f"variables has collections {sorted(variables)} but no 'params'; pass "
+        "the dict returned by model.init(...).")
+  frozen = {c: v for c, v in variables.items() if c != "params"}
+  kwargs = {}
+  if "train" in inspect.signature(model.__call__).parameters:
+    kwargs["train"] = False
+  return FlaxApplyFn(model, frozen, kwargs), variables["params"]
+
+
+# --------------------------------------------------------------------------
+# Validation helpers
+# --------------------------------------------------------------------------
+
+
+def _check_options(mode: str, implementation: str, logit: int) -> None:
+  if mode not in MODES:
+    raise ValueError(f"mode={mode!r} is unknown; use one of {MODES}.")
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(
+        f"implementation={implementation!r} is unknown; use one of "
+        f"{IMPLEMENTATIONS}.")
+  if mode == "logit" and (not isinstance(logit, (int, np.integer)) or logit < 0):
+    raise ValueError(f"logit={logit!r} must be a non-negative int logit index.")
+
+
+def _is_tracer(*trees) -> bool:
+  return any(isinstance(l, jax.core.Tracer) for l in jax.tree.leaves(trees))
+
+
+def _check_finite(name: str, tree: PyTree) -> None:
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    arr = np.asarray(leaf)
+    if np.issubdtype(arr.dtype, np.inexact) and not np.all(np.isfinite(arr)):
+      where = jax.tree_util.keystr(path) or "(array)"
+      bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+      raise ValueError(
+          f"{name}{where} has {bad} non-finite value(s) (NaN/inf); the NTK "
+          "would be meaningless. Clean the inputs or restore finite params.")
+
+
+def _output_width(apply_fn, params, x: jax.Array, logit: int, mode: str) -> int:
+  """Number of logits k; checks that apply_fn maps (b, ...) to (b, k)."""
+  out = jax.eval_shape(apply_fn, params, jax.ShapeDtypeStruct((2,) + x.shape[1:], x.dtype))
+  if not isinstance(out, jax.ShapeDtypeStruct) or out.ndim != 2 or out.shape[0] != 2:
+    shape = getattr(out, "shape", type(out).__name__)
+    raise ValueError(
+        f"apply_fn must return logits of shape (batch, k); for a batch of 2 "
+        f"inputs it returned {shape}. Wrap it, e.g. "
+        "`lambda p, x: f(p, x).reshape(x.shape[0], -1)`.")
+  k = out.shape[1]
+  if mode == "logit" and logit >= k:
+    raise ValueError(f"logit={logit} is out of range for k={k} logits; use 0..{k - 1}.")
+  return k
+
+
+def _cast(tree: PyTree, dtype) -> PyTree:
+  if dtype is None:
+    return tree
+  return jax.tree.map(
+      lambda l: jnp.asarray(l, dtype) if jnp.issubdtype(jnp.asarray(l).dtype, jnp.inexact) else l,
+      tree)
+
+
+def _cotangents(mode: str, k: int, logit: int, b: int, dtype) -> jax.Array:
+  """(m, b, k) output cotangents: one per logit (full/trace) or one in all."""
+  if mode in ("full", "trace"):
+    basis = jnp.eye(k, dtype=dtype)
+  elif mode == "logit":
+    basis = jnp.eye(k, dtype=dtype)[logit:logit + 1]
+  else:
+    basis = jnp.ones((1, k), dtype)
+  return jnp.broadcast_to(basis[:, None, :], (basis.shape[0], b, k))
+
+
+def _contract_flat(mode: str, j1: jax.Array, j2: jax.Array) -> jax.Array:
+  """Θ from flat per-example gradients j: (m, b, P)."""
+  if mode == "full":
+    return jnp.einsum("aip,bjp->ijab", j1, j2, precision=_HIGHEST)
+  m, b1, p = j1.shape
+  r1 = jnp.transpose(j1, (1, 0, 2)).reshape(b1, m * p)
+  r2 = jnp.transpose(j2, (1, 0, 2)).reshape(j2.shape[1], m * p)
+  return jnp.matmul(r1, r2.T, precision=_HIGHEST)
+
+
+def _flatten_grads(tree: PyTree, lead: int) -> jax.Array:
+  leaves = jax.tree.leaves(tree)
+  return jnp.concatenate([l.reshape(l.shape[:lead] + (-1,)) for l in leaves], axis=-1)
+
+
+# --------------------------------------------------------------------------
+# Jacobian contraction and NTK-vector products
+# --------------------------------------------------------------------------
+
+
+def _per_example_grads(f, params, x, cots):
+  """Per-example VJPs: returns a params-shaped tree with leaves (m, b, *leaf)."""
+
+  def one(xi, ci):  # ci: (m, k)
+    _, vjp = jax.vjp(lambda p: f(p, xi[None])[0], params)
+    return jax.vmap(lambda c: vjp(c)[0])(ci)
+
+  g = jax.vmap(one)(x, jnp.swapaxes(cots, 0, 1))
+  return jax.tree.map(lambda l: jnp.swapaxes(l, 0, 1), g)
+
+
+class _Jacobian:
+  """Per-example Jacobians contracted with one matmul per block pair."""
+
+  def __init__(self, apply_fn, mode, k, logit):
+    self.f, self.mode, self.k, self.logit = apply_fn, mode, k, logit
+
+  def row(self, params, x):
+    cots = _cotangents(self.mode, self.k, self.logit, x.shape[0], x.dtype)
+    return _flatten_grads(_per_example_grads(self.f, params, x, cots), 2)
+
+  col = row
+
+  def pair(self, params, r, c):
+    return _contract_flat(self.mode, r, c)
+
+
+class _NtkVectorProducts:
+  """Row Jacobians pushed forward through the network linearised at columns."""
+
+  def __init__(self, apply_fn, mode, k, logit):
+    self.f, self.mode, self.k, self.logit = apply_fn, mode, k, logit
+
+  def row(self, params, x):
+    cots = _cotangents(self.mode, self.k, self.logit, x.shape[0], x.dtype)
+    return _per_example_grads(self.f, params, x, cots)
+
+  def col(self, params, x):
+    return x
+
+  def pair(self, params, r, x2):
+    _, push = jax.linearize(lambda p: self.f(p, x2), params)
+    m, b1 = jax.tree.leaves(r)[0].shape[:2]
+    flat = jax.tree.map(lambda l: l.reshape((m * b1,) + l.shape[2:]), r)
+    out = jax.lax.map(push, flat, batch_size=min(m * b1, 64))  # (m*b1, b2, k)
+    out = out.reshape(m, b1, x2.shape[0], self.k)
+    if self.mode == "full":
+      return jnp.transpose(out, (1, 2, 0, 3))
+    if self.mode == "trace":
+      return jnp.einsum("aija->ij", out)
+    if self.mode == "logit":
+      return out[0, :, :, self.logit]
+    return out[0].sum(-1)
+
+
+# --------------------------------------------------------------------------
+# Structured (layer-wise) algorithm
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Call:
+  """Static facts about one parameter-owning module call."""
+
+  path: tuple
+  module: nn.Module  # unbound clone
+  leaves: tuple  # names of params owned directly by the module
+  count: int = 1
+  arg_def: Any = None
+  static_args: tuple = ()
+  array_pos: tuple = ()
+
+
+def _direct_leaves(module: nn.Module) -> tuple:
+  params = module.variables.get("params", {})
+  return tuple(n for n, v in params.items() if not isinstance(v, dict))
+
+
+def _subtree(tree, path):
+  for name in path:
+    tree = tree[name]
+  return tree
+
+
+def _layer_rule(call: _Call) -> str | None:
+  """'dense' / 'conv' when the kernel(+bias) block can be factorised."""
+  mod = call.module
+  names = set(call.leaves)
+  if type(mod) is nn.Dense and names <= {"kernel", "bias"} and "kernel" in names:
+    return "dense"
+  if (type(mod) is nn.Conv and names <= {"kernel", "bias"} and "kernel" in names
+      and mod.feature_group_count == 1 and mod.mask is None
+      and not (isinstance(mod.padding, str) and mod.padding.upper() == "CIRCULAR")):
+    return "conv"
+  return None
+
+
+class _Structured:
+  """Layer-wise kernel from captured layer inputs and output cotangents."""
+
+  def __init__(self, apply_fn: FlaxApplyFn, mode, k, logit):
+    self.f, self.mode, self.k, self.logit = apply_fn, mode, k, logit
+    self.m = k if mode in ("full", "trace") else 1
+
+  def _discover(self, params, x) -> dict:
+    calls: dict = {}
+
+    def record(next_fun, args, kwargs, ctx):
+      out = next_fun(*args, **kwargs)
+      if ctx.method_name == "__call__":
+        leaves = _direct_leaves(ctx.module)
+        if leaves:
+          path = tuple(ctx.module.path)
+          if path in calls:
+            calls[path].count += 1
+          else:
+            flat, arg_def = jax.tree.flatten((args, kwargs))
+            pos = tuple(i for i, l in enumerate(flat) if isinstance(l, jax.Array))
+            calls[path] = _Call(path, ctx.module.clone(parent=None), leaves,
+                                arg_def=arg_def, array_pos=pos,
+                                static_args=tuple(None if i in pos else l
+                                                  for i, l in enumerate(flat)))
+      return out
+
+    def run(p, xx):
+      with nn.intercept_methods(record):
+        return self.f(p, xx)
+
+    jax.eval_shape(run, params, x)
+    b = x.shape[0]
+    usable = {}
+    for path, c in calls.items():
+      flat_shapes = [c.static_args[i] for i in range(len(c.static_args))]
+      del flat_shapes
+      if c.count == 1:
+        usable[path] = c
+    self._batch = b
+    return usable
+
+  def row(self, params, x):
+    b, m = x.shape[0], self.m
+    calls = self._discover(params, x)
+    captured: dict = {}
+
+    def forward(perts):
+      def intercept(next_fun, args, kwargs, ctx):
+        path = tuple(ctx.module.path)
+        if ctx.method_name != "__call__" or path not in calls:
+          return next_fun(*args, **kwargs)
+        flat = jax.tree.leaves((args, kwargs))
+        captured[path] = [flat[i] for i in calls[path].array_pos]
+        out = next_fun(*args, **kwargs)
+        return jax.tree.map(jnp.add, out, perts[path])
+
+      with nn.intercept_methods(intercept):
+        out = self.f(params, x)
+      return out, captured
+
+    def out_shape(path):
+      c = calls[path]
+
+      def apply_one(p, *arrays):
+        args, kwargs = self._rebuild(c, arrays)
+        return c.module.apply(self._local_vars(p, path), *args, **kwargs)
+
+      # Output shapes come from a plain forward with an empty interceptor.
+      return apply_one
+
+    shapes = self._perturbation_shapes(params, x, calls)
+    perts = {p: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), s) for p, s in shapes.items()}
+    del out_shape
+    _, vjp, acts = jax.vjp(forward, perts, has_aux=True)
+    cots = _cotangents(self.mode, self.k, self.logit, b, x.dtype)
+    grads = jax.vmap(lambda c: vjp(c)[0])(cots)  # path -> (m, b, ...)
+
+    fact, flat_grads = [], []
+    covered = set()
+    for path, c in calls.items():
+      arrays = acts[path]
+      g = grads[path]
+      rule = _layer_rule(c)
+      handled = ()
+      batched = all(a.ndim >= 1 and a.shape[0] == b for a in arrays)
+      if rule is not None and batched:
+        a_in = arrays[0] if len(arrays) == 1 else None
+        if a_in is not None:
+          patches = self._patches(rule, c, params, path, a_in)  # (b, S, D+1)
+          s, d1 = patches.shape[1:]
+          cout = g.shape[-1]
+          gs = g.reshape(m, b, s, cout)
+          if self._factorise(s, d1, cout):
+            fact.append((patches, gs))
+          else:
+            w = jnp.einsum("ipd,aipc->aidc", patches, gs, precision=_HIGHEST)
+            flat_grads.append(w.reshape(m, b, d1 * cout))
+          handled = c.leaves
+      rest = tuple(n for n in c.leaves if n not in handled)
+      if rest and batched:
+        flat_grads.append(self._leaf_grads(c, params, path, arrays, g, rest))
+        handled = c.leaves
+      covered.update(path + (n,) for n in handled)
+
+    uncovered = self._uncovered(params, covered)
+    if uncovered is not None:
+      flat_grads.append(self._global_grads(params, x, uncovered, cots))
+    j = jnp.concatenate(flat_grads, axis=-1) if flat_grads else None
+    return {"fact": fact, "j": j}
+
+  col = row
+
+  def _rebuild(self, c: _Call, arrays):
+    flat = list(c.static_args)
+    for i, a in zip(c.array_pos, arrays):
+      flat[i] = a
+    return jax.tree.unflatten(c.arg_def, flat)
+
+  def _local_vars(self, params, path, direct=None):
+    local = {"params": dict(_subtree(params, path))}
+    if direct is not None:
+      local["params"].update(direct)
+    for col, tree in self.f.frozen.items():
+      try:
+        local[col] = _subtree(tree, path)
+      except (KeyError, TypeError):
+        pass
+    return local
+
+  def _perturbation_shapes(self, params, x, calls):
+    shapes: dict = {}
+
+    def record(next_fun, args, kwargs, ctx):
+      out = next_fun(*args, **kwargs)
+      path = tuple(ctx.module.path)
+      if ctx.method_name == "__call__" and path in calls:
+        shapes[path] = jax.tree.map(lambda o: jax.ShapeDtypeStruct(o.shape, o.dtype), out)
+      return out
+
+    def run(p, xx):
+      with nn.intercept_methods(record):
+        return self.f(p, xx)
+
+    jax.eval_shape(run, params, x)
+    return shapes
+
+  def _patches(self, rule, c, params, path, a):
+    b = a.shape[0]
+    if rule == "dense":
+      patches = a.reshape(b, -1, a.shape[-1])
+    else:
+      kernel = _subtree(params, path)["kernel"]
+      d = math.prod(kernel.shape[:-1])
+      eye = jnp.eye(d, dtype=a.dtype).reshape(kernel.shape[:-1] + (d,))
+      ident = c.module.clone(features=d, use_bias=False)
+      patches = ident.apply({"params": {"kernel": eye}}, a, precision=_HIGHEST) \
+          if "precision" in inspect.signature(ident.__call__).parameters else \
+          ident.apply({"params": {"kernel": eye}}, a)
+      patches = patches.reshape(b, -1, d)
+    if "bias" in c.leaves:
+      patches = jnp.concatenate([patches, jnp.ones(patches.shape[:2] + (1,), patches.dtype)], -1)
+    return patches
+
+  def _factorise(self, s: int, d1: int, cout: int) -> bool:
+    """Per block pair, per example pair cost: factorised vs weight gradients."""
+    m = self.m
+    if s == 1:
+      return True
+    if s > _MAX_FACT_POSITIONS or (self.mode == "full" and s > 16):
+      return False
+    if self.mode == "full":
+      fact = s * s * d1 + m * s * s * cout + m * m * s * s
+      grad = m * m * d1 * cout
+    else:
+      fact = s * s * (d1 + m * cout)
+      grad = m * d1 * cout
+    return fact < grad
+
+  def _leaf_grads(self, c, params, path, arrays, g, names):
+    """Exact per-example grads of the module's own leaves via a local VJP."""
+    own = _subtree(params, path)
+    diff = {n: own[n] for n in names}
+
+    def one(arrs, gi):  # one example, m cotangents
+      def local(dp):
+        args, kwargs = self._rebuild(c, [a[None] for a in arrs])
+        return c.module.apply(self._local_vars(params, path, dp), *args, **kwargs)
+
+      _, vjp = jax.vjp(local, diff)
+      return jax.vmap(lambda gg: vjp(jax.tree.map(lambda t: t[None], gg))[0])(gi)
+
+    gi = jax.tree.map(lambda t: jnp.swapaxes(t, 0, 1), g)  # (b, m, ...)
+    out = jax.vmap(one)(list(arrays), gi)  # leaves (b, m, ...)
+    out = jax.tree.map(lambda t: jnp.swapaxes(t, 0, 1), out)
+    return _flatten_grads(out, 2)
+
+  def _uncovered(self, params, covered):
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    names = [tuple(getattr(k, "key", getattr(k, "idx", k)) for k in p) for p, _ in leaves]
+    missing = [n for n in names if n not in covered]
+    return missing or None
+
+  def _global_grads(self, params, x, missing, cots):
+    """Per-example grads of leaves no captured layer owns, through the net."""
+    missing = set(missing)
+
+    def split(p):
+      flat = jax.tree_util.tree_leaves_with_path(p)
+      return [l for path, l in flat
+              if tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path) in missing]
+
+    treedef = jax.tree.structure(params)
+    keys = [tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)
+            for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+    all_leaves = jax.tree.leaves(params)
+
+    def f_sub(sub, xx):
+      it = iter(sub)
+      merged = [next(it) if key in missing else l for key, l in zip(keys, all_leaves)]
+      return self.f(jax.tree.unflatten(treedef, merged), xx)
+
+    g = _per_example_grads(f_sub, split(params), x, cots)
+    return _flatten_grads(g, 2)
+
+  def pair(self, params, r, c):
+    mode, m = self.mode, self.m
+    k = None
+    for (a1, g1), (a2, g2) in zip(r["fact"], c["fact"]):
+      s = a1.shape[1]
+      if s == 1:
+        pa = jnp.matmul(a1[:, 0], a2[:, 0].T, precision=_HIGHEST)
+        if mode == "full":
+          pg = jnp.einsum("aic,bjc->ijab", g1[:, :, 0], g2[:, :, 0], precision=_HIGHEST)
+          term = pa[:, :, None, None] * pg
+        else:
+          f1 = jnp.transpose(g1[:, :, 0], (1, 0, 2)).reshape(g1.shape[1], -1)
+          f2 = jnp.transpose(g2[:, :, 0], (1, 0, 2)).reshape(g2.shape[1], -1)
+          term = pa * jnp.matmul(f1, f2.T, precision=_HIGHEST)
+      else:
+        pa = jnp.einsum("ipd,jqd->ijpq", a1, a2, precision=_HIGHEST)
+        if mode == "full":
+          term = jnp.einsum("ijpq,aipc,bjqc->ijab", pa, g1, g2, precision=_HIGHEST,
+                            optimize=True)
+        else:
+          pg = jnp.einsum("aipc,ajqc->ijpq", g1, g2, precision=_HIGHEST)
+          term = jnp.sum(pa * pg, axis=(2, 3))
+      k = term if k is None else k + term
+    if r["j"] is not None:
+      term = _contract_flat(mode, r["j"], c["j"])
+      k = term if k is None else k + term
+    return k
+
+
+# --------------------------------------------------------------------------
+# Cost model for `auto`
+# --------------------------------------------------------------------------
+
+
+def _forward_flops(apply_fn, params, x) -> float | None:
+  try:
+    one = jax.ShapeDtypeStruct((1,) + x.shape[1:], x.dtype)
+    cost = jax.jit(apply_fn).lower(params, one).compile().cost_analysis()
+    if isinstance(cost, (list, tuple)):
+      cost = cost[0]
+    return float(cost.get("flops", 0.0)) or None
+  except Exception:  # cost analysis is optional on some backends
+    return None
+
+
+def _choose(apply_fn, params, x, mode, k) -> str:
+  """``structured`` when the layers are visible, else the cheaper exact one.
+
+  Per example pair, Jacobian contraction costs m_out·P (trace) or k²·P (full)
+  and NTK-vector products ≈ 3·k·[FP]; the Jacobians themselves cost the same
+  in both.
+  """
+  if isinstance(apply_fn, FlaxApplyFn):
+    return "structured"
+  if mode in ("logit", "sum"):
+    return "jacobian"
+  flops = _forward_flops(apply_fn, params, x)
+  if flops is None:
+    return "jacobian"
+  p = sum(l.size for l in jax.tree.leaves(params))
+  jc = (k * k if mode == "full" else k) * p
+  return "ntvp" if 3 * k * flops < jc else "jacobian"
+
+
+# --------------------------------------------------------------------------
+# Blocked, sharded driver
+# --------------------------------------------------------------------------
+
+
+def _mesh() -> Mesh:
+  return Mesh(np.array(jax.devices()), ("d",))
+
+
+def _pad_to(x: np.ndarray | jax.Array, n: int):
+  if x.shape[0] == n:
+    return x
+  reps = jnp.broadcast_to(x[-1:], (n - x.shape[0],) + x.shape[1:])
+  return jnp.concatenate([x, reps.astype(x.dtype)], axis=0)
+
+
+def _block_default(bytes_per_example: int, k: int, mode: str, ndev: int, n: int) -> int:
+  out = 4 * (k * k if mode == "full" else 1)
+  b = BLOCK_MEMORY_BYTES // max(4 * bytes_per_example + 1, 1)
+  b = int(min(b, math.isqrt(BLOCK_MEMORY_BYTES // out), 2048))
+  b = max(8, b)
+  return b
+
+
+class _Engine:
+  """Compiled pieces shared by every call of one ntk_fn."""
+
+  def __init__(self, apply_fn, mode, logit, implementation, block_size, dtype):
+    self.apply_fn, self.mode, self.logit = apply_fn, mode, logit
+    self.implementation, self.block_size, self.dtype = implementation, block_size, dtype
+    self._algos: dict = {}
+
+  def algo(self, params, x):
+    k = _output_width(self.apply_fn, params, x, self.logit, self.mode)
+    impl = self.implementation
+    if impl == "auto":
+      impl = _choose(self.apply_fn, params, x, self.mode, k)
+    if impl == "structured" and not isinstance(self.apply_fn, FlaxApplyFn):
+      impl = "jacobian"  # no layer structure to exploit; exact fallback
+    key = (impl, k)
+    if key not in self._algos:
+      cls = {"jacobian": _Jacobian, "ntvp": _NtkVectorProducts, "structured": _Structured}[impl]
+      a = cls(self.apply_fn, self.mode, k, self.logit)
+      self._algos[key] = (a, jax.jit(a.row), jax.jit(a.col), jax.jit(a.pair), k)
+    return self._algos[key]
+
+  def __call__(self, x1, x2, params, *, as_numpy=False):
+    params = _cast(params, self.dtype)
+    x1 = _cast(jnp.asarray(x1), self.dtype)
+    symmetric = x2 is None
+    x2 = x1 if symmetric else _cast(jnp.asarray(x2), self.dtype)
+    if x1.shape[1:] != x2.shape[1:]:
+      raise ValueError(
+          f"x1 has per-example shape {x1.shape[1:]} but x2 has {x2.shape[1:]}; "
+          "both must hold examples of the same shape (batch first).")
+    if x1.ndim < 1 or x1.shape[0] == 0 or x2.shape[0] == 0:
+      raise ValueError(f"x1 {x1.shape} / x2 {x2.shape} must have a non-empty batch axis.")
+    algo, row, col, pair, k = self.algo(params, x1)
+    if _is_tracer(x1, x2, params):
+      return algo.pair(params, algo.row(params, x1), algo.col(params, x2))
+    _check_finite("params", params)
+    _check_finite("x1", x1)
+    if not symmetric:
+      _check_finite("x2", x2)
+    return self._blocked(algo, row, col, pair, k, params, x1, x2, symmetric, as_numpy)
+
+  def _blocked(self, algo, row, col, pair, k, params, x1, x2, symmetric, as_numpy):
+    mesh = _mesh()
+    ndev = mesh.devices.size
+    n1, n2 = x1.shape[0], x2.shape[0]
+    b = self.block_size
+    if b is None:
+      feat = jax.eval_shape(row, params, jax.ShapeDtypeStruct((ndev,) + x1.shape[1:], x1.dtype))
+      per_ex = sum(l.size * l.dtype.itemsize for l in jax.tree.leaves(feat)) // ndev
+      b = _block_default(per_ex, k, self.mode, ndev, max(n1, n2))
+    b = int(min(b, max(n1, n2)))
+    b = -(-b // ndev) * ndev  # every block splits evenly over the devices
+    rows = NamedSharding(mesh, PartitionSpec("d"))
+    row_j = jax.jit(algo.row, out_shardings=None)
+    del row_j
+    starts1 = list(range(0, n1, b))
+    starts2 = list(range(0, n2, b))
+
+    def block(x, s):
+      xb = _pad_to(x[s:s + b], b)
+      return jax.device_put(xb, rows)
+
+    out_shape = (n1, n2) + ((k, k) if self.mode == "full" else ())
+    dtype = jax.eval_shape(lambda p, x: algo.row(p, x), params,
+                           jax.ShapeDtypeStruct((ndev,) + x1.shape[1:], x1.dtype))
+    dtype = jax.tree.leaves(dtype)[0].dtype if jax.tree.leaves(dtype) else x1.dtype
+    result = np.zeros(out_shape, dtype)
+    params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
+
+    cache_cols = len(starts2) > 1
+    col_cache: dict = {}
+
+    def col_feats(j):
+      if j in col_cache:
+        return col_cache[j]
+      f = col(params, block(x2, starts2[j]))
+      if cache_cols:
+        size = sum(l.size * l.dtype.itemsize for l in jax.tree.leaves(f))
+        if size * len(starts2) <= FEATURE_CACHE_BYTES:
+          col_cache[j] = f
+      return f
+
+    for i, s1 in enumerate(starts1):
+      xr = block(x1, s1)
+      rf = row(params, xr)
+      for j, s2 in enumerate(starts2):
+        if symmetric and j < i:
+          continue
+        cf = rf if (symmetric and i == j and algo.col is algo.row) else (
+            col(params, xr) if symmetric and i == j else col_feats(j))
+        kij = np.asarray(pair(params, rf, cf))
+        e1, e2 = min(b, n1 - s1), min(b, n2 - s2)
+        result[s1:s1 + e1, s2:s2 + e2] = kij[:e1, :e2]
+        if symmetric and j > i:
+          t = np.swapaxes(kij, 0, 1)
+          if self.mode == "full":
+            t = np.swapaxes(t, 2, 3)
+          result[s2:s2 + e2, s1:s1 + e1] = t[:e2, :e1]
+    return result if as_numpy else jnp.asarray(result)
+
+
+def empirical_ntk_fn(apply_fn: Callable, *, mode: str = "trace", logit: int = 0,
+                     implementation: str = "auto", block_size: int | None = None,
+                     dtype=None) -> Callable:
+  """Returns ``ntk_fn(x1, x2, params)`` computing the empirical NTK.
+
+  Args:
+    apply_fn: ``apply_fn(params, x) -> (n, k)`` logits; examples independent
+      (eval mode). Use ``flax_apply_fn`` for Flax models so that
+      ``structured`` can see the layers.
+    mode: ``"full"`` (n1, n2, k, k); ``"trace"`` (n1, n2) = Σ_a Θ[a, a], the
+      SUM over logits (neural-tangents' ``trace_axes=(-1,)`` is this / k);
+      ``"logit"`` (n1, n2) = Θ[c, c] with c = ``logit``; ``"sum"`` (n1, n2) =
+      NTK of the scalar Σ_a f_a.
+    logit: the logit c of ``mode="logit"``.
+    implementation: ``"jacobian"``, ``"ntvp"``, ``"structured"`` or ``"auto"``
+      (``structured`` for ``FlaxApplyFn``, else a cost model). ``structured``
+      on an apply_fn without layer information falls back to ``jacobian``.
+    block_size: examples per block (rounded up to a multiple of the device
+      count); default from ``BLOCK_MEMORY_BYTES``.
+    dtype: cast params and inputs to this dtype (e.g. ``jnp.float64`` inside
+      ``jax.enable_x64(True)``); default keeps theirs. Accumulation runs in
+      this dtype with ``Precision.HIGHEST``.
+
+  Returns:
+    ``ntk_fn(x1, x2, params, *, as_numpy=False)``: x1 (n1, ...), x2 (n2, ...)
+    or ``None`` (= x1, computing only the upper block triangle). Returns a
+    ``jax.Array`` (a NumPy array with ``as_numpy=True``). Under ``jax.jit``
+    it computes one unblocked block.
+
+  Example:
+    >>> apply_fn, params = flax_apply_fn(model, variables)
+    >>> ntk_fn = empirical_ntk_fn(apply_fn, mode="trace")
+    >>> k = ntk_fn(x, None, params)  # (n, n)
+  """
+  _check_options(mode, implementation, logit)
+  if block_size is not None and (not isinstance(block_size, (int, np.integer)) or block_size < 1):
+    raise ValueError(f"block_size={block_size!r} must be a positive int or None.")
+  engine = _Engine(apply_fn, mode, int(logit), implementation, block_size, dtype)
+
+  def ntk_fn(x1, x2=None, params=None, *, as_numpy=False):
+    if params is None:
+      raise ValueError("ntk_fn(x1, x2, params): params is required.")
+    return engine(x1, x2, params, as_numpy=as_numpy)
+
+  return ntk_fn
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_ntk_fn(apply_fn, mode, logit, implementation, block_size, dtype):
+  return empirical_ntk_fn(apply_fn, mode=mode, logit=logit, implementation=implementation,
+                          block_size=block_size, dtype=dtype)
+
+
+def empirical_ntk(apply_fn: Callable, params: PyTree, x1: jax.Array, x2: jax.Array | None = None,
+                  *, mode: str = "trace", logit: int = 0, implementation: str = "auto",
+                  block_size: int | None = None, dtype=None) -> jax.Array:
+  """One-shot ``empirical_ntk_fn(apply_fn, ...)(x1, x2, params)``.
+
+  Compiled functions are cached per (apply_fn, options), so repeated calls
+  with the same shapes do not recompile.
+
+  Example:
+    >>> k = empirical_ntk(apply_fn, params, x, mode="full")  # (n, n, k, k)
+  """
+  _check_options(mode, implementation, logit)
+  fn = _cached_ntk_fn(apply_fn, mode, int(logit), implementation, block_size,
+                      None if dtype is None else jnp.dtype(dtype))
+  return fn(x1, x2, params)
+
+
+def ntk_vp_fn(apply_fn: Callable, params: PyTree, x: jax.Array, *, mode: str = "trace",
+              logit: int = 0) -> Callable[[jax.Array], jax.Array]:
+  """Matrix-free kernel-vector product ``v -> K @ v`` on the inputs ``x``.
+
+  Computes J (Jᵀ v) with one linearisation of the network at ``x`` and its
+  transpose, never forming K (memory ≈ one forward pass over x plus one
+  parameter-sized vector per logit).
+
+  Args:
+    apply_fn: ``apply_fn(params, x) -> (n, k)``.
+    params: network parameters.
+    x: (n, ...) inputs.
+    mode: as in ``empirical_ntk_fn``.
+    logit: the logit of ``mode="logit"``.
+
+  Returns:
+    ``matvec(v)``: v (n,) for scalar modes, (n, k) for ``full``; returns K @ v
+    of the same shape (for ``full``, (K v)[i, a] = Σ_{j,b} Θ[i,j,a,b] v[j,b]).
+
+  Example:
+    >>> mv = ntk_vp_fn(apply_fn, params, x, mode="trace")
+    >>> kv = mv(jnp.ones(x.shape[0]))
+  """
+  _check_options(mode, "auto", logit)
+  x = jnp.asarray(x)
+  k = _output_width(apply_fn, params, x, logit, mode)
+  n = x.shape[0]
+  _check_finite("params", params)
+  _check_finite("x", x)
+
+  @jax.jit
+  def matvec(v):
+    want = (n, k) if mode == "full" else (n,)
+    out, push = jax.linearize(lambda p: apply_fn(p, x), params)
+    pull = jax.linear_transpose(push, params)
+    v = jnp.asarray(v, out.dtype)
+    if mode == "full":
+      return push(pull(v)[0])
+    if mode == "trace":
+      cots = v[None, :, None] * jnp.eye(k, dtype=out.dtype)[:, None, :]
+      outs = jax.vmap(lambda c: push(pull(c)[0]))(cots)  # (k, n, k)
+      return jnp.einsum("ana->n", outs)
+    if mode == "logit":
+      return push(pull(v[:, None] * jax.nn.one_hot(logit, k, dtype=out.dtype))[0])[:, logit]
+    del want
+    return push(pull(jnp.broadcast_to(v[:, None], (n, k)))[0]).sum(-1)
+
+  def checked(v):
+    shape = (n, k) if mode == "full" else (n,)
+    if tuple(jnp.shape(v)) != shape:
+      raise ValueError(f"v has shape {jnp.shape(v)}; mode={mode!r} on n={n} inputs with "
+                       f"k={k} logits needs {shape}.")
+    return matvec(v)
+
+  return checked

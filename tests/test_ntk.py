@@ -1,0 +1,288 @@
+"""Tests for ntkd.ntk against independent oracles (float64 jacrev + einsum)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ntkd.ntk import (empirical_ntk, empirical_ntk_fn, flax_apply_fn, ntk_vp_fn)
+
+IMPLS = ("jacobian", "ntvp", "structured", "auto")
+MODES = ("full", "trace", "logit", "sum")
+
+
+# ---------------------------------------------------------------- tiny models
+class MLP(nn.Module):
+  num_classes: int = 3
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = x.reshape(x.shape[0], -1)
+    x = nn.relu(nn.Dense(7)(x))
+    x = nn.relu(nn.Dense(5)(x))
+    return nn.Dense(self.num_classes)(x)
+
+
+class CNN1D(nn.Module):
+  num_classes: int = 3
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.relu(nn.Conv(4, (3,), strides=2)(x))
+    x = nn.relu(nn.Conv(3, (3,), padding="VALID")(x))
+    return nn.Dense(self.num_classes)(x.reshape(x.shape[0], -1))
+
+
+class LeNet(nn.Module):
+  num_classes: int = 3
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.relu(nn.Conv(3, (3, 3))(x))
+    x = nn.max_pool(x, (2, 2), (2, 2))
+    x = nn.relu(nn.Conv(4, (3, 3), padding="VALID")(x))
+    x = nn.avg_pool(x, (2, 2), (2, 2))
+    x = x.reshape(x.shape[0], -1)
+    x = nn.relu(nn.Dense(6)(x))
+    return nn.Dense(self.num_classes)(x)
+
+
+class ResBlock(nn.Module):
+  features: int
+  strides: int = 1
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    norm = lambda: nn.BatchNorm(use_running_average=not train)
+    y = nn.relu(norm()(nn.Conv(self.features, (3, 3), self.strides, use_bias=False)(x)))
+    y = norm()(nn.Conv(self.features, (3, 3), use_bias=False)(y))
+    if x.shape != y.shape:
+      x = norm()(nn.Conv(self.features, (1, 1), self.strides, use_bias=False)(x))
+    return nn.relu(x + y)
+
+
+class TinyResNet(nn.Module):
+  num_classes: int = 3
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.relu(nn.BatchNorm(use_running_average=not train)(
+        nn.Conv(3, (3, 3), use_bias=False)(x)))
+    x = ResBlock(3)(x, train)
+    x = ResBlock(4, 2)(x, train)
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes)(x)
+
+
+FAMILIES = {
+    "mlp": (MLP, (6, 5)),
+    "cnn1d": (CNN1D, (9, 1)),
+    "lenet": (LeNet, (8, 8, 2)),
+    "resnet": (TinyResNet, (6, 6, 2)),
+}
+
+
+def _make(family, n1=3, n2=2, seed=0):
+  cls, shape = FAMILIES[family]
+  model = cls()
+  k0, k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 4)
+  x1 = jax.random.normal(k1, (n1,) + shape)
+  x2 = jax.random.normal(k2, (n2,) + shape)
+  variables = model.init(k0, x1)
+  if "batch_stats" in variables:  # non-trivial running statistics
+    variables = dict(variables)
+    leaves, tree = jax.tree.flatten(variables["batch_stats"])
+    keys = jax.random.split(k3, len(leaves))
+    variables["batch_stats"] = jax.tree.unflatten(
+        tree, [l + 0.3 * jnp.abs(jax.random.normal(kk, l.shape)) for l, kk in zip(leaves, keys)])
+  return model, variables, x1, x2
+
+
+def _oracle(apply_fn, params, x1, x2, mode, logit=0):
+  """Brute force: full Jacobians of the batched network, einsum per leaf."""
+  j1 = jax.jacrev(apply_fn)(params, x1)  # leaves (n1, k, *leaf)
+  j2 = jax.jacrev(apply_fn)(params, x2)
+  full = sum(
+      jnp.einsum("iap,jbp->ijab", a.reshape(a.shape[:2] + (-1,)), b.reshape(b.shape[:2] + (-1,)))
+      for a, b in zip(jax.tree.leaves(j1), jax.tree.leaves(j2)))
+  if mode == "full":
+    return full
+  if mode == "trace":
+    return jnp.einsum("ijaa->ij", full)
+  if mode == "logit":
+    return full[:, :, logit, logit]
+  return full.sum((2, 3))
+
+
+def _rel(a, b):
+  a, b = np.asarray(a), np.asarray(b)
+  return np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30)
+
+
+# ---------------------------------------------------------------- oracle tests
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_implementation_and_mode_matches_oracle_float64(family):
+  with jax.enable_x64(True):
+    model, variables, x1, x2 = _make(family)
+    variables = jax.tree.map(lambda l: jnp.asarray(l, jnp.float64), variables)
+    x1, x2 = jnp.asarray(x1, jnp.float64), jnp.asarray(x2, jnp.float64)
+    apply_fn, params = flax_apply_fn(model, variables)
+    for mode in MODES:
+      want = _oracle(apply_fn, params, x1, x2, mode, logit=1)
+      for impl in IMPLS:
+        got = empirical_ntk_fn(apply_fn, mode=mode, logit=1, implementation=impl)(x1, x2, params)
+        assert got.dtype == jnp.float64
+        assert got.shape == want.shape, (impl, mode)
+        assert _rel(got, want) <= 1e-6, (family, impl, mode, _rel(got, want))
+
+
+def test_plain_apply_fn_falls_back_to_exact_method():
+  with jax.enable_x64(True):
+    model, variables, x1, x2 = _make("lenet")
+    variables = jax.tree.map(lambda l: jnp.asarray(l, jnp.float64), variables)
+    x1, x2 = jnp.asarray(x1, jnp.float64), jnp.asarray(x2, jnp.float64)
+    plain = lambda p, x: model.apply({"params": p}, x)
+    for impl in IMPLS:
+      for mode in ("full", "trace"):
+        got = empirical_ntk(plain, variables["params"], x1, x2, mode=mode, implementation=impl)
+        assert _rel(got, _oracle(plain, variables["params"], x1, x2, mode)) <= 1e-6
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_linear_model_closed_form(impl):
+  """f(x) = W x + b has Θ(x, x') = (x·x' + 1) I_k."""
+  with jax.enable_x64(True):
+    model = nn.Dense(4)
+    x1 = jax.random.normal(jax.random.PRNGKey(1), (5, 3), jnp.float64)
+    x2 = jax.random.normal(jax.random.PRNGKey(2), (2, 3), jnp.float64)
+    variables = model.init(jax.random.PRNGKey(0), x1)
+    apply_fn, params = flax_apply_fn(model, variables)
+    gram = np.asarray(x1) @ np.asarray(x2).T + 1.0
+    full = empirical_ntk(apply_fn, params, x1, x2, mode="full", implementation=impl)
+    np.testing.assert_allclose(full, gram[:, :, None, None] * np.eye(4), rtol=1e-12, atol=1e-12)
+    trace = empirical_ntk(apply_fn, params, x1, x2, mode="trace", implementation=impl)
+    np.testing.assert_allclose(trace, 4 * gram, rtol=1e-12)
+
+
+# ---------------------------------------------------------------- invariances
+@pytest.mark.parametrize("mode", ["full", "trace"])
+def test_blocked_equals_unblocked_and_symmetric_equals_explicit(mode):
+  model, variables, x1, _ = _make("lenet", n1=7)
+  apply_fn, params = flax_apply_fn(model, variables)
+  ref = empirical_ntk_fn(apply_fn, mode=mode)(x1, x1, params)
+  blocked = empirical_ntk_fn(apply_fn, mode=mode, block_size=3)
+  np.testing.assert_allclose(blocked(x1, None, params), ref, rtol=2e-5, atol=1e-5)
+  np.testing.assert_allclose(blocked(x1, x1, params), ref, rtol=2e-5, atol=1e-5)
+  np.testing.assert_allclose(empirical_ntk_fn(apply_fn, mode=mode)(x1, None, params), ref,
+                             rtol=2e-5, atol=1e-5)
+
+
+def test_permuting_inputs_permutes_kernel():
+  model, variables, x1, x2 = _make("cnn1d", n1=6, n2=4)
+  apply_fn, params = flax_apply_fn(model, variables)
+  fn = empirical_ntk_fn(apply_fn, mode="full", block_size=4)
+  k = np.asarray(fn(x1, x2, params))
+  p1, p2 = np.array([3, 0, 5, 1, 4, 2]), np.array([2, 3, 1, 0])
+  np.testing.assert_allclose(fn(x1[p1], x2[p2], params), k[p1][:, p2], rtol=1e-5, atol=1e-6)
+
+
+def test_jit_of_ntk_fn_matches_eager():
+  model, variables, x1, x2 = _make("mlp")
+  apply_fn, params = flax_apply_fn(model, variables)
+  fn = empirical_ntk_fn(apply_fn, mode="trace")
+  np.testing.assert_allclose(jax.jit(fn)(x1, x2, params), fn(x1, x2, params), rtol=1e-5)
+
+
+def test_second_call_does_not_recompile():
+  model, variables, x1, x2 = _make("lenet")
+  apply_fn, params = flax_apply_fn(model, variables)
+  fn = empirical_ntk_fn(apply_fn, mode="trace")
+  fn(x1, x2, params).block_until_ready()
+  x1b, x2b = x1 + 1.0, x2 - 1.0
+  with jax.log_compiles():
+    import logging
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("jax")
+    logger.addHandler(handler)
+    try:
+      fn(x1b, x2b, params).block_until_ready()
+    finally:
+      logger.removeHandler(handler)
+  compiles = [r for r in records if "Compiling" in r.getMessage()]
+  assert not compiles, [r.getMessage() for r in compiles]
+
+
+def test_ntk_vp_matches_materialised_kernel():
+  model, variables, x, _ = _make("lenet", n1=5)
+  apply_fn, params = flax_apply_fn(model, variables)
+  for mode in MODES:
+    k = np.asarray(empirical_ntk(apply_fn, params, x, mode=mode, logit=2))
+    v = np.asarray(jax.random.normal(jax.random.PRNGKey(3), (5, 3) if mode == "full" else (5,)))
+    want = np.einsum("ijab,jb->ia", k, v) if mode == "full" else k @ v
+    got = ntk_vp_fn(apply_fn, params, x, mode=mode, logit=2)(v)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_four_fake_devices_match_one_device():
+  code = textwrap.dedent("""
+      import jax, numpy as np, flax.linen as nn
+      from ntkd.ntk import empirical_ntk_fn, flax_apply_fn
+      assert len(jax.devices()) == 4, jax.devices()
+      class M(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+          x = nn.relu(nn.Conv(3, (3,))(x))
+          return nn.Dense(3)(x.reshape(x.shape[0], -1))
+      x = jax.random.normal(jax.random.PRNGKey(1), (10, 6, 1))
+      m = M(); v = m.init(jax.random.PRNGKey(0), x)
+      f, p = flax_apply_fn(m, v)
+      out = {}
+      for mode in ("full", "trace"):
+        for impl in ("jacobian", "structured", "ntvp"):
+          out[mode + impl] = np.asarray(empirical_ntk_fn(f, mode=mode, implementation=impl,
+                                                         block_size=4)(x, None, p))
+      np.savez(OUT, **out)
+  """)
+  env = dict(os.environ)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+  results = {}
+  for count in (1, 4):
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={count}"
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"ntkd_dev{count}_{os.getpid()}.npz")
+    src = code.replace("OUT", repr(path)).replace("== 4", f"== {count}")
+    subprocess.run([sys.executable, "-c", src], check=True, env=env, timeout=300)
+    results[count] = dict(np.load(path))
+    os.remove(path)
+  for key in results[1]:
+    np.testing.assert_allclose(results[4][key], results[1][key], rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- errors
+def test_clear_errors():
+  model, variables, x1, x2 = _make("mlp")
+  apply_fn, params = flax_apply_fn(model, variables)
+  with pytest.raises(ValueError, match="mode='diag'"):
+    empirical_ntk_fn(apply_fn, mode="diag")
+  with pytest.raises(ValueError, match="implementation='fast'"):
+    empirical_ntk_fn(apply_fn, implementation="fast")
+  with pytest.raises(ValueError, match="logit=3 is out of range for k=3"):
+    empirical_ntk(apply_fn, params, x1, mode="logit", logit=3)
+  with pytest.raises(ValueError, match=r"per-example shape \(6, 5\) but x2 has \(5, 6\)"):
+    empirical_ntk(apply_fn, params, x1, x2.reshape(2, 5, 6))
+  with pytest.raises(ValueError, match="x1.*non-finite"):
+    empirical_ntk(apply_fn, params, x1.at[0, 0, 0].set(jnp.nan))
+  bad = jax.tree.map(lambda l: l, params)
+  bad["Dense_0"]["bias"] = bad["Dense_0"]["bias"].at[0].set(jnp.inf)
+  with pytest.raises(ValueError, match=r"params\['Dense_0'\]\['bias'\].*non-finite"):
+    empirical_ntk(apply_fn, bad, x1)
+  with pytest.raises(ValueError, match=r"shape \(batch, k\).*returned \(2, 3, 1\)"):
+    empirical_ntk(lambda p, x: apply_fn(p, x)[..., None], params, x1)
