@@ -66,6 +66,8 @@ def plot_all(results_dir: str | Path, figures_dir: str | Path) -> list[Path]:
 
 def _save(fig, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    for ax in fig.axes:
+        ax.title.set_fontsize(10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -78,12 +80,14 @@ def plot_linear(results: dict, path: str | Path) -> None:
     fig, axes = plt.subplots(2, 2, figsize=(11, 8.5))
 
     ax = axes[0, 0]
+    positive = [v for c in results["learning_curves"].values() for v in c["mean_risk"] if v > 0]
+    floor = min(positive, default=1e-9) / 3
     for i, (kappa, c) in enumerate(results["learning_curves"].items()):
         color = f"C{i}"
-        mean = np.maximum(np.asarray(c["mean_risk"]), 1e-9)
+        mean = np.maximum(np.asarray(c["mean_risk"]), floor)
         ax.plot(ns, mean, "o-", color=color, label=f"κ={kappa}: E[risk] of GD student")
         ax.plot(ns, c["bound"], "--", color=color, alpha=0.7, label=f"κ={kappa}: bound")
-    ax.set(xscale="log", yscale="log", ylim=(1e-7, 1.5), xlabel="transfer-set size n",
+    ax.set(xscale="log", yscale="log", ylim=(floor, 1.5), xlabel="transfer-set size n",
            ylabel="expected transfer risk", title=f"(a) Data geometry, d={cfg['d']}, {cfg['draws']} draws")
     ax.legend(fontsize=7, ncol=2)
 
@@ -143,7 +147,9 @@ def plot_variance(results: dict, path: str | Path) -> None:
     for i, (key, s) in enumerate(sweep["teachers"].items()):
         gap = mn["teachers"][key]["loss_gap"]
         label = f"teacher {key}{'' if key == 'optimum' else ' GD steps'} (gap {gap:.1e})"
-        ax.plot(sweep["lams"], np.maximum(s["plateau"], 1e-8), "o-", color=f"C{i}", label=label)
+        style = "s--" if key == "optimum" else "o-"
+        ax.plot(sweep["lams"], np.maximum(s["plateau"], 1e-8), style, color=f"C{i}", label=label,
+                ms=8 - 2 * i, alpha=0.85)
         ax.axvline(s["lam_star_var"], color=f"C{i}", ls=":", alpha=0.7)
     ax.set(xlabel="KD weight λ (dotted: λ*_var)", ylabel="final f(θ) − f*", yscale="log",
            title="(b) KD-SGD final loss gap vs λ, MNIST-1D")
@@ -154,7 +160,7 @@ def plot_variance(results: dict, path: str | Path) -> None:
             epochs = np.arange(1, len(curve) + 1)
             ax.plot(epochs, np.maximum(curve, 1e-10), label=method.replace("_", " "))
         ax.set(xlabel="epoch", ylabel="training loss gap f(θ) − f*", yscale="log",
-               title=f"({tag}) {name}: γ={ds['learning_rate']:.3g}, batch {cfg['batch_size']}, "
+               title=f"({tag}) {name}: γ={ds['learning_rate']:.3g}, B={cfg['batch_size']}, "
                      f"teacher @ {ds['main_teacher']} GD steps")
         ax.legend(fontsize=8)
 
