@@ -106,6 +106,25 @@ def _parser_distill(sub) -> None:
     p.set_defaults(func=_cmd_distill)
 
 
+def _cmd_theory(args) -> int:
+    from ntkd.theory import run_experiment
+
+    run_experiment(args.experiment, args.out, quick=args.quick, seed=args.seed)
+    print(f"wrote {args.out}/theory_{args.experiment}.json and .png")
+    return 0
+
+
+def _parser_theory(sub) -> None:
+    p = sub.add_parser("theory", help="KD-theory mechanisms: linear (Phuong & Lampert), variance (Safaryan et "
+                                      "al.), knowledge (Tang et al.)",
+                       description="Run one KD-theory experiment; writes OUT/theory_<name>.json and .png.")
+    p.add_argument("experiment", choices=("linear", "variance", "knowledge"))
+    p.add_argument("--out", default="figures", help="folder for the JSON results and the figure")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="tiny sizes that run in seconds (tests, CI)")
+    p.set_defaults(func=_cmd_theory)
+
+
 def _cmd_complexity(args) -> int:
     from ntkd.complexity import format_table, write_table
     from ntkd.study import teacher_complexity_table
@@ -187,6 +206,7 @@ _COMMANDS: list[Callable] = [
     _parser_complexity,
     _parser_reproduce,
     _parser_figures,
+    _parser_theory,
 ]
 
 
