@@ -186,17 +186,38 @@ def _parser_reproduce(sub) -> None:
 
 def _cmd_figures(args) -> int:
     from ntkd.plotting import plot_study
+    from ntkd.theory import plot_all
 
-    for path in plot_study(args.results_dir):
+    folder = Path(args.results_dir)
+    if not folder.is_dir():
+        print(f"error: {folder} is not a folder; pass a study folder (the --out of `ntkd reproduce`) or a "
+              "figures folder holding study/ and theory_*.json", file=sys.stderr)
+        return 2
+    written = []
+    if (folder / "results").is_dir():  # a study folder written by `ntkd reproduce`
+        written += plot_study(folder, args.to or folder / "figures")
+    elif (folder / "study" / "results").is_dir():  # a figures folder with the study's results beside it
+        written += plot_study(folder / "study", args.to or folder)
+    written += plot_all(folder, args.to or folder)
+    if not written:
+        print(f"error: nothing to plot in {folder}: expected results/*.json (a study folder), "
+              "study/results/*.json or theory_*.json", file=sys.stderr)
+        return 2
+    for path in written:
         print(path)
     return 0
 
 
 def _parser_figures(sub) -> None:
     p = sub.add_parser("figures", help="redraw every figure from saved results",
-                       description="Redraw the figures of a study folder (written by `ntkd reproduce`) from its "
-                                   "results/*.json alone.")
-    p.add_argument("results_dir", help="study folder (the --out of `ntkd reproduce`)")
+                       description="Redraw figures from saved results alone. RESULTS_DIR is either a study "
+                                   "folder (the --out of `ntkd reproduce`; figures go to RESULTS_DIR/figures) or "
+                                   "a figures folder like the repository's figures/ (study results under "
+                                   "study/results, theory results as theory_*.json; figures are drawn beside "
+                                   "them).")
+    p.add_argument("results_dir", nargs="?", default="figures",
+                   help="study or figures folder (default: figures)")
+    p.add_argument("--to", default=None, help="write the PNGs here instead")
     p.set_defaults(func=_cmd_figures)
 
 

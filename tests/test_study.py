@@ -90,6 +90,24 @@ def test_figures_regenerate_from_results_alone(study_dir, tmp_path):
     assert sorted(p.name for p in (copy / "figures").glob("*.png")) == sorted(f"{s}.png" for s in STEPS)
 
 
+def test_figures_folder_layout_redraws_study_and_theory(study_dir, tmp_path):
+    """The repository's figures/ layout: study results under study/, theory results as theory_*.json."""
+    from pathlib import Path
+
+    figures = tmp_path / "figures"
+    shutil.copytree(study_dir / "results", figures / "study" / "results")
+    shutil.copy(study_dir / "study.json", figures / "study" / "study.json")
+    repo_figures = Path(__file__).resolve().parents[1] / "figures"
+    theory = sorted(repo_figures.glob("theory_*.json"))
+    for path in theory:
+        shutil.copy(path, figures / path.name)
+    assert cli_main(["figures", str(figures)]) == 0
+    expected = [f"{s}.png" for s in STEPS] + [p.with_suffix(".png").name for p in theory]
+    assert sorted(p.name for p in figures.glob("*.png")) == sorted(expected)
+    assert cli_main(["figures", str(tmp_path / "missing")]) == 2
+    assert cli_main(["figures", str(tmp_path / "figures" / "study" / "results")]) == 2
+
+
 def test_another_config_in_the_same_folder_is_refused(study_dir):
     cfg = tiny_config()
     cfg.seeds = [5]
