@@ -126,6 +126,18 @@ def plot_linear(results: dict, path: str | Path) -> None:
     _save(fig, Path(path))
 
 
+def _method_label(key: str) -> str:
+    """``kd_lam0.7`` -> ``KD λ=0.7``, ``kd_unbiased_lam0.7`` -> ``unbiased KD λ=0.7``, ``svrg`` -> ``SVRG``."""
+    names = {"sgd": "SGD", "svrg": "SVRG (full-gradient correction)", "kd_lam_star_var": "KD λ=λ*_var"}
+    if key in names:
+        return names[key]
+    if key.startswith("kd_unbiased_lam"):
+        return f"unbiased KD λ={key.removeprefix('kd_unbiased_lam')}"
+    if key.startswith("kd_lam"):
+        return f"KD λ={key.removeprefix('kd_lam')}"
+    return key.replace("_", " ")
+
+
 def plot_variance(results: dict, path: str | Path) -> None:
     """Six panels: V(lam), lam sweep, training curves (2 datasets), plateau vs lr and vs teacher."""
     cfg = results["config"]
@@ -158,7 +170,7 @@ def plot_variance(results: dict, path: str | Path) -> None:
     for ax, ds, name, tag in ((axes[0, 2], mn, "MNIST-1D", "c"), (axes[1, 0], dg, "digits", "d")):
         for method, curve in ds["curves"].items():
             epochs = np.arange(1, len(curve) + 1)
-            ax.plot(epochs, np.maximum(curve, 1e-10), label=method.replace("_", " "))
+            ax.plot(epochs, np.maximum(curve, 1e-10), label=_method_label(method))
         ax.set(xlabel="epoch", ylabel="training loss gap f(θ) − f*", yscale="log",
                title=f"({tag}) {name}: γ={ds['learning_rate']:.3g}, B={cfg['batch_size']}, "
                      f"teacher @ {ds['main_teacher']} GD steps")
@@ -167,16 +179,18 @@ def plot_variance(results: dict, path: str | Path) -> None:
     ax = axes[1, 1]
     pl = mn["plateau_vs_lr"]
     for key in [k for k in pl if k != "learning_rates"]:
-        ax.plot(pl["learning_rates"], np.maximum(pl[key], 1e-10), "o-", label=key.replace("_", " "))
+        ax.plot(pl["learning_rates"], np.maximum(pl[key], 1e-10), "o-", label=_method_label(key))
     ax.set(xlabel="step size γ", ylabel=f"plateau: mean f − f* over last {cfg['plateau_last_epochs']} epochs",
            xscale="log", yscale="log", title="(e) Plateau vs step size, MNIST-1D")
+    ax.set_xticks(pl["learning_rates"], [f"{g:.3g}" for g in pl["learning_rates"]])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.legend(fontsize=8)
 
     ax = axes[1, 2]
     pt = mn["plateau_vs_teacher"]
     gaps = np.maximum(pt["teacher_loss_gap"], 1e-8)
     for key in ("kd_lam" + str(cfg["lam_kd"]), "kd_lam_star_var"):
-        ax.plot(gaps, np.maximum(pt[key], 1e-10), "o-", label=key.replace("_", " "))
+        ax.plot(gaps, np.maximum(pt[key], 1e-10), "o-", label=_method_label(key))
     ax.axhline(pt["sgd"], color="k", ls="--", label="SGD (no teacher)")
     ax.set(xlabel="teacher quality f(θ_T) − f* (GD checkpoints; leftmost = θ*)",
            ylabel="plateau f − f*", xscale="log", yscale="log", title="(f) Plateau vs teacher quality, MNIST-1D")
