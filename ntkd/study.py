@@ -23,7 +23,8 @@ Layout of ``out``::
     runs/teacher/            teacher run (checkpoints every epoch)
     runs/<regime>_s<seed>/   student runs
     results/<step>.json      one file per analysis (CSV/Markdown for tables)
-    timings/<step>.json      wall-clock seconds (kept out of results/, which is deterministic)
+    timings/<step>.json      wall-clock seconds (kept out of results/, which is deterministic);
+                             training.json sums every invocation, a resumed run included
     figures/<step>.png       made from results/ by :func:`ntkd.plotting.plot_study`
     report.md                the findings of SPEC §5, reproduced or not
 
@@ -416,6 +417,13 @@ def step_main(step: str, doc: str, argv: list[str] | None = None) -> Path:
     return study.out
 
 
+def _record_training_time(path: Path, seconds: float) -> None:
+    """Appends this invocation's training wall time; a resumed run keeps the earlier ones."""
+    history = read_json(path).get("history", []) if path.exists() else []
+    history.append(seconds)
+    write_json(path, {"seconds": sum(history), "history": history})
+
+
 def run_study(config: StudyConfig, out: str | os.PathLike, *, steps: tuple[str, ...] = STEPS,
               progress: bool = True, figures: bool = True) -> Path:
     """Trains every run, runs the analysis steps, draws the figures and writes report.md.
@@ -429,7 +437,7 @@ def run_study(config: StudyConfig, out: str | os.PathLike, *, steps: tuple[str, 
     study = Study(config, out, progress=progress)
     t0 = time.perf_counter()
     study.train_all()
-    write_json(study.out / "timings" / "training.json", {"seconds": time.perf_counter() - t0})
+    _record_training_time(study.out / "timings" / "training.json", time.perf_counter() - t0)
     for step in tqdm(steps, desc="analyses", disable=not progress):
         study.run_step(step)
     if figures:

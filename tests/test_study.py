@@ -72,6 +72,10 @@ def test_rerun_is_identical_and_resumes_without_recomputing(study_dir, tmp_path)
     after = {p.name: p.stat().st_mtime_ns for p in (copy / "results").glob("*.json")}
     assert all(after[k] == v for k, v in before.items())  # finished steps untouched
     assert filecmp.cmp(copy / "results" / "margins.json", study_dir / "results" / "margins.json", shallow=False)
+    first = json.loads((study_dir / "timings" / "training.json").read_text())
+    both = json.loads((copy / "timings" / "training.json").read_text())
+    assert both["history"][0] == first["seconds"] and len(both["history"]) == 2  # the first run's time is kept
+    assert both["seconds"] == pytest.approx(sum(both["history"]))
 
 
 def test_second_run_from_scratch_gives_identical_results(study_dir, tmp_path):
