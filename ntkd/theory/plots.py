@@ -48,6 +48,20 @@ def run_experiment(name: str, out_dir: str | Path = "figures", *, quick: bool = 
     return results
 
 
+def experiment_main(name: str, doc: str) -> None:
+    """Command-line entry of ``experiments/theory_<name>.py``: ``--out``, ``--seed``, ``--quick``."""
+    import argparse
+
+    _check_name(name)
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="figures", help="folder for theory_<name>.json and .png")
+    parser.add_argument("--seed", type=int, default=0, help="master seed")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds)")
+    args = parser.parse_args()
+    run_experiment(name, args.out, quick=args.quick, seed=args.seed)
+    print(f"wrote {args.out}/theory_{name}.json and .png")
+
+
 def plot_all(results_dir: str | Path, figures_dir: str | Path) -> list[Path]:
     """Redraws every ``theory_<name>.png`` whose ``theory_<name>.json`` exists.
 
