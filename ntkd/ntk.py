@@ -472,7 +472,10 @@ class _Structured:
         m = self.m
         if s == 1:
             return True
-        if s > _MAX_FACT_POSITIONS or (self.mode == "full" and s > 16):
+        if s > _MAX_FACT_POSITIONS or self.mode == "full":
+            # full mode: the three-operand (i, j, p, q) contraction is memory-bound and
+            # measured slower than weight gradients + one matmul even at S = 5..10
+            # (1-D CNN, n = 1000: 26.5 s vs 17.4 s), despite its lower FLOP count
             return False
         if self.mode == "full":
             fact = s * s * d1 + m * s * s * cout + m * m * s * s
@@ -614,6 +617,29 @@ def _block_default(bytes_per_example: int, k: int, mode: str) -> int:
     return max(8, int(min(b, math.isqrt(BLOCK_MEMORY_BYTES // out), 2048)))
 
 
+_BLOCK_CACHE: dict = {}
+"""Default block sizes already checked against XLA's memory plan."""
+
+
+def _planned_bytes(row, pair, params, xb) -> int | None:
+    """Device bytes (output + temporaries) XLA plans for the row features and one block pair.
+
+    None where the backend gives no memory analysis.
+    """
+    try:
+        feat = jax.eval_shape(row, params, xb)
+        need = 0
+        for fn, args in ((row, (params, xb)), (pair, (params, feat, feat))):
+            stats = fn.lower(*args).compile().memory_analysis()
+            if stats is None:
+                return None
+            need = max(need, stats.output_size_in_bytes + stats.temp_size_in_bytes)
+        feat_bytes = sum(l.size * l.dtype.itemsize for l in jax.tree.leaves(feat))
+        return need + 2 * feat_bytes
+    except Exception:  # memory analysis is optional on some backends
+        return None
+
+
 class _Engine:
     """Compiled pieces shared by every call of one ntk_fn."""
 
@@ -665,15 +691,45 @@ class _Engine:
             _check_finite("x2", x2)
         return self._blocked(algo, row, col, pair, k, params, x1, x2, symmetric, as_numpy)
 
+    def _default_block(self, row, pair, k, params, x, ndev, n):
+        """Block size from the features' size, then checked against XLA's own memory plan.
+
+        The feature-based guess ignores the temporaries of the row and pair
+        computations (e.g. the per-example-pair patch products of factorised
+        convolutions in ``full`` mode, which grow as block²); the compiled
+        ``memory_analysis`` of both at the guessed size shrinks the block until
+        output + temporaries fit ``BLOCK_MEMORY_BYTES``. Cached per model, shapes
+        and options, so new closures over the same model (e.g. one per checkpoint)
+        do not repeat the check.
+        """
+        fn = self.apply_fn
+        fn_key = (fn.module, tuple(sorted(fn.kwargs.items()))) if isinstance(fn, FlaxApplyFn) else fn
+        shapes = tuple((l.shape, str(l.dtype)) for l in jax.tree.leaves(params))
+        key = (fn_key, self.mode, self.logit, self.implementation, k, shapes, x.shape[1:], str(x.dtype), n, ndev,
+               BLOCK_MEMORY_BYTES)
+        if key in _BLOCK_CACHE:
+            return _BLOCK_CACHE[key]
+        feat = jax.eval_shape(row, params, jax.ShapeDtypeStruct((ndev,) + x.shape[1:], x.dtype))
+        per_ex = sum(l.size * l.dtype.itemsize for l in jax.tree.leaves(feat)) // ndev
+        b = min(_block_default(per_ex, k, self.mode), n)
+        floor = ndev * math.ceil(8 / ndev)
+        while b > floor:
+            b = -(-b // ndev) * ndev
+            need = _planned_bytes(row, pair, params, jax.ShapeDtypeStruct((b,) + x.shape[1:], x.dtype))
+            if need is None or need <= BLOCK_MEMORY_BYTES:
+                break
+            # temporaries grow at most as block², so this ratio lands at or below budget
+            b = max(floor, min(b // 2 * 2 - ndev, int(b * 0.9 * math.sqrt(BLOCK_MEMORY_BYTES / need))))
+        _BLOCK_CACHE[key] = b
+        return b
+
     def _blocked(self, algo, row, col, pair, k, params, x1, x2, symmetric, as_numpy):
         mesh = _mesh()
         ndev = mesh.devices.size
         n1, n2 = x1.shape[0], x2.shape[0]
         b = self.block_size
         if b is None:
-            feat = jax.eval_shape(row, params, jax.ShapeDtypeStruct((ndev,) + x1.shape[1:], x1.dtype))
-            per_ex = sum(l.size * l.dtype.itemsize for l in jax.tree.leaves(feat)) // ndev
-            b = _block_default(per_ex, k, self.mode)
+            b = self._default_block(row, pair, k, params, x1, ndev, max(n1, n2))
         b = int(min(b, max(n1, n2)))
         b = -(-b // ndev) * ndev  # every block splits evenly over the devices
         rows = NamedSharding(mesh, PartitionSpec("d"))

@@ -126,6 +126,30 @@ def test_blocked_equals_unblocked_and_symmetric_equals_explicit(mode):
                                                           rtol=2e-5, atol=1e-5)
 
 
+def test_default_block_fits_xla_memory_plan(monkeypatch):
+    """The default block also budgets the pair's temporaries (block² patch products), not only features."""
+    import ntkd.ntk as ntk_mod
+
+    model = get_model("cnn1d", 10)
+    variables = init_variables(model, jax.random.PRNGKey(0), (40, 1))
+    apply_fn, params = flax_apply_fn(model, variables)
+    x = jax.random.normal(jax.random.PRNGKey(1), (64, 40, 1))
+    engine = ntk_mod._Engine(apply_fn, "trace", 0, "structured", None, None)
+    _, row, _, pair, k = engine.algo(params, x)
+    at_n = ntk_mod._planned_bytes(row, pair, params, jax.ShapeDtypeStruct(x.shape, x.dtype))
+    feat = jax.eval_shape(row, params, jax.ShapeDtypeStruct((1, 40, 1), x.dtype))
+    per_ex = sum(l.size * l.dtype.itemsize for l in jax.tree.leaves(feat))
+    budget = int(at_n * 0.7)  # features alone would still allow one block of all 64 examples
+    monkeypatch.setattr(ntk_mod, "BLOCK_MEMORY_BYTES", budget)
+    assert ntk_mod._block_default(per_ex, k, "trace") >= 64
+    b = engine._default_block(row, pair, k, params, x, 1, 64)
+    assert 8 <= b < 64
+    assert ntk_mod._planned_bytes(row, pair, params, jax.ShapeDtypeStruct((b, 40, 1), x.dtype)) <= budget
+    kernel = empirical_ntk(apply_fn, params, x, mode="trace", implementation="structured")
+    ref = empirical_ntk(apply_fn, params, x, mode="trace", implementation="jacobian", block_size=64)
+    np.testing.assert_allclose(kernel, ref, rtol=2e-5, atol=1e-5 * float(np.max(np.abs(ref))))
+
+
 def test_permuting_inputs_permutes_kernel():
     model, variables, x1, x2 = _make("cnn1d", n1=6, n2=4)
     apply_fn, params = flax_apply_fn(model, variables)
