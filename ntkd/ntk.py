@@ -477,12 +477,8 @@ class _Structured:
             # measured slower than weight gradients + one matmul even at S = 5..10
             # (1-D CNN, n = 1000: 26.5 s vs 17.4 s), despite its lower FLOP count
             return False
-        if self.mode == "full":
-            fact = s * s * d1 + m * s * s * cout + m * m * s * s
-            grad = m * m * d1 * cout
-        else:
-            fact = s * s * (d1 + m * cout)
-            grad = m * d1 * cout
+        fact = s * s * (d1 + m * cout)
+        grad = m * d1 * cout
         return fact < grad
 
     def _leaf_grads(self, c, params, path, arrays, g, names):
@@ -544,14 +540,10 @@ class _Structured:
                     f1 = g1.reshape(g1.shape[0], -1)
                     f2 = g2.reshape(g2.shape[0], -1)
                     term = pa * jnp.matmul(f1, f2.T, precision=_HIGHEST)
-            else:
+            else:  # trace / logit / sum only: `_factorise` keeps full-mode convs as grads
                 pa = jnp.einsum("ipd,jqd->ijpq", a1, a2, precision=_HIGHEST)
-                if mode == "full":
-                    term = jnp.einsum("ijpq,iapc,jbqc->iajb", pa, g1, g2, precision=_HIGHEST,
-                                                        optimize=True)
-                else:
-                    pg = jnp.einsum("iapc,jaqc->ijpq", g1, g2, precision=_HIGHEST)
-                    term = jnp.sum(pa * pg, axis=(2, 3))
+                pg = jnp.einsum("iapc,jaqc->ijpq", g1, g2, precision=_HIGHEST)
+                term = jnp.sum(pa * pg, axis=(2, 3))
             k = term if k is None else k + term
         if r["j"] is not None:
             term = _contract_flat(mode, r["j"], c["j"], iajb=True)
