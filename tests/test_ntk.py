@@ -113,6 +113,46 @@ def test_linear_model_closed_form(impl):
         np.testing.assert_allclose(trace, 4 * gram, rtol=1e-12)
 
 
+
+class _OddConvs(nn.Module):
+    """Convolutions of every padding kind Flax has, with strides and dilation."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.tanh(nn.Conv(3, (3,), strides=2, padding=((2, 1),), kernel_dilation=2)(x))
+        x = nn.tanh(nn.Conv(3, (2,), padding="CAUSAL")(x))
+        x = nn.tanh(nn.Conv(2, (3,), padding="REFLECT", use_bias=False)(x))
+        x = nn.tanh(nn.Conv(4, (3,), strides=2, padding="SAME", kernel_dilation=2)(x))
+        return nn.Dense(3)(x.reshape(x.shape[0], -1))
+
+
+def test_structured_on_every_conv_padding_matches_oracle():
+    with jax.enable_x64(True):
+        model = _OddConvs()
+        x1 = jax.random.normal(jax.random.PRNGKey(1), (3, 11, 2), jnp.float64)
+        x2 = jax.random.normal(jax.random.PRNGKey(2), (2, 11, 2), jnp.float64)
+        variables = jax.tree.map(lambda l: l.astype(jnp.float64), model.init(jax.random.PRNGKey(0), x1))
+        apply_fn, params = flax_apply_fn(model, variables)
+        for mode in MODES:
+            got = empirical_ntk(apply_fn, params, x1, x2, mode=mode, implementation="structured")
+            want = _oracle(apply_fn, params, x1, x2, mode)
+            assert _rel(got, want) <= 1e-10, (mode, _rel(got, want))
+
+
+@pytest.mark.parametrize("padding", ["SAME", "VALID", 2, ((2, 0), (1, 3))])
+@pytest.mark.parametrize("strides,dilation", [(1, 1), (2, 1), (1, 2), ((2, 1), (1, 2))])
+def test_sliced_patches_equal_identity_kernel_convolution(padding, strides, dilation):
+    """Patches by slicing == the same nn.Conv applied with an identity kernel (lax's conventions)."""
+    from ntkd.ntk import _sliced_patches
+
+    conv = nn.Conv(5, (3, 2), strides=strides, padding=padding, kernel_dilation=dilation)
+    a = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 8, 3))
+    d = 3 * 2 * 3
+    eye = jnp.eye(d).reshape(3, 2, 3, d)
+    want = conv.clone(features=d, use_bias=False).apply({"params": {"kernel": eye}}, a)
+    got = _sliced_patches(conv, a)
+    np.testing.assert_array_equal(got, want.reshape(2, -1, d))
+
 # ---------------------------------------------------------------- invariances
 @pytest.mark.parametrize("mode", ["full", "trace"])
 def test_blocked_equals_unblocked_and_symmetric_equals_explicit(mode):
@@ -124,6 +164,28 @@ def test_blocked_equals_unblocked_and_symmetric_equals_explicit(mode):
     np.testing.assert_allclose(blocked(x1, x1, params), ref, rtol=2e-5, atol=1e-5)
     np.testing.assert_allclose(empirical_ntk_fn(apply_fn, mode=mode)(x1, None, params), ref,
                                                           rtol=2e-5, atol=1e-5)
+    # host streaming (as_numpy=True, or kernels above DEVICE_KERNEL_BYTES) == device assembly
+    for x2 in (None, x1[:5]):
+        host = blocked(x1, x2, params, as_numpy=True)
+        assert isinstance(host, np.ndarray)
+        np.testing.assert_allclose(host, ref[:, :5] if x2 is not None else ref, rtol=2e-5, atol=1e-5)
+
+
+def test_default_splits_into_even_blocks(monkeypatch):
+    """Default blocking: ≥ MIN_BLOCKS even blocks, upper pairs mirrored, same kernel."""
+    import ntkd.ntk as ntk_mod
+
+    model, variables, x1, _ = _make("cnn1d", n1=11)
+    apply_fn, params = flax_apply_fn(model, variables)
+    ref = {m: empirical_ntk_fn(apply_fn, mode=m)(x1, x1, params) for m in ("full", "trace")}
+    monkeypatch.setattr(ntk_mod, "MIN_BLOCK_SIZE", 2)
+    seen = []
+    orig = ntk_mod._pad_to
+    monkeypatch.setattr(ntk_mod, "_pad_to", lambda x, n: seen.append(n) or orig(x, n))
+    for m in ("full", "trace"):
+        got = empirical_ntk_fn(apply_fn, mode=m)(x1, None, params)
+        np.testing.assert_allclose(got, ref[m], rtol=2e-5, atol=1e-5)
+    assert set(seen) == {2}  # 11 examples, ≥ 8 blocks → 6 blocks of 2 (the last padded by 1)
 
 
 def test_default_block_fits_xla_memory_plan(monkeypatch):
