@@ -155,7 +155,7 @@ def test_sliced_patches_equal_identity_kernel_convolution(padding, strides, dila
 
 # ---------------------------------------------------------------- invariances
 @pytest.mark.parametrize("mode", ["full", "trace"])
-def test_blocked_equals_unblocked_and_symmetric_equals_explicit(mode):
+def test_blocked_equals_unblocked_and_symmetric_equals_explicit(mode, monkeypatch):
     model, variables, x1, _ = _make("cnn1d", n1=7)
     apply_fn, params = flax_apply_fn(model, variables)
     ref = empirical_ntk_fn(apply_fn, mode=mode)(x1, x1, params)
@@ -169,6 +169,12 @@ def test_blocked_equals_unblocked_and_symmetric_equals_explicit(mode):
         host = blocked(x1, x2, params, as_numpy=True)
         assert isinstance(host, np.ndarray)
         np.testing.assert_allclose(host, ref[:, :5] if x2 is not None else ref, rtol=2e-5, atol=1e-5)
+    import ntkd.ntk as ntk_mod
+
+    monkeypatch.setattr(ntk_mod, "DEVICE_KERNEL_BYTES", 0)
+    streamed = blocked(x1, None, params)
+    assert isinstance(streamed, jax.Array)
+    np.testing.assert_allclose(streamed, ref, rtol=2e-5, atol=1e-5)
 
 
 def test_default_splits_into_even_blocks(monkeypatch):
