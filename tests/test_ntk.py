@@ -113,7 +113,6 @@ def test_linear_model_closed_form(impl):
         np.testing.assert_allclose(trace, 4 * gram, rtol=1e-12)
 
 
-
 class _OddConvs(nn.Module):
     """Convolutions of every padding kind Flax has, with strides and dilation."""
 
@@ -152,6 +151,7 @@ def test_sliced_patches_equal_identity_kernel_convolution(padding, strides, dila
     want = conv.clone(features=d, use_bias=False).apply({"params": {"kernel": eye}}, a)
     got = _sliced_patches(conv, a)
     np.testing.assert_array_equal(got, want.reshape(2, -1, d))
+
 
 # ---------------------------------------------------------------- invariances
 @pytest.mark.parametrize("mode", ["full", "trace"])
