@@ -153,6 +153,34 @@ def test_sliced_patches_equal_identity_kernel_convolution(padding, strides, dila
     np.testing.assert_array_equal(got, want.reshape(2, -1, d))
 
 
+def test_gram_in_chunks_equals_one_matmul(monkeypatch):
+    """The cache-blocked Gram (K split into chunks plus a remainder) == NumPy's a @ b.T."""
+    from ntkd import ntk
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(5, 7001)), rng.normal(size=(3, 7001))
+    monkeypatch.setattr(ntk, "GRAM_CHUNK_BYTES", 8 * 8 * 600)  # 600 columns per step: 11 steps + 401
+    with jax.enable_x64(True):
+        got = ntk._gram(jnp.asarray(a), jnp.asarray(b))
+    np.testing.assert_allclose(got, a @ b.T, rtol=1e-12, atol=1e-10)
+
+
+def test_structured_vmapped_cotangents_match_oracle(monkeypatch):
+    """k above COTANGENT_LOOP_MAX takes the vmapped-VJP path (max-pooling LeNet, BatchNorm ResNet)."""
+    from ntkd import ntk
+
+    monkeypatch.setattr(ntk, "COTANGENT_LOOP_MAX", 1)
+    with jax.enable_x64(True):
+        for family in ("lenet5", "resnet"):
+            model, variables, x1, x2 = _make(family)
+            variables = jax.tree.map(lambda l: jnp.asarray(l, jnp.float64), variables)
+            x1, x2 = jnp.asarray(x1, jnp.float64), jnp.asarray(x2, jnp.float64)
+            apply_fn, params = flax_apply_fn(model, variables)
+            for mode in ("full", "trace"):
+                got = empirical_ntk(apply_fn, params, x1, x2, mode=mode, implementation="structured")
+                assert _rel(got, _oracle(apply_fn, params, x1, x2, mode)) <= 1e-6, (family, mode)
+
+
 # ---------------------------------------------------------------- invariances
 @pytest.mark.parametrize("mode", ["full", "trace"])
 def test_blocked_equals_unblocked_and_symmetric_equals_explicit(mode, monkeypatch):
