@@ -505,9 +505,8 @@ class _Structured:
                     if self._factorise(s, d1, cout):
                         fact.append((patches, jnp.swapaxes(gs, 0, 1)))
                     else:
-                        # per-example weight gradients, laid out (c, d) per cotangent:
-                        # XLA's batched matmul then reads the cotangents without a
-                        # transpose of its own
+                        # per-example weight gradients straight from the cotangent-major
+                        # layout (no separate swap of the cotangents), (c, d) per cotangent
                         w = jnp.einsum("ipd,aipc->iacd", patches, gs, precision=_HIGHEST)
                         flat_grads.append(w.reshape(b, m, d1 * cout))
                     handled = c.leaves
