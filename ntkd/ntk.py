@@ -99,6 +99,10 @@ COTANGENT_LOOP_MAX = 16
 structured algorithm unrolls one VJP per cotangent instead of vmapping them
 (networks with convolutions only)."""
 
+_SEPARATE_GRAD_SIZE = 4096
+"""Per-example gradient blocks of at least this many entries (m × layer
+parameters) are kept as their own feature array; smaller ones are concatenated."""
+
 _HIGHEST = jax.lax.Precision.HIGHEST
 PyTree = Any
 
@@ -519,8 +523,12 @@ class _Structured:
         uncovered = self._uncovered(params, covered)
         if uncovered is not None:
             flat_grads.append(self._global_grads(params, x, uncovered, basis))
-        j = jnp.concatenate(flat_grads, axis=-1) if flat_grads else None
-        return {"fact": fact, "j": j}
+        # Long per-layer gradients stay separate arrays, each contracted on its
+        # own in `pair`: concatenating them copied every block's features once
+        # more (ResNet-20, n = 256: `trace` 12.6 -> 9.9 s, `full` 23.9 -> 20.7 s).
+        big = [f for f in flat_grads if f.shape[1] * f.shape[2] >= _SEPARATE_GRAD_SIZE]
+        small = [f for f in flat_grads if f.shape[1] * f.shape[2] < _SEPARATE_GRAD_SIZE]
+        return {"fact": fact, "j": big + ([jnp.concatenate(small, axis=-1)] if small else [])}
 
     col = row
 
@@ -661,8 +669,8 @@ class _Structured:
                 pg = jnp.einsum("iapc,jaqc->ijpq", g1, g2, precision=_HIGHEST)
                 term = jnp.sum(pa * pg, axis=(2, 3))
             k = term if k is None else k + term
-        if r["j"] is not None:
-            term = _contract_flat(mode, r["j"], c["j"], iajb=True)
+        for j1, j2 in zip(r["j"], c["j"]):
+            term = _contract_flat(mode, j1, j2, iajb=True)
             k = term if k is None else k + term
         return jnp.transpose(k, (0, 2, 1, 3)) if mode == "full" else k
 
