@@ -85,10 +85,12 @@ nb(nb+1)/2 upper block pairs (36 of 64 at 8 blocks), and smaller pair
 temporaries stay in cache. Measured on 2 CPU cores, 1-D CNN, n = 1000, one
 block → 8 blocks: ``full`` 14.9 s → 8.2 s, ``trace`` 1.5–1.8 s → 0.6 s."""
 
-MIN_BLOCK_SIZE = 64
-"""Smallest default block from the ``MIN_BLOCKS`` split. ResNet-20, n = 256,
-2 CPU cores: blocks of 64 instead of 128 cut ``full`` from 27 s to 21.5 s
-(10 of 16 block pairs instead of 3 of 4) and ``trace`` from 12.9 s to 11.7 s."""
+MIN_BLOCK_SIZE = 128
+"""Smallest default block from the ``MIN_BLOCKS`` split; half of it in ``full``
+mode, whose pair contractions have k rows per example and stay efficient at
+smaller blocks. ResNet-20, n = 256, 2 CPU cores: ``full`` with blocks of 64
+(10 of 16 block pairs) 19.4 s vs 21.7 s with 128 (3 of 4); ``trace`` with
+blocks of 128 8.1 s vs 9.5 s with 64 (its b-row contractions need the rows)."""
 
 _MAX_FACT_POSITIONS = 256
 """Above this many output positions a conv layer always uses weight gradients
@@ -870,7 +872,8 @@ class _Engine:
         if b is None:
             n = max(n1, n2)
             b = self._default_block(row, pair, k, params, x1, ndev, n)
-            b = min(b, max(MIN_BLOCK_SIZE, -(-n // MIN_BLOCKS)))
+            floor = MIN_BLOCK_SIZE // 2 if self.mode == "full" else MIN_BLOCK_SIZE
+            b = min(b, max(floor, -(-n // MIN_BLOCKS)))
             b = -(-n // -(-n // b))  # equal blocks, none mostly padding
         b = int(min(b, max(n1, n2)))
         b = -(-b // ndev) * ndev  # every block splits evenly over the devices
