@@ -16,6 +16,10 @@ Library modules:
 
 __version__ = "0.1.0"
 
+from ntkd import _hostmem
+
+_hostmem.tune()  # before JAX starts its CPU threads: see ntkd/_hostmem.py
+
 from ntkd.complexity import (  # noqa: E402
     adjusted_supervision_complexity,
     compare_teachers,

@@ -1,0 +1,49 @@
+"""Keep freed host memory in the process, so XLA:CPU buffers are not re-faulted.
+
+XLA:CPU allocates every output and temporary buffer of an execution with
+``malloc`` and frees it afterwards. glibc hands buffers above 32 MiB (and
+those of its per-thread arenas) back to the kernel on ``free``, so the next
+execution touches fresh pages: one page fault per 4 KiB. The eNTK's feature
+blocks are hundreds of MiB, re-created for every block; on a 2-core CPU the
+faults cost about a fifth of ResNet-20's structured feature pass (23.6 →
+19.1 ms/example, 330 000 → 0 faults per 64-example block) and half of a
+batched per-example weight-gradient matmul (52 → 112 GFLOP/s).
+
+``tune()`` asks glibc, through ``mallopt``, for one arena, no ``mmap``'d
+chunks and no trimming, so freed buffers are reused. The price: the process
+keeps its peak host memory until it exits. It takes effect for threads started
+afterwards, i.e. when called before JAX creates its CPU client (``import
+ntkd`` does, first thing). Set ``NTKD_TUNE_MALLOC=0`` to leave the allocator
+alone; on a non-glibc platform it does nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+_M_ARENA_MAX = -8
+_TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: trim only beyond 2 GiB free
+
+TUNED = False
+"""Whether ``tune()`` changed the allocator in this process."""
+
+
+def tune() -> bool:
+    """Apply the allocator settings once; returns whether they are in effect."""
+    global TUNED
+    if TUNED or os.environ.get("NTKD_TUNE_MALLOC", "1") == "0" or not sys.platform.startswith("linux"):
+        return TUNED
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # glibc only: musl has no tunable mallopt
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    TUNED = all(mallopt(opt, val) == 1 for opt, val in
+                ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)))
+    return TUNED
