@@ -27,6 +27,11 @@ GFLOP/s (the Jacobian-contraction cost N·O·3[FP] + 2·N²·O²·P (full) or
 by the time) and that as a fraction of a float32 matmul peak measured in the
 same run, and the max relative deviation from ntkd ``jacobian`` (NT's trace
 is multiplied by k: it is a mean).
+
+``import ntkd`` makes glibc keep freed host memory (ntkd/_hostmem.py; off
+with ``NTKD_TUNE_MALLOC=0``); ``--nt-tuned-malloc`` runs neural-tangents'
+process with the same allocator settings (``GLIBC_TUNABLES``), to separate
+the engine's speed from the allocator's. ``--impls ""`` times NT only.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ntkd import _hostmem
 from ntkd.models import get_model, init_variables
 from ntkd.ntk import empirical_ntk_fn, flax_apply_fn
 
@@ -133,8 +139,16 @@ def export(path: str, name: str, kwargs: dict, variables: dict, x, mode: str, k:
     np.savez(path, x=np.asarray(x), meta=json.dumps(meta), **flat)
 
 
-def run_reference(python: str, inp: str, out: str, repeats: int, impls: str) -> tuple[dict, dict]:
+# What `import ntkd` asks of glibc (ntkd/_hostmem.py), as start-up tunables:
+# --nt-tuned-malloc gives neural-tangents' process the same allocator.
+NT_TUNED_MALLOC = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4611686018427387904"
+
+
+def run_reference(python: str, inp: str, out: str, repeats: int, impls: str,
+                  tuned_malloc: bool = False) -> tuple[dict, dict]:
     env = dict(os.environ, PYTHONPATH="", TF_CPP_MIN_LOG_LEVEL="3")
+    if tuned_malloc:
+        env["GLIBC_TUNABLES"] = NT_TUNED_MALLOC
     subprocess.run([python, os.path.join(HERE, "nt_reference.py"), inp, out,
                     "--repeats", str(repeats), "--impls", impls], check=True, env=env)
     data = np.load(out)
@@ -154,6 +168,8 @@ def main() -> None:
     parser.add_argument("--impls", default=",".join(NTKD_IMPLS + ("naive",)))
     parser.add_argument("--reference", action="store_true", help="also time neural-tangents 0.6.5")
     parser.add_argument("--nt-impls", default="nt-jacobian,nt-ntvp,nt-structured")
+    parser.add_argument("--nt-tuned-malloc", action="store_true",
+                        help="run neural-tangents with the allocator settings `import ntkd` applies")
     parser.add_argument("--json", default=os.path.join(WORK, "ntk_speed.json"))
     args = parser.parse_args()
     if args.quick:
@@ -163,7 +179,9 @@ def main() -> None:
 
     peak = matmul_peak_gflops()
     print(f"device: {jax.devices()[0].device_kind} x{len(jax.devices())}; "
-          f"float32 matmul peak {peak:.1f} GFLOP/s; jax {jax.__version__}", flush=True)
+          f"float32 matmul peak {peak:.1f} GFLOP/s; jax {jax.__version__}; "
+          f"ntkd host-malloc tuning {'on' if _hostmem.TUNED else 'off'}, "
+          f"neural-tangents' {'same' if args.nt_tuned_malloc else 'glibc defaults'}", flush=True)
     rows = []
     for wname in args.workloads.split(","):
         name, kwargs, shape, n = WORKLOADS[wname]
@@ -176,7 +194,7 @@ def main() -> None:
         for mode in args.modes.split(","):
             flops = jc_flops(apply_fn, params, x, 10, mode)
             found = {}
-            for impl in args.impls.split(","):
+            for impl in filter(None, args.impls.split(",")):  # --impls "" times NT only
                 fn = (naive_ntk_fn(apply_fn, mode) if impl == "naive"
                       else empirical_ntk_fn(apply_fn, mode=mode, implementation=impl))
                 call = (lambda: fn(params, x)) if impl == "naive" else (lambda: fn(x, None, params))
@@ -191,13 +209,16 @@ def main() -> None:
                 inp = os.path.join(WORK, f"{wname}_{mode}_in.npz")
                 out = os.path.join(WORK, f"{wname}_{mode}_out.npz")
                 export(inp, name, kwargs, variables, x, mode, 10)
-                timings, kernels = run_reference(python, inp, out, args.repeats, args.nt_impls)
+                timings, kernels = run_reference(python, inp, out, args.repeats, args.nt_impls,
+                                                 args.nt_tuned_malloc)
                 for key, t in timings.items():
                     if "error" in t:
                         print(f"  {wname} {mode} {key}: {t['error']}")
                         continue
                     kern = kernels[key] * (10 if mode == "trace" else 1)
                     found[key] = (t["seconds"], t["compile"], kern)
+            if not found:
+                continue
             ref = found.get("ntkd-jacobian", next(iter(found.values())))[2]
             nt_best = min((v[0] for k, v in found.items() if k.startswith("nt-")), default=None)
             for key, (sec, comp, kern) in found.items():

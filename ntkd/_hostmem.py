@@ -26,7 +26,7 @@ import sys
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
-_TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: trim only beyond 2 GiB free
+_NEVER = -1  # M_TRIM_THRESHOLD = -1: never trim
 
 TUNED = False
 """Whether ``tune()`` changed the allocator in this process."""
@@ -45,5 +45,5 @@ def tune() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     TUNED = all(mallopt(opt, val) == 1 for opt, val in
-                ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)))
+                ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NEVER)))
     return TUNED

@@ -78,6 +78,9 @@ DEVICE_KERNEL_BYTES = 2 * 2**30
 """Kernels up to this size are assembled on device from their blocks (peak
 about twice this); larger ones, or ``as_numpy=True``, go through a host buffer."""
 
+SERIAL_FEATURE_BYTES = 256 * 2**20
+"""On CPU, blocks whose features are at least this large run one execution at a time."""
+
 MIN_BLOCKS = 8
 """The default block size splits n into at least this many blocks (if blocks
 stay ≥ ``MIN_BLOCK_SIZE``; half as many in ``trace``/``logit``/``sum`` when no
@@ -881,11 +884,18 @@ class _Engine:
     def _blocked(self, algo, row, col, pair, k, params, x1, x2, symmetric, as_numpy):
         mesh = _mesh()
         ndev = mesh.devices.size
-        # XLA:CPU runs independent executions concurrently on the same cores: a
-        # block's features overlapping the previous pair thrash each other's
-        # caches (ResNet-20 `full`, n = 256: 16.2-18.1 s dispatched ahead, 15.9 s
-        # one at a time). Accelerators queue executions in order anyway.
-        ready = jax.block_until_ready if mesh.devices.flat[0].platform == "cpu" else (lambda t: t)
+        cpu = mesh.devices.flat[0].platform == "cpu"
+
+        def ready(out, feats):
+            # XLA:CPU runs independent executions concurrently on the same cores:
+            # with large features, a block's feature pass overlapping the previous
+            # pair thrashes both caches (ResNet-20 `full`, n = 256: 16.2-18.1 s
+            # dispatched ahead, 15.9 s one at a time); small blocks gain from the
+            # overlap. Accelerators queue executions in order anyway.
+            if cpu and _nbytes(feats) >= SERIAL_FEATURE_BYTES:
+                jax.block_until_ready(out)
+            return out
+
         n1, n2 = x1.shape[0], x2.shape[0]
         b = self.block_size
         if b is None:
@@ -918,10 +928,10 @@ class _Engine:
         def col_feats(j):
             if j in col_cache:
                 return col_cache[j]
-            f = ready(col(params, block(x2, starts2[j])))
+            f = col(params, block(x2, starts2[j]))
+            ready(f, f)
             if cache_cols:
-                size = sum(l.size * l.dtype.itemsize for l in jax.tree.leaves(f))
-                if size * len(starts2) <= FEATURE_CACHE_BYTES:
+                if _nbytes(f) * len(starts2) <= FEATURE_CACHE_BYTES:
                     col_cache[j] = f
             return f
 
@@ -937,12 +947,13 @@ class _Engine:
         on_device = not as_numpy and math.prod(out_shape) * itemsize <= DEVICE_KERNEL_BYTES
         tiles: dict = {}
         for i, s1 in enumerate(starts1):
-            rf = col_feats(i) if shared else ready(row(params, block(x1, s1)))
+            rf = col_feats(i) if shared else row(params, block(x1, s1))
+            ready(rf, rf)
             for j, s2 in enumerate(starts2):
                 if symmetric and j < i:
                     continue
                 cf = rf if shared and i == j else col_feats(j)
-                kij = ready(pair(params, rf, cf))
+                kij = ready(pair(params, rf, cf), rf)
                 e1, e2 = min(b, n1 - s1), min(b, n2 - s2)
                 if on_device:
                     tiles[i, j] = kij[:e1, :e2]
@@ -960,6 +971,10 @@ class _Engine:
             return jnp.concatenate([jnp.concatenate([get(i, j) for j in range(len(starts2))], axis=1)
                                     for i in range(len(starts1))], axis=0)
         return result if as_numpy else jnp.asarray(result)
+
+
+def _nbytes(tree) -> int:
+    return sum(l.size * l.dtype.itemsize for l in jax.tree.leaves(tree))
 
 
 def _mirror(kij, mode: str):
