@@ -139,16 +139,11 @@ def export(path: str, name: str, kwargs: dict, variables: dict, x, mode: str, k:
     np.savez(path, x=np.asarray(x), meta=json.dumps(meta), **flat)
 
 
-# What `import ntkd` asks of glibc (ntkd/_hostmem.py), as start-up tunables:
-# --nt-tuned-malloc gives neural-tangents' process the same allocator.
-NT_TUNED_MALLOC = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4611686018427387904"
-
-
 def run_reference(python: str, inp: str, out: str, repeats: int, impls: str,
                   tuned_malloc: bool = False) -> tuple[dict, dict]:
     env = dict(os.environ, PYTHONPATH="", TF_CPP_MIN_LOG_LEVEL="3")
     if tuned_malloc:
-        env["GLIBC_TUNABLES"] = NT_TUNED_MALLOC
+        env["GLIBC_TUNABLES"] = _hostmem.GLIBC_TUNABLES  # what `import ntkd` sets
     subprocess.run([python, os.path.join(HERE, "nt_reference.py"), inp, out,
                     "--repeats", str(repeats), "--impls", impls], check=True, env=env)
     data = np.load(out)

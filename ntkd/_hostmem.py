@@ -28,6 +28,12 @@ _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 _NEVER = -1  # M_TRIM_THRESHOLD = -1: never trim
 
+GLIBC_TUNABLES = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
+                  "glibc.malloc.trim_threshold=4611686018427387904")
+"""The same settings as a ``GLIBC_TUNABLES`` environment value, for a process
+that does not import ntkd (set before it starts; the threshold stands in for
+"never")."""
+
 TUNED = False
 """Whether ``tune()`` changed the allocator in this process."""
 

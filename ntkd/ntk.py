@@ -788,7 +788,7 @@ def _planned_bytes(row, pair, params, xb) -> int | None:
             if stats is None:
                 return None
             need = max(need, stats.output_size_in_bytes + stats.temp_size_in_bytes)
-        feat_bytes = sum(l.size * l.dtype.itemsize for l in jax.tree.leaves(feat))
+        feat_bytes = _nbytes(feat)
         return need + 2 * feat_bytes
     except Exception:  # memory analysis is optional on some backends
         return None
@@ -868,7 +868,7 @@ class _Engine:
         # Pairs are plain matmuls unless a factorised conv term (S > 1 positions)
         # builds block² × S² temporaries; then more, smaller blocks pay off.
         spatial = isinstance(feat, dict) and any(p.shape[1] > 1 for p, _ in feat.get("fact", ()))
-        per_ex = sum(l.size * l.dtype.itemsize for l in jax.tree.leaves(feat)) // ndev
+        per_ex = _nbytes(feat) // ndev
         b = min(_block_default(per_ex, k, self.mode), n)
         floor = ndev * math.ceil(8 / ndev)
         while b > floor:
@@ -886,13 +886,13 @@ class _Engine:
         ndev = mesh.devices.size
         cpu = mesh.devices.flat[0].platform == "cpu"
 
-        def ready(out, feats):
+        def ready(out, feats=None):
             # XLA:CPU runs independent executions concurrently on the same cores:
             # with large features, a block's feature pass overlapping the previous
             # pair thrashes both caches (ResNet-20 `full`, n = 256: 16.2-18.1 s
             # dispatched ahead, 15.9 s one at a time); small blocks gain from the
             # overlap. Accelerators queue executions in order anyway.
-            if cpu and _nbytes(feats) >= SERIAL_FEATURE_BYTES:
+            if cpu and _nbytes(out if feats is None else feats) >= SERIAL_FEATURE_BYTES:
                 jax.block_until_ready(out)
             return out
 
@@ -928,8 +928,7 @@ class _Engine:
         def col_feats(j):
             if j in col_cache:
                 return col_cache[j]
-            f = col(params, block(x2, starts2[j]))
-            ready(f, f)
+            f = ready(col(params, block(x2, starts2[j])))
             if cache_cols:
                 if _nbytes(f) * len(starts2) <= FEATURE_CACHE_BYTES:
                     col_cache[j] = f
@@ -947,8 +946,7 @@ class _Engine:
         on_device = not as_numpy and math.prod(out_shape) * itemsize <= DEVICE_KERNEL_BYTES
         tiles: dict = {}
         for i, s1 in enumerate(starts1):
-            rf = col_feats(i) if shared else row(params, block(x1, s1))
-            ready(rf, rf)
+            rf = col_feats(i) if shared else ready(row(params, block(x1, s1)))
             for j, s2 in enumerate(starts2):
                 if symmetric and j < i:
                     continue

@@ -39,8 +39,8 @@ print(_hostmem.TUNED, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - befor
 """
 
 
-def _probe(tune: str) -> tuple[bool, int]:
-    env = dict(os.environ, NTKD_TUNE_MALLOC=tune)
+def _probe(tune: str, **extra_env) -> tuple[bool, int]:
+    env = dict(os.environ, NTKD_TUNE_MALLOC=tune, **extra_env)
     out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True,
                          check=True).stdout.split()
     return out[0] == "True", int(out[1])
@@ -59,3 +59,12 @@ def test_opt_out_leaves_glibc_defaults():
     # untouched glibc unmaps the 256 MiB chunk on free: its pages fault again
     # (fewer with transparent huge pages, still far more than zero)
     assert faults > 100, faults
+
+
+def test_environment_equivalent_has_the_same_effect():
+    # what the benchmark's --nt-tuned-malloc hands neural-tangents' process
+    from ntkd._hostmem import GLIBC_TUNABLES
+
+    tuned, faults = _probe("0", GLIBC_TUNABLES=GLIBC_TUNABLES)
+    assert not tuned
+    assert faults < (256 << 20) // 4096 // 100, faults
