@@ -12,6 +12,7 @@ Library modules:
 - ``ntkd.complexity``, ``ntkd.kernels``, ``ntkd.targets``: supervision
   complexity, the margin bound, alignment/CKA, Hutch++ (docs/complexity.md).
 - ``ntkd.study``, ``ntkd.configs``, ``ntkd.report``, ``ntkd.plotting``: the study.
+- ``ntkd.findings``, ``ntkd.stats``: pre-registered criteria, paired tests, Holm (docs/study.md).
 """
 
 __version__ = "0.1.0"
@@ -25,7 +26,9 @@ from ntkd.complexity import (  # noqa: E402
     compare_teachers,
     factor_kernel,
     format_table,
+    kernel_margin_bound,
     margin_bound,
+    normalized_adjusted_complexity,
     supervision_complexity,
     supervision_complexity_cg,
     write_table,
@@ -38,4 +41,4 @@ from ntkd.kernels import (  # noqa: E402
     kernel_alignment,
 )
 from ntkd.ntk import empirical_ntk, empirical_ntk_fn, flax_apply_fn, ntk_vp_fn  # noqa: E402
-from ntkd.targets import one_hot, random_labels, softmax_targets  # noqa: E402
+from ntkd.targets import label_smoothing, matched_label_smoothing, one_hot, random_labels, softmax_targets  # noqa: E402

@@ -161,12 +161,30 @@ def _cmd_reproduce(args) -> int:
     from ntkd.configs import get_config
     from ntkd.study import run_study
 
+    if args.seed_offset < 0:
+        print(f"error: --seed-offset must be >= 0, got {args.seed_offset}", file=sys.stderr)
+        return 2
+    if args.compare_with and not (Path(args.compare_with) / "results" / "findings.json").is_file():
+        print(f"error: --compare-with {args.compare_with} holds no results/findings.json; run that study first",
+              file=sys.stderr)
+        return 2
     cfg = get_config(args.dataset, quick=args.quick)
+    if args.seed_offset:
+        cfg = cfg.shifted_seeds(args.seed_offset)
     if args.data_dir:
         cfg.data_dir = args.data_dir
-    out = args.out or f"results/{args.dataset}{'_quick' if args.quick else ''}"
+    suffix = ("_quick" if args.quick else "") + (f"_seeds+{args.seed_offset}" if args.seed_offset else "")
+    out = args.out or f"results/{args.dataset}{suffix}"
     path = run_study(cfg, out, progress=not args.no_progress)
-    print(f"report: {path / 'report.md'}\nfigures: {path / 'figures'}\nresults: {path / 'results'}")
+    if args.compare_with:
+        from ntkd.findings import compare_findings
+        from ntkd.report import write_report
+
+        compare_findings(args.compare_with, path)
+        write_report(args.compare_with)
+        print(f"stability: {Path(args.compare_with) / 'results' / 'stability.json'}")
+    print(f"report: {path / 'report.md'}\nfindings: {path / 'results' / 'findings.json'}\n"
+          f"figures: {path / 'figures'}\nresults: {path / 'results'}")
     return 0
 
 
@@ -180,6 +198,11 @@ def _parser_reproduce(sub) -> None:
     p.add_argument("--quick", action="store_true", help="a small smoke-test version (about 2 minutes)")
     p.add_argument("--out", default=None, help="study folder (default results/<dataset>[_quick])")
     p.add_argument("--data-dir", default=None, help="folder with local archives (CIFAR)")
+    p.add_argument("--seed-offset", type=int, default=0,
+                   help="shift every seed by N: the same study on a disjoint seed set (stability check)")
+    p.add_argument("--compare-with", default=None, metavar="STUDY_DIR",
+                   help="after the run, compare its verdicts with STUDY_DIR's (run on other seeds) and add the "
+                        "comparison to STUDY_DIR's report")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_reproduce)
 

@@ -4,6 +4,12 @@ For a student kernel matrix K on n training points and targets Y (SPEC §2):
 
     C(Y; K) = tr(Yᵀ K⁻¹ Y)                 (supervision complexity)
     A(Y; K) = sqrt(C(Y; K) · tr K) / n      (adjusted, invariant to K → cK)
+    Â(Y; K) = A(Y; K) / A(Y; I)             (normalised, also invariant to Y → cY)
+            = sqrt(C · tr K / (N · ‖Y‖_F²))  (N = side of the kernel matrix)
+
+A mixes the *size* of the targets with their alignment to K: with K = I it is
+the RMS row norm of Y, which falls with the temperature whatever the network.
+Â is 1 for K ∝ I and any Y, so a claim about the kernel must hold under Â.
 
 Kernel layouts:
 
@@ -48,8 +54,11 @@ __all__ = [
     "adjusted_supervision_complexity",
     "compare_teachers",
     "factor_kernel",
+    "KernelMarginBound",
     "format_table",
+    "kernel_margin_bound",
     "margin_bound",
+    "normalized_adjusted_complexity",
     "supervision_complexity",
     "supervision_complexity_cg",
     "write_table",
@@ -257,6 +266,24 @@ class KernelFactor:
         """Adjusted supervision complexity ``sqrt(C · tr K) / n``."""
         return math.sqrt(self.complexity(Y) * self.trace) / self.n
 
+    def normalized_complexity(self, Y: ArrayLike) -> float:
+        """Scale-free complexity ``Â = sqrt(C · tr K / (N · ‖Y‖_F²))`` (1 for K ∝ I)."""
+        rhs = _target_matrix(Y, self.n, self.k)
+        norm2 = float(np.sum(rhs * rhs))
+        if not norm2 > 0:
+            raise ValueError("the normalised complexity of all-zero targets is undefined (‖Y‖_F = 0)")
+        return math.sqrt(self.complexity(Y) * self.trace / (rhs.shape[0] * norm2))
+
+    def solve(self, Y: ArrayLike) -> np.ndarray:
+        """``(K + ridge·I)⁻¹ Y`` in float64, shaped like the flattened targets ``(N, m)``."""
+        rhs = _target_matrix(Y, self.n, self.k)
+        return scipy.linalg.cho_solve((self._chol, True), rhs, check_finite=False)
+
+    @property
+    def shift(self) -> float:
+        """The absolute diagonal shift of the factorised matrix (ridge plus jitter)."""
+        return self.info.ridge + self.info.jitter
+
 
 def factor_kernel(K: ArrayLike, *, ridge: float = 0.0) -> KernelFactor:
     """Factorises a student kernel once for many supervision-complexity queries.
@@ -342,6 +369,32 @@ def adjusted_supervision_complexity(K: ArrayLike, Y: ArrayLike, *, ridge: float 
     factor = KernelFactor(K, ridge=ridge)
     value = factor.adjusted_complexity(Y)
     return (value, factor.info) if return_info else value
+
+
+def normalized_adjusted_complexity(K: ArrayLike, Y: ArrayLike, *, ridge: float = 0.0) -> float:
+    """Scale-free supervision complexity ``Â(Y; K) = A(Y; K) / A(Y; I)``.
+
+    ``Â = sqrt(C(Y; K) · tr K / (N · ‖Y‖_F²))`` with N the side of the
+    (flattened) kernel matrix. It is 1 for K ∝ I and any Y, and unchanged by
+    Y → cY and K → cK; below 1 the targets lie in K's large-eigenvalue
+    directions (easier to learn than for an identity kernel), above 1 in its
+    small ones. Harutyunyan et al. (ICLR 2023) plot A; compare settings with Â
+    when the targets differ in size (temperatures, teachers of different
+    confidence).
+
+    Args:
+        K: scalar ``(n, n)`` or full ``(n, n, k, k)`` kernel, see :func:`factor_kernel`.
+        Y: targets ``(n, k)`` or ``(n,)``, not all zero.
+        ridge: relative ridge λ (the same solve as :func:`supervision_complexity`).
+
+    Returns:
+        Â as a Python float.
+
+    >>> Y = np.random.default_rng(0).normal(size=(5, 3))
+    >>> round(normalized_adjusted_complexity(3.0 * np.eye(5), Y), 12)
+    1.0
+    """
+    return factor_kernel(K, ridge=ridge).normalized_complexity(Y)
 
 
 def supervision_complexity_cg(matvec: Callable[[Any], ArrayLike], Y: ArrayLike, *,
@@ -541,6 +594,141 @@ def margin_bound(student_logits: ArrayLike, teacher_logits: ArrayLike, labels: A
     return MarginBound(teacher_error=teacher_error, margin_error=margin_error,
                        complexity_term=complexity_term, confidence_term=confidence_term,
                        total=total, gamma=float(gamma), delta=float(delta), n=n)
+
+
+# Radii 2^j, j ∈ [RADIUS_EXP_MIN, RADIUS_EXP_MAX], of the union bound in kernel_margin_bound.
+RADIUS_EXP_MIN, RADIUS_EXP_MAX = -30, 30
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelMarginBound:
+    """A multiclass margin bound for the kernel student ``f = K (K + λI)⁻¹ Y``.
+
+    Every term belongs to the one function f, in the units of the targets Y.
+
+    Attributes:
+      total: the bound on P(error) of f at the best γ (≥ 1 means vacuous).
+      vacuous: ``total >= 1``.
+      gamma: the γ that minimises the bound (any γ may be chosen, see
+        :func:`kernel_margin_bound`).
+      margin_error: fraction of training points with ``ρ_f(x_i, y_i) <= γ``
+        against the true labels.
+      teacher_error: fraction where argmax Y differs from the label (how much of
+        ``margin_error`` the targets themselves cause).
+      margin_error_vs_targets: fraction where f's margin against argmax Y is ``<= γ``.
+      complexity_term: ``4k · R · sqrt(tr K) / n`` with R the grid radius.
+      confidence_term: ``3 sqrt(ln(2 J / δ) / (2n))`` (J radii in the union bound).
+      radius: smallest grid radius ``2^j`` ≥ ``max_c ‖f_c‖_K / γ``.
+      rkhs_norm_max: ``max_c ‖f_c‖_K`` (per-class RKHS norms of f).
+      rkhs_norm_sq: ``Σ_c ‖f_c‖²_K`` (= C(Y; K) when λ = 0).
+      multiclass_constant: 4k, the factor of the Rademacher term.
+      n, k, delta, ridge: the inputs.
+      per_gamma: ``[{gamma, margin_error, radius, complexity_term, total}, …]``.
+    """
+
+    total: float
+    vacuous: bool
+    gamma: float
+    margin_error: float
+    teacher_error: float
+    margin_error_vs_targets: float
+    complexity_term: float
+    confidence_term: float
+    radius: float
+    rkhs_norm_max: float
+    rkhs_norm_sq: float
+    multiclass_constant: float
+    n: int
+    k: int
+    delta: float
+    ridge: float
+    per_gamma: tuple
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["per_gamma"] = [dict(g) for g in self.per_gamma]
+        return d
+
+
+def kernel_margin_bound(K: ArrayLike, Y: ArrayLike, labels: ArrayLike, *, gammas: Sequence[float],
+                        delta: float = 0.05, ridge: float = 0.0) -> KernelMarginBound:
+    """Margin bound on the test error of the kernel student fitted to targets Y.
+
+    The function is ``f = K (K + λ·(tr K / n)·I)⁻¹ Y`` on the n training points
+    (λ = 0: the minimum-norm interpolant, f(x_i) = Y_i), with per-class RKHS
+    norms ``‖f_c‖²_K = α_cᵀ K α_c``, α = (K + λ'I)⁻¹ Y. For a k-class hypothesis
+    whose class scores lie in an RKHS ball of radius Λ, with probability ≥ 1 − δ
+    (Mohri, Rostamizadeh, Talwalkar, *Foundations of Machine Learning*, 2nd ed.,
+    Thm. 9.2 with the kernel Rademacher bound R̂_S ≤ Λ sqrt(tr K) / n, Thm. 6.12):
+
+        P(error) ≤ (1/n) Σ 1[ρ_f(x_i, y_i) ≤ γ] + (4k / γ) · Λ sqrt(tr K) / n
+                   + 3 sqrt(ln(2/δ) / (2n)),
+
+    where ρ_f(x, y) = f_y(x) − max_{c≠y} f_c(x). γ enters only through f/γ
+    (margin threshold 1, radius Λ/γ), so the bound is applied to f/γ with Λ/γ
+    rounded up to a fixed grid of radii 2^j, j = -30…30 (J = 61), and a union
+    bound over the grid (δ → δ/J). It then holds simultaneously for every γ and
+    every f; the γ of ``gammas`` that minimises it is reported, at no further
+    cost. The total is unchanged under Y → cY with γ → cγ. The binary form
+    (Harutyunyan et al., ICLR 2023) has 2 in place of 4k; with k = 10 the
+    multiclass constant makes the bound 20 times larger.
+
+    Args:
+      K: scalar student kernel ``(n, n)``.
+      Y: targets ``(n, k)`` (e.g. a teacher's softmax at temperature τ, or one-hot labels).
+      labels: ``(n,)`` true labels.
+      gammas: margins γ > 0 to try, in the units of Y (for probabilities, ≤ 1).
+      delta: failure probability δ in (0, 1).
+      ridge: relative ridge λ ≥ 0.
+
+    Returns:
+      A :class:`KernelMarginBound`.
+
+    >>> b = kernel_margin_bound(np.eye(4), np.eye(4), np.arange(4), gammas=[0.5])
+    >>> b.margin_error, b.rkhs_norm_max
+    (0.0, 1.0)
+    """
+    Y = np.asarray(Y, dtype=np.float64)
+    y = np.asarray(labels)
+    if Y.ndim != 2 or Y.shape[1] < 2:
+        raise ValueError(f"kernel_margin_bound needs targets (n, k) with k >= 2, got shape {Y.shape}")
+    n, k = Y.shape
+    if y.shape != (n,):
+        raise ValueError(f"labels must have shape ({n},) like the targets' rows, got {y.shape}")
+    gammas = [float(g) for g in gammas]
+    if not gammas or not all(g > 0 for g in gammas):
+        raise ValueError(f"gammas must be a non-empty list of values > 0, got {gammas}")
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta}.")
+    factor = factor_kernel(K, ridge=ridge)
+    if factor.k is not None or factor.n != n:
+        raise ValueError(f"kernel_margin_bound needs a scalar kernel ({n}, {n}) on the targets' rows")
+    alpha = factor.solve(Y)
+    f = Y - factor.shift * alpha  # K α = Y − shift·α
+    norms_sq = np.maximum(np.einsum("nc,nc->c", alpha, f), 0.0)
+    norm_max = float(np.sqrt(norms_sq.max()))
+    margins = _margins(f, y)
+    target_pred = Y.argmax(axis=1)
+    margins_vs_targets = _margins(f, target_pred)
+    n_radii = RADIUS_EXP_MAX - RADIUS_EXP_MIN + 1
+    confidence = 3.0 * math.sqrt(math.log(2.0 * n_radii / delta) / (2.0 * n))
+    rows = []
+    for g in gammas:
+        ratio = norm_max / g
+        exp = max(RADIUS_EXP_MIN, math.ceil(math.log2(ratio))) if ratio > 0 else RADIUS_EXP_MIN
+        radius = 2.0 ** exp
+        complexity_term = 4.0 * k * radius * math.sqrt(factor.trace) / n
+        err = float(np.mean(margins <= g))
+        total = err + complexity_term + confidence if exp <= RADIUS_EXP_MAX else math.inf
+        rows.append({"gamma": g, "margin_error": err, "margin_error_vs_targets": float(np.mean(margins_vs_targets <= g)),
+                     "radius": radius, "complexity_term": complexity_term, "total": total})
+    best = min(rows, key=lambda r: r["total"])
+    return KernelMarginBound(
+        total=best["total"], vacuous=bool(best["total"] >= 1.0), gamma=best["gamma"], margin_error=best["margin_error"],
+        teacher_error=float(np.mean(target_pred != y)), margin_error_vs_targets=best["margin_error_vs_targets"],
+        complexity_term=best["complexity_term"], confidence_term=confidence, radius=best["radius"],
+        rkhs_norm_max=norm_max, rkhs_norm_sq=float(norms_sq.sum()), multiclass_constant=4.0 * k, n=n, k=k,
+        delta=float(delta), ridge=float(ridge), per_gamma=tuple(rows))
 
 
 def compare_teachers(student_apply_fn: Callable | None, student_params: Any,

@@ -387,6 +387,40 @@ def iterate_batches(n: int, batch_size: int, *, seed: int, epoch: int, shuffle: 
         yield order[i:i + batch_size]
 
 
+def augment(key: jax.Array, x: jax.Array) -> jax.Array:
+    """The training augmentation of a batch: :func:`augment_images` for
+    (batch, H, W, C) images, :func:`augment_signals` for (batch, length, C)
+    signals such as MNIST-1D."""
+    if x.ndim == 4:
+        return augment_images(key, x)
+    if x.ndim == 3:
+        return augment_signals(key, x)
+    raise ValueError(f"no augmentation for inputs of shape {x.shape}; augment needs (batch, H, W, C) images "
+                     "or (batch, length, C) signals — set augment=False")
+
+
+def augment_signals(key: jax.Array, x: jax.Array, *, max_shift: int = 4, noise: float = 0.1) -> jax.Array:
+    """Random translation by up to ``max_shift`` positions (zero-filled) and
+    additive Gaussian noise of standard deviation ``noise`` (in the units of
+    the standardised inputs).
+
+    Args:
+        key: PRNG key.
+        x: (batch, length, channels) signals.
+
+    Returns:
+        Augmented signals, same shape and dtype.
+    """
+    if x.ndim != 3:
+        raise ValueError(f"augment_signals expects (batch, length, C) signals, got shape {x.shape}")
+    b, length, c = x.shape
+    k_shift, k_noise = jax.random.split(key)
+    padded = jnp.pad(x, ((0, 0), (max_shift, max_shift), (0, 0)))
+    offsets = jax.random.randint(k_shift, (b,), 0, 2 * max_shift + 1)
+    out = jax.vmap(lambda sig, off: jax.lax.dynamic_slice(sig, (off, 0), (length, c)))(padded, offsets)
+    return out + noise * jax.random.normal(k_noise, out.shape, out.dtype)
+
+
 def augment_images(key: jax.Array, x: jax.Array, *, pad: int = 4, flip: bool = True) -> jax.Array:
     """Random crop (after ``pad`` pixels of zero padding) and horizontal flip.
 

@@ -1,8 +1,11 @@
-"""report.md: each finding of SPEC §5, tested against a study's saved results.
+"""report.md of a study, written from its saved results alone.
 
-Every check reads ``results/*.json`` only, states its criterion, the numbers
-it saw and whether the finding is reproduced. Nothing is tuned to pass: an
-unreproduced finding is written down as such.
+The verdicts come from ``results/findings.json`` (:mod:`ntkd.findings`): each
+pre-registered criterion with its effect, 95% CI, p-value and Holm-adjusted
+p-value. The report lists the findings that go against the paper or are
+inconclusive first, then the tables behind them (paper values beside ntkd's
+where the paper reports them), the capacity-gap regression, the bound and the
+NTK similarities, all with their uncertainty.
 """
 
 from __future__ import annotations
@@ -11,172 +14,195 @@ import os
 from pathlib import Path
 
 import numpy as np
-from scipy.stats import spearmanr
 
 from ntkd._io import read_json, write_text
 
+# Harutyunyan et al. (ICLR 2023), Fig. of complexity along student training (CIFAR-100, ResNet-56 → LeNet-5x8):
+# online / offline teacher ratio of the adjusted complexity at fractions of student training.
+PAPER_ONLINE_OFFLINE = {0.0: "0.044 (0.17 / 3.90)", 0.1: "0.35", 0.2: "–", 0.5: "–", 0.9: "≈ 0.9 (only after ~80%)",
+                        1.0: "≈ 1"}
+FRACTIONS = (0.0, 0.1, 0.2, 0.5, 0.9, 1.0)
 
-def _pm(row: dict, key: str, scale: float = 100.0) -> str:
+
+def _pct(row: dict, key: str, err: str = "se", scale: float = 100.0) -> str:
     if f"{key}_mean" not in row:
         return "–"
-    return f"{scale * row[f'{key}_mean']:.1f} ± {scale * row[f'{key}_std']:.1f}"
+    return f"{scale * row[f'{key}_mean']:.1f} ± {scale * row.get(f'{key}_{err}', 0.0):.1f}"
 
 
 def distillation_markdown(result: dict) -> str:
-    """The distillation table as Markdown (accuracies and fidelities in %)."""
-    lines = ["| regime | seeds | test acc (%) | train fidelity (%) | test fidelity (%) | test KL(T‖S) |",
-             "|---|---|---|---|---|---|"]
+    """The distillation table as Markdown (accuracies and fidelities in %, mean ± standard error)."""
+    lines = ["| regime | student | seeds | test acc (%) | train fidelity (%) | test fidelity (%) | test KL(T‖S) |",
+             "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['regime']} | {r['seeds']} | {_pm(r, 'test_acc')} | {_pm(r, 'train_fidelity')} | "
-                     f"{_pm(r, 'test_fidelity')} | {_pm(r, 'test_kl', 1.0)} |")
-    lines.append(f"\nTeacher: test accuracy {100 * result['teacher_test_acc']:.1f}%, "
+        lines.append(f"| {r['regime']} | {r.get('student', 'main')} | {r['seeds']} | {_pct(r, 'test_acc')} | "
+                     f"{_pct(r, 'train_fidelity')} | {_pct(r, 'test_fidelity')} | {_pct(r, 'test_kl', scale=1.0)} |")
+    lines.append(f"\nMean ± standard error over seeds. Teacher: test accuracy {100 * result['teacher_test_acc']:.1f}%, "
                  f"train accuracy {100 * result['teacher_train_acc']:.1f}%.")
     return "\n".join(lines) + "\n"
 
 
-def _verdict(ok: bool | str | None) -> str:
-    return {True: "**reproduced**", False: "**not reproduced**", None: "**not tested**",
-            "inconclusive": "**inconclusive** (same direction, within 2 standard errors)"}[ok]
+def _num(v, digits: int = 3) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float) and (abs(v) >= 1e4 or (0 < abs(v) < 1e-3)):
+        return f"{v:.2e}"
+    return f"{v:.{digits}f}"
 
 
-def _stderr(row: dict, key: str) -> float:
-    """Standard error of a seed mean."""
-    return row[f"{key}_std"] / np.sqrt(max(row["seeds"], 1))
+def _p(v) -> str:
+    if v is None:
+        return "–"
+    return f"{v:.2g}" if v >= 1e-3 else f"{v:.1e}"
 
 
-def _significance(diffs: list[tuple[float, float]]) -> bool | str:
-    """Verdict for differences (value, standard error) that should all be positive."""
-    if any(d <= 0 for d, _ in diffs):
-        return False
-    return True if all(d > 2 * se for d, se in diffs) else "inconclusive"
+def _ci(ci) -> str:
+    return "–" if not ci else f"[{_num(ci[0])}, {_num(ci[1])}]"
 
 
-def _teacher_findings(res: dict) -> list[str]:
-    rows = [r for r in res["rows"] if r.get("teacher_epoch") is not None]
-    epochs = sorted({r["teacher_epoch"] for r in rows})
-    temps = sorted({r["temperature"] for r in rows})
-    A = {(r["teacher_epoch"], r["temperature"]): r["adjusted_complexity"] for r in rows}
-    trained = [e for e in epochs if e > 0]
-    ordered = [all(A[e, t1] > A[e, t2] for t1, t2 in zip(temps, temps[1:])) for e in trained]
-    frac = float(np.mean(ordered)) if ordered else 0.0
-    final = epochs[-1]
-    out = [f"### Higher temperature lowers the complexity of teacher targets — {_verdict(frac >= 0.9)}",
-           f"Criterion: A(τ) strictly decreasing in τ ∈ {temps} at ≥ 90% of the trained teacher checkpoints. "
-           f"Seen at {100 * frac:.0f}% of {len(trained)} checkpoints; final teacher (epoch {final}): " +
-           ", ".join(f"A(τ={t:g}) = {A[final, t]:.3f}" for t in temps) + "."]
-    t1 = temps[0]
-    rho = spearmanr(trained, [A[e, t1] for e in trained]).statistic if len(trained) > 2 else float("nan")
-    first = trained[0] if trained else final
-    ok = bool(rho > 0.5 and A[final, t1] > A[first, t1])
-    out += [f"### Later teacher checkpoints have higher complexity — {_verdict(ok)}",
-            f"Criterion: Spearman ρ(epoch, A(τ={t1:g})) > 0.5 over trained checkpoints and A(final) > A(first). "
-            f"Seen: ρ = {rho:.2f}; A(τ={t1:g}) = {A[first, t1]:.3f} at epoch {first} → {A[final, t1]:.3f} at epoch {final}."]
-    return out
+def _findings_table(findings: list[dict]) -> list[str]:
+    lines = ["| finding | verdict | effect [95% CI] | p | p (Holm) | under A | identity kernel | equal-norm label smoothing |",
+             "|---|---|---|---|---|---|---|---|"]
+    for f in findings:
+        c = f.get("controls", {})
+        ctl = [f"{_num(c[k]['effect'])} (p {_p(c[k]['p'])})" if k in c else "–"
+               for k in ("A", "identity_kernel", "label_smoothing_matched")]
+        flag = " (size effect only)" if f.get("size_effect_only") else ""
+        lines.append(f"| {f['name']} | **{f['verdict']}**{flag} | {_num(f['effect'])} {_ci(f['ci'])} | {_p(f['p'])} | "
+                     f"{_p(f['p_adjusted'])} | {' | '.join(ctl)} |")
+    return lines
 
 
-def _student_findings(res: dict) -> list[str]:
-    t = res["temperatures"][0]
-    res = {"panels": [{"regime": p["regime"], "rows": [
-        {**r, "offline_teacher": r[f"offline_teacher_t{t:g}"], "online_teacher": r[f"online_teacher_t{t:g}"]}
-        for r in p["rows"]]} for p in res["panels"]]}
+def _criteria_list(findings: list[dict]) -> list[str]:
     out = []
-    order_fracs, drops, online_lines, online_ok = [], [], [], []
-    for panel in res["panels"]:
-        rows = panel["rows"]
-        later = [r for r in rows if r["epoch"] > 0]
-        order = [r["random"] > r["labels"] > r["offline_teacher"] for r in later]
-        gap = min((r["labels"] - r["offline_teacher"]) / r["labels"] for r in later) if later else 0.0
-        order_fracs.append((panel["regime"], float(np.mean(order)) if order else 0.0, gap))
-        first, last = rows[0], rows[-1]
-        early = rows[min(len(rows) - 1, max(1, len(rows) // 4))]
-        for key in ("labels", "random", "offline_teacher"):
-            total = first[key] - last[key]
-            drops.append((panel["regime"], key, first[key], early[key], last[key], early["epoch"],
-                          total > 0 and (first[key] - early[key]) >= 0.5 * total))
-        if len(later) >= 2:
-            e0 = later[0]
-            start_ratio = e0["online_teacher"] / e0["offline_teacher"]
-            end_ratio = last["online_teacher"] / last["offline_teacher"]
-            below = e0["online_teacher"] < 0.9 * min(e0["offline_teacher"], e0["labels"])
-            online_ok.append(below and end_ratio >= 0.9 and end_ratio > start_ratio)
-            trend = "rises" if last["online_teacher"] > e0["online_teacher"] else "falls"
-            online_lines.append(f"{panel['regime']}: online/offline = {start_ratio:.2f} at student epoch {e0['epoch']} "
-                                f"(online {e0['online_teacher']:.3f}, offline {e0['offline_teacher']:.3f}, labels "
-                                f"{e0['labels']:.3f}) → {end_ratio:.2f} at epoch {last['epoch']}; in absolute terms the "
-                                f"online curve {trend} ({e0['online_teacher']:.3f} → {last['online_teacher']:.3f})")
-    ok = all(f >= 0.8 for _, f, _ in order_fracs)
-    out += [f"### Random labels > true labels > offline teacher, in the student's NTK — {_verdict(ok)}",
-            f"Criterion: the ordering (offline teacher at τ={t:g}) holds at ≥ 80% of the student checkpoints after "
-            "initialisation, in every panel. Seen: " +
-            "; ".join(f"{name}: {100 * f:.0f}% (smallest labels-vs-teacher gap {100 * g:.1f}% of the labels' value)"
-                      for name, f, g in order_fracs) + "."]
-    ok = bool(online_ok) and all(online_ok)
-    out += [f"### The online teacher's targets start far below and rise to meet the offline teacher — {_verdict(ok)}",
-            "Criterion: at the first trained checkpoint the online targets' complexity is at least 10% below both "
-            "the offline targets' and the labels'; relative to the offline targets it then rises, ending within 10% "
-            "of them (all curves are measured in the same, changing student NTK, so 'rise' is read relative to the "
-            "offline curve). Seen: " +
-            "; ".join(online_lines) + "."]
-    ok = all(d[-1] for d in drops)
-    worst = [d for d in drops if not d[-1]]
-    detail = "; ".join(f"{r} / {k}: {a:.3f} → {b:.3f} (epoch {e}) → {c:.3f}" for r, k, a, b, c, e, _ in drops[:3])
-    out += [f"### All curves drop sharply after the first epochs — {_verdict(ok)}",
-            "Criterion: every curve ends below its value at initialisation, with at least half of the drop "
-            f"within the first quarter of training. Seen (first panel): {detail}." +
-            (f" Failing: {', '.join(f'{r} / {k}' for r, k, *_ in worst)}." if worst else "")]
+    for f in findings:
+        seeds = ""
+        if f.get("per_seed"):
+            seeds = " Per seed: " + ", ".join(f"{s}: {_num(v)}" for s, v in f["per_seed"].items()) + "."
+        why = f" Not tested: {f['reason']}" if f.get("reason") else ""
+        out.append(f"- **{f['name']}** — {f['criterion']} Test: {f.get('method', '–')}; α = {f['alpha']} after "
+                   f"Holm.{seeds}{why}")
     return out
 
 
-def _kd_pairs(rows: list[dict]) -> list[tuple[float, dict, dict]]:
-    """(τ, offline row, online row) for every temperature with both regimes."""
-    by = {(r.get("kind"), r.get("temperature")): r for r in rows}
-    return [(t, by[k, t], by["online", t]) for k, t in sorted(by, key=str) if k == "offline" and ("online", t) in by]
+def _at(rows: list[dict], fraction: float) -> dict:
+    return min(rows, key=lambda r: (abs(r["fraction"] - fraction), r["epoch"]))
 
 
-def _distillation_findings(res: dict) -> list[str]:
-    groups: dict[str, list[dict]] = {}
-    for r in res["rows"]:
-        groups.setdefault(r.get("student", "main"), []).append(r)
-    main = groups.get("main", [])
-    pairs = _kd_pairs(main)
-    diffs = [(on[f"{k}_mean"] - off[f"{k}_mean"], np.hypot(_stderr(on, k), _stderr(off, k)))
-             for _, off, on in pairs for k in ("test_acc", "test_fidelity")]
-    ok = _significance(diffs) if pairs else False
-    lines = [f"τ={t:g}: online {_pm(on, 'test_acc')}% vs offline {_pm(off, 'test_acc')}% test accuracy, "
-             f"test fidelity {_pm(on, 'test_fidelity')}% vs {_pm(off, 'test_fidelity')}%" for t, off, on in pairs]
-    no_kd = next((r for r in main if r.get("kind") == "none"), {})
-    out = [f"### Online KD improves on offline KD, with higher fidelity — {_verdict(ok)}",
-           "Criterion: mean test accuracy and mean test fidelity of online KD above offline KD at each τ (main "
-           "student) by more than 2 standard errors of the difference (mean ± std over seeds below). Seen: "
-           f"{'; '.join(lines)}; differences in units of their standard error: "
-           f"{', '.join(f'{d / se:.1f}' if se > 0 else 'inf' for d, se in diffs)}. No-KD student: "
-           f"{_pm(no_kd, 'test_acc')}%; teacher "
-           f"{100 * res['teacher_test_acc']:.1f}%."]
-    gaps = []
-    for student, rows in groups.items():
-        base = next((r for r in rows if r.get("kind") == "none"), None)
-        for t, off, on in _kd_pairs(rows):
-            if base is not None:
-                gaps.append((student, t, res["teacher_test_acc"] - base["test_acc_mean"],
-                             on["test_acc_mean"] - off["test_acc_mean"],
-                             np.hypot(_stderr(on, "test_acc"), _stderr(off, "test_acc"))))
-    temps = sorted({g[1] for g in gaps})
-    comparable = [t for t in temps if len([g for g in gaps if g[1] == t]) >= 2]
-    if not comparable:
-        out += [f"### …most when the teacher–student capacity gap is large — {_verdict(None)}",
-                "Needs at least two students (regimes with a `student` label) with no-KD, offline and online runs "
-                "at a shared τ; this run has fewer."]
-        return out
-    diffs = []
-    for t in comparable:
-        g = sorted((x for x in gaps if x[1] == t), key=lambda x: x[2])
-        diffs += [(b[3] - a[3], np.hypot(a[4], b[4])) for a, b in zip(g, g[1:])]
-    detail = "; ".join(f"{s} (τ={t:g}): gap {100 * gap:.1f} points, online − offline {100 * gain:+.1f} ± "
-                       f"{100 * se:.1f} points (± standard error)" for s, t, gap, gain, se in gaps if t in comparable)
-    out += [f"### …most when the teacher–student capacity gap is large — {_verdict(_significance(diffs))}",
-            "Criterion: ordering students by capacity gap (teacher accuracy − the student's no-KD accuracy), the "
-            "gain of online over offline KD increases with the gap at each shared τ, by more than 2 standard "
-            f"errors. Seen: {detail}."]
+def _ratio_table(sc: dict) -> list[str]:
+    """online/offline and offline/labels ratios at fractions of training, mean ± SE over panels and seeds."""
+    out = []
+    for t in sc["temperatures"]:
+        on, off = f"online_teacher_t{t:g}", f"offline_teacher_t{t:g}"
+        out += [f"τ = {t:g} (mean ± standard error over {len(sc['panels'])} runs: regimes {sc['regimes']} × seeds "
+                f"{sc['seeds']}):", "",
+                "| fraction of student training | epoch | online / offline (A) | online / offline (Â) | "
+                "offline / labels (A) | offline / labels (Â) | paper: online / offline (A) |",
+                "|---|---|---|---|---|---|---|"]
+        for frac in FRACTIONS:
+            vals = {k: [] for k in ("oa", "oh", "la", "lh")}
+            epochs = set()
+            for p in sc["panels"]:
+                r = _at(p["rows"], frac)
+                epochs.add(r["epoch"])
+                tg = r["targets"]
+                vals["oa"].append(tg[on]["A"] / tg[off]["A"])
+                vals["oh"].append(tg[on]["A_hat"] / tg[off]["A_hat"])
+                vals["la"].append(tg[off]["A"] / tg["labels"]["A"])
+                vals["lh"].append(tg[off]["A_hat"] / tg["labels"]["A_hat"])
+            cells = [f"{np.mean(v):.3f} ± {np.std(v, ddof=1) / np.sqrt(len(v)) if len(v) > 1 else 0:.3f}"
+                     for v in vals.values()]
+            paper = PAPER_ONLINE_OFFLINE.get(frac, "–") if t == 1 else "–"
+            out.append(f"| {100 * frac:.0f}% | {', '.join(map(str, sorted(epochs)))} | {' | '.join(cells)} | {paper} |")
+        out.append("")
+    return out
+
+
+def _capacity_lines(dist: dict, findings: list[dict]) -> list[str]:
+    rows = dist["rows"]
+    runs = {(r["regime"], r["seed"]): r for r in dist["runs"]}
+    f = next((x for x in findings if x["name"].startswith("online KD helps most")), None)
+    t = None
+    out = ["| student | capacity gap (points) | online − offline test acc (points) | seeds |", "|---|---|---|---|"]
+    by: dict[str, dict] = {}
+    for r in rows:
+        by.setdefault(r["student"], {}).setdefault(r["kind"], []).append(r)
+    for student, kinds in by.items():
+        if not {"none", "offline", "online"} <= set(kinds):
+            continue
+        temps = {r["temperature"] for r in kinds["offline"]} & {r["temperature"] for r in kinds["online"]}
+        t = max(temps) if temps else None
+        if t is None:
+            continue
+        off = next(r for r in kinds["offline"] if r["temperature"] == t)
+        on = next(r for r in kinds["online"] if r["temperature"] == t)
+        seeds = sorted({s for (n, s) in runs if n == on["regime"]} & {s for (n, s) in runs if n == off["regime"]})
+        gains = np.array([runs[on["regime"], s]["test_acc"] - runs[off["regime"], s]["test_acc"] for s in seeds])
+        gap = dist["teacher_test_acc"] - kinds["none"][0]["test_acc_mean"]
+        se = gains.std(ddof=1) / np.sqrt(len(gains)) if len(gains) > 1 else 0.0
+        out.append(f"| {student} | {100 * gap:.1f} | {100 * gains.mean():+.1f} ± {100 * se:.1f} | {len(seeds)} |")
+    if f is not None and f.get("effect") is not None:
+        out.append(f"\nSlope of the gain on the gap (τ = {t:g}): {f['effect']:.3f} points per point, 95% CI "
+                   f"{_ci(f['ci'])}, p = {_p(f['p'])} (Holm {_p(f['p_adjusted'])}) — **{f['verdict']}**.")
+    return out
+
+
+def _bound_lines(mar: dict, findings: list[dict]) -> list[str]:
+    by: dict[str, list[dict]] = {}
+    for r in mar["rows"]:
+        by.setdefault(r["regime"], []).append(r)
+    out = ["The kernel student f = K (K + λI)⁻¹ Y fitted to each regime's final supervision Y, in the trained "
+           "student's NTK, every term from that one function in target units (probabilities); multiclass constant "
+           "4k (Mohri et al., *Foundations of ML*, Thm. 9.2), union bound over a fixed grid of RKHS radii, "
+           f"γ chosen from {mar['gammas']} (the bound holds for every γ), δ = {mar['delta']}. Mean ± standard "
+           f"error over seeds {mar['seeds']}.", "",
+           "| regime | bound total | margin error (vs labels) | of which targets' own error | complexity term | "
+           "confidence term | best γ | ‖f‖ max class | A | Â | network median margin (logits) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def ms(rows, fn):
+        v = np.array([fn(r) for r in rows], dtype=float)
+        se = v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else 0.0
+        return f"{_num(float(v.mean()))} ± {_num(float(se))}"
+
+    vacuous = []
+    for name, rows in by.items():
+        vacuous += [r["bound"]["vacuous"] for r in rows]
+        out.append(f"| {name} | {ms(rows, lambda r: r['bound']['total'])} | {ms(rows, lambda r: r['bound']['margin_error'])} | "
+                   f"{ms(rows, lambda r: r['bound']['teacher_error'])} | {ms(rows, lambda r: r['bound']['complexity_term'])} | "
+                   f"{_num(rows[0]['bound']['confidence_term'])} | "
+                   f"{'/'.join(sorted({format(r['bound']['gamma'], 'g') for r in rows}))} | "
+                   f"{ms(rows, lambda r: r['bound']['rkhs_norm_max'])} | {ms(rows, lambda r: r['A'])} | "
+                   f"{ms(rows, lambda r: r['A_hat'])} | {ms(rows, lambda r: r['network_margins']['median'])} |")
+    out.append("")
+    out.append("**The bound is vacuous (≥ 1) for every regime and seed.**" if all(vacuous) else
+               f"The bound is below 1 for {sum(not v for v in vacuous)} of {len(vacuous)} (regime, seed) pairs.")
+    f = next((x for x in findings if x["statistic_name"] == "bound_spearman"), None) if findings else None
+    if f is not None and f.get("effect") is not None:
+        out.append(f"Spearman ρ between the bound and the test error across regimes: {f['effect']:.2f}, 95% CI "
+                   f"{_ci(f['ci'])} — **{f['verdict']}**.")
+    return out
+
+
+def _similarity_lines(sim: dict) -> list[str]:
+    out = [f"Mean ± standard error over seeds {sim['seeds']} (n = {sim['n']}, `{sim['mode']}` kernel).", "",
+           "| regime | CKA vs own init | CKA vs teacher | alignment vs init | alignment vs teacher | init CKA vs teacher |",
+           "|---|---|---|---|---|---|"]
+    for r in sim["summary"]:
+        cells = [f"{r[f'{k}_mean']:.3f} ± {r[f'{k}_se']:.3f}" for k in
+                 ("cka_vs_init", "cka_vs_teacher", "alignment_vs_init", "alignment_vs_teacher", "init_cka_vs_teacher")]
+        out.append(f"| {r['regime']} | {' | '.join(cells)} |")
+    return out
+
+
+def _stability_lines(stab: dict) -> list[str]:
+    out = [f"The same study on the disjoint seed set {stab['other_seeds']} (folder `{stab['other']}`), verdicts "
+           f"side by side: **{stab['unchanged']} of {stab['total']} unchanged**.", "",
+           "| finding | these seeds | disjoint seeds | effect here | effect there |", "|---|---|---|---|---|"]
+    for r in stab["rows"]:
+        mark = "" if r["same"] else " ⚠"
+        out.append(f"| {r['name']} | {r['verdict']} | {r['other_verdict']}{mark} | {_num(r['effect'])} | "
+                   f"{_num(r['other_effect'])} |")
     return out
 
 
@@ -185,43 +211,59 @@ def write_report(study_dir: str | os.PathLike) -> Path:
     study_dir = Path(study_dir)
     results = study_dir / "results"
     cfg = read_json(study_dir / "study.json")
-    parts = [f"# ntkd study: {cfg['name']}", "",
-             f"Teacher `{cfg['teacher'].get('model')}`, student `{cfg['student'].get('model')}` "
-             f"{cfg['student'].get('model_options', {})}; seeds {cfg['seeds']}; NTK analyses on the first "
-             f"{cfg['n_kernel']} training examples, `{cfg['ntk_mode']}` kernel. Each finding of SPEC §5 is "
-             "checked by the criterion stated under it; figures are in `figures/`.", ""]
-    sections = [("teacher_checkpoints", "Teacher checkpoints and temperature", _teacher_findings),
-                ("student_complexity", "Complexity along student training", _student_findings),
-                ("distillation", "Distillation", _distillation_findings)]
-    for step, title, fn in sections:
+
+    def load(step):
         path = results / f"{step}.json"
-        parts.append(f"## {title}")
-        parts += fn(read_json(path)) if path.exists() else [f"_{step} has not run yet._"]
-        parts.append("")
-    if (results / "distillation.md").exists():
-        parts += ["## Distillation table", "", (results / "distillation.md").read_text()]
-    if (results / "ntk_similarity.json").exists():
-        sim = read_json(results / "ntk_similarity.json")
-        parts += ["## NTK similarity (seed 0)", "",
-                  "| regime | CKA vs own init | CKA vs teacher | alignment vs init | alignment vs teacher |",
-                  "|---|---|---|---|---|"]
-        parts += [f"| {r['regime']} | {r['cka_vs_init']:.3f} | {r['cka_vs_teacher']:.3f} | "
-                  f"{r['alignment_vs_init']:.3f} | {r['alignment_vs_teacher']:.3f} |" for r in sim["rows"]]
-        parts.append("")
-    if (results / "margins.json").exists():
-        mar = read_json(results / "margins.json")
-        parts += ["## Margins and the bound (seed 0)", "",
-                  "Margins are w.r.t. the final teacher's predictions on the training subset; the bound uses the "
-                  "trained student's NTK and the regime's final targets, at the γ of the grid that minimises it.", "",
-                  "| regime | median margin | margin error @0 | A | best γ | bound total (teacher err + margin err + complexity + confidence) |",
-                  "|---|---|---|---|---|---|"]
-        for r in mar["rows"]:
-            b = r["best_bound"]
-            parts.append(f"| {r['regime']} | {r['summary']['median']:.2f} | {r['summary']['error@0']:.3f} | "
-                         f"{r['adjusted_complexity']:.3f} | {b['gamma']:g} | {b['total']:.2f} = {b['teacher_error']:.3f} + "
-                         f"{b['margin_error']:.3f} + {b['complexity_term']:.2f} + {b['confidence_term']:.3f} |")
-        vacuous = all(r["best_bound"]["total"] >= 1.0 for r in mar["rows"])
-        parts.append("\nThe bound is ≥ 1 (vacuous) for every regime here, as margin bounds for networks usually are; "
-                     "its terms compare regimes, they are no guarantee.\n" if vacuous else
-                     "\nThe bound is below 1 (non-vacuous) for at least one regime.\n")
+        return read_json(path) if path.exists() else None
+
+    findings = load("findings") or []
+    names = {c["name"]: c["statistic"] for c in cfg.get("criteria", [])}
+    for f in findings:
+        f["statistic_name"] = names.get(f["name"])
+    against = [f for f in findings if f["verdict"] != "reproduced"]
+    parts = [f"# ntkd study: {cfg['name']}", "",
+             f"Teacher `{cfg['teacher'].get('model')}` {cfg['teacher'].get('model_options', {})}, student "
+             f"`{cfg['student'].get('model')}` {cfg['student'].get('model_options', {})}; distillation seeds "
+             f"{cfg['seeds']}, NTK analyses on seeds {cfg.get('analysis_seeds')} and the first {cfg['n_kernel']} "
+             f"training examples, `{cfg['ntk_mode']}` kernel.", "",
+             f"The {len(cfg.get('criteria', []))} criteria below were fixed in the preset before any training; their "
+             f"SHA-256 is `{cfg.get('criteria_sha256', '–')}` (in `study.json`, refused if changed in this folder). "
+             "Verdicts: **reproduced** = Holm-adjusted p < α in the paper's direction; **not reproduced** = "
+             "significant the other way; **inconclusive** = neither. Complexity findings are decided on the "
+             "scale-free complexity Â = A(Y; K) / A(Y; I); the same statistic under A, under the identity kernel "
+             "(target size alone) and with teacher targets replaced by label smoothing of equal norm (softening "
+             "alone) is shown beside it. \"size effect only\": holds under A but not under Â.", ""]
+    if findings:
+        n_rep = sum(f["verdict"] == "reproduced" for f in findings)
+        parts += [f"## Findings ({n_rep} of {len(findings)} reproduced)", ""]
+        if against:
+            parts += ["Against the paper or not shown by this run: " +
+                      "; ".join(f"*{f['name']}* ({f['verdict']})" for f in against) + ".", ""]
+        parts += _findings_table(findings) + ["", "### Criteria (pre-registered)", ""] + _criteria_list(findings) + [""]
+    else:
+        parts += ["_findings have not been evaluated yet (results/findings.json is missing)._", ""]
+    stab = load("stability")
+    if stab:
+        parts += ["## Stability across seed sets", ""] + _stability_lines(stab) + [""]
+    sc = load("student_complexity")
+    if sc:
+        parts += ["## Complexity along student training, beside the paper", "",
+                  "Ratios of the complexity of the online teacher's targets to the offline (final) teacher's, and of "
+                  "the offline teacher's to the true labels', in the student's NTK at checkpoints of its training. "
+                  "The paper reports A; Â removes the targets' size.", ""] + _ratio_table(sc)
+    dist = load("distillation")
+    if dist:
+        parts += ["## Distillation", "", distillation_markdown(dist), "### Capacity gap", ""]
+        parts += _capacity_lines(dist, findings) + [""]
+    mar = load("margins")
+    if mar:
+        parts += ["## The kernel-student margin bound", ""] + _bound_lines(mar, findings) + [""]
+    sim = load("ntk_similarity")
+    if sim:
+        parts += ["## NTK similarity", ""] + _similarity_lines(sim) + [""]
+    parts += ["## Conventions", "",
+              "A(Y; K) = sqrt(C · tr K) / n with C = tr(Yᵀ K⁻¹ Y); Â(Y; K) = sqrt(C · tr K / (n ‖Y‖_F²)) = 1 for K ∝ I. "
+              "The `trace` kernel sums the k logit kernels (neural-tangents' `trace_axes` gives the mean). "
+              "Accuracies are final-epoch values. Training runs in float32, whose last digits differ across "
+              "machines and XLA builds; see README for what that does to these numbers.", ""]
     return write_text(study_dir / "report.md", "\n".join(parts))

@@ -55,11 +55,11 @@ from tqdm.auto import tqdm
 from ntkd import checkpoints as ckpt_lib
 from ntkd import metrics
 from ntkd._io import read_json, write_csv, write_json, write_text
-from ntkd.complexity import compare_teachers, factor_kernel, margin_bound
+from ntkd.complexity import KernelFactor, compare_teachers, factor_kernel, kernel_margin_bound
 from ntkd.data import Dataset, load_dataset
 from ntkd.kernels import kernel_alignment
-from ntkd.ntk import empirical_ntk, flax_apply_fn
-from ntkd.targets import one_hot, random_labels, softmax_targets
+from ntkd.ntk import empirical_ntk, empirical_ntk_fn, flax_apply_fn
+from ntkd.targets import matched_label_smoothing, one_hot, random_labels, softmax_targets
 from ntkd.training import TrainConfig, online_teacher_epoch, predict, train
 
 STEPS = ("teacher_checkpoints", "student_complexity", "distillation", "ntk_similarity", "margins")
@@ -78,8 +78,11 @@ class StudyConfig:
             (``regime``, ``temperature``, ``teacher_epoch``, ``alpha``, and ``model`` /
             ``model_options`` to override the student). Regimes of another student carry
             ``student`` (a label); they enter the distillation table and the capacity-gap
-            comparison, while the NTK analyses use the main student's regimes.
-        seeds: student seeds (the table reports mean ± std over them).
+            regression, while the NTK analyses use the main student's regimes. A regime may
+            carry ``seeds`` (its own seed list; default ``seeds``).
+        seeds: student seeds of the distillation comparisons (paired by seed).
+        analysis_seeds: seeds whose runs the NTK analyses use (complexity, margins and
+            bound, NTK similarity); None: the first three of ``seeds``.
         temperatures: τ of the teacher-checkpoint analysis.
         teacher_epochs: teacher checkpoints analysed (None: every saved one).
         n_kernel: training examples used by the NTK analyses.
@@ -88,8 +91,11 @@ class StudyConfig:
             report's checks use the first.
         ntk_mode: scalar eNTK mode of the analyses (``trace``, ``sum`` or ``logit``).
         ridge: relative ridge of the complexity solves.
-        gammas: margin thresholds γ of the bound.
+        gammas: margins γ of the kernel-student bound, in target units (probabilities).
         delta: failure probability δ of the bound.
+        criteria: the pre-registered findings (see :mod:`ntkd.findings`): fixed before any
+            training, hashed into ``study.json`` as ``criteria_sha256`` and printed in the
+            report. Changing one is a changed configuration.
     """
 
     name: str = "mnist1d"
@@ -100,6 +106,7 @@ class StudyConfig:
     student: dict = dataclasses.field(default_factory=dict)
     regimes: list = dataclasses.field(default_factory=list)
     seeds: list = dataclasses.field(default_factory=lambda: [0, 1, 2])
+    analysis_seeds: list | None = None
     temperatures: list = dataclasses.field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0])
     teacher_epochs: list | None = None
     n_kernel: int = 1000
@@ -107,18 +114,43 @@ class StudyConfig:
     complexity_temperatures: list = dataclasses.field(default_factory=lambda: [1.0, 4.0])
     ntk_mode: str = "trace"
     ridge: float = 0.0
-    gammas: list = dataclasses.field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0, 8.0, 16.0])
+    gammas: list = dataclasses.field(default_factory=lambda: [0.05, 0.1, 0.2, 0.4, 0.8])
     delta: float = 0.05
+    criteria: list = dataclasses.field(default_factory=list)
+
+    def __post_init__(self):
+        if self.analysis_seeds is None:
+            self.analysis_seeds = list(self.seeds[:3])
+        missing = [s for s in self.analysis_seeds if s not in self.seeds]
+        if missing:
+            raise ValueError(f"analysis_seeds {missing} are not among seeds {self.seeds}; the NTK analyses use "
+                             "trained runs, so pick analysis seeds from seeds")
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def shifted_seeds(self, offset: int) -> "StudyConfig":
+        """The same study on disjoint seeds (every seed + ``offset``): the stability check."""
+        regimes = [{**r, "seeds": [s + offset for s in r["seeds"]]} if "seeds" in r else dict(r) for r in self.regimes]
+        return dataclasses.replace(self, regimes=regimes, seeds=[s + offset for s in self.seeds],
+                                   analysis_seeds=[s + offset for s in self.analysis_seeds],
+                                   name=f"{self.name}, seeds +{offset}")
+
+    def regime_seeds(self, regime: dict) -> list[int]:
+        """The seeds of one regime: its own ``seeds`` or the study's."""
+        return list(regime.get("seeds", self.seeds))
+
+    @property
+    def criteria_sha256(self) -> str:
+        """SHA-256 of the pre-registered criteria (canonical JSON)."""
+        return hashlib.sha256(json.dumps(self.criteria, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
     def teacher_config(self) -> TrainConfig:
         return TrainConfig(dataset=self.dataset, dataset_options=self.dataset_options, data_dir=self.data_dir,
                            **self.teacher)
 
     def student_config(self, regime: dict, seed: int, teacher_dir: Path) -> TrainConfig:
-        fields = {k: v for k, v in regime.items() if k not in ("name", "student")}
+        fields = {k: v for k, v in regime.items() if k not in ("name", "student", "seeds")}
         if fields.get("regime", "none") != "none":
             fields["teacher_dir"] = str(teacher_dir)  # relative to the student's run folder
         return TrainConfig(dataset=self.dataset, dataset_options=self.dataset_options, data_dir=self.data_dir,
@@ -146,6 +178,7 @@ class Study:
     def __init__(self, config: StudyConfig, out: str | os.PathLike, *, progress: bool = True):
         self.config, self.out, self.progress = config, Path(out).expanduser(), progress
         self.results = self.out / "results"
+        self._ntk_fns: dict = {}
         self.teacher_dir = self.out / "runs" / "teacher"
         self._claim()
         self.ds: Dataset = load_dataset(config.dataset, data_dir=config.data_dir, seed=0, **config.dataset_options)
@@ -154,7 +187,7 @@ class Study:
 
     def _claim(self) -> None:
         path = self.out / "study.json"
-        cfg = self.config.to_dict()
+        cfg = {**self.config.to_dict(), "criteria_sha256": self.config.criteria_sha256}
         if path.exists() and read_json(path) != cfg:
             raise ValueError(f"{self.out} holds a study with another configuration; use a new --out or delete it")
         if not path.exists():
@@ -168,7 +201,8 @@ class Study:
         """Trains (or resumes) the teacher and every regime × seed student."""
         cfg = self.config
         train(cfg.teacher_config(), self.teacher_dir, dataset=self.ds, progress=self.progress)
-        jobs = [(r, s) for s in cfg.seeds for r in cfg.regimes]
+        jobs = [(r, s) for s in cfg.seeds for r in cfg.regimes if s in cfg.regime_seeds(r)]
+        jobs += [(r, s) for r in cfg.regimes for s in cfg.regime_seeds(r) if s not in cfg.seeds]
         for regime, seed in tqdm(jobs, desc="students", disable=not self.progress):
             run = self.student_dir(regime["name"], seed)
             train(cfg.student_config(regime, seed, Path(os.path.relpath(self.teacher_dir, run))), run,
@@ -183,8 +217,13 @@ class Study:
         """The scalar eNTK (n, n) of a run's checkpoint on the analysis subset (float64 on host)."""
         model, variables = self.model_at(run_dir, epoch)
         apply_fn, params = flax_apply_fn(model, variables)
-        K = empirical_ntk(apply_fn, params, self.x_sub if x is None else x, mode=self.config.ntk_mode)
-        return np.asarray(K, np.float64)
+        x = self.x_sub if x is None else x
+        if set(variables) != {"params"}:  # frozen state (BatchNorm statistics) differs per checkpoint
+            return np.asarray(empirical_ntk(apply_fn, params, x, mode=self.config.ntk_mode), np.float64)
+        # One compiled kernel function per architecture, reused for every checkpoint of it.
+        if model not in self._ntk_fns:
+            self._ntk_fns[model] = empirical_ntk_fn(apply_fn, mode=self.config.ntk_mode)
+        return np.asarray(self._ntk_fns[model](x, None, params), np.float64)
 
     def logits(self, run_dir: Path, epoch: int | None = None, x: np.ndarray | None = None) -> np.ndarray:
         model, variables = self.model_at(run_dir, epoch)
@@ -194,51 +233,74 @@ class Study:
         return read_json(run_dir / "history.json")
 
     # ------------------------------------------------------------------ steps
+    def _measure(self, factor: KernelFactor, Y: np.ndarray, *, teacher: bool) -> dict:
+        """A, Â and the identity-kernel A of targets Y; for teacher targets also A and Â
+        of label smoothing with the same Frobenius norm (the shape-vs-size control)."""
+        Y = np.asarray(Y, np.float64)
+        out = {"A": factor.adjusted_complexity(Y), "A_hat": factor.normalized_complexity(Y),
+               "A_identity": float(np.sqrt(np.sum(Y * Y) / len(Y)))}
+        if teacher:
+            Y_ls, eps = matched_label_smoothing(self.y_sub, self.ds.num_classes, float(np.linalg.norm(Y)))
+            out.update(ls_A=factor.adjusted_complexity(Y_ls), ls_A_hat=factor.normalized_complexity(Y_ls),
+                       ls_epsilon=eps)
+        return out
+
+    def _fixed_targets(self) -> dict[str, np.ndarray]:
+        k = self.ds.num_classes
+        return {"labels": np.asarray(one_hot(self.y_sub, k), np.float64),
+                "random": np.asarray(random_labels(jax.random.key(0), len(self.y_sub), k), np.float64)}
+
     def teacher_checkpoints(self) -> dict:
         cfg = self.config
         saved = ckpt_lib.list_epochs(self.teacher_dir)
         epochs = [e for e in (cfg.teacher_epochs or saved) if e in saved]
-        student0 = self.student_dir(cfg.main_regimes[0]["name"], cfg.seeds[0])
-        K = self.ntk(student0, 0)
-        s_logits = self.logits(student0, 0)
-        teachers = {str(e): self.logits(self.teacher_dir, e) for e in epochs}
-        rows = compare_teachers(None, None, self.x_sub, self.y_sub, teachers, temperatures=cfg.temperatures,
-                                kernel=K, student_logits=s_logits, ridge=cfg.ridge, seed=0)
+        teachers = {e: self.logits(self.teacher_dir, e) for e in epochs}
         hist = {r["epoch"]: r for r in self.history(self.teacher_dir)}
-        for row in rows:
-            if row["target"] not in ("labels", "random"):
-                e = int(row["target"])
-                row.update(teacher_epoch=e, teacher_test_acc=hist[e]["test_acc"], teacher_train_acc=hist[e]["train_acc"])
-        return {"n": len(self.y_sub), "mode": cfg.ntk_mode, "kernel": "student NTK at initialisation", "rows": rows}
+        panels = []
+        for seed in tqdm(cfg.analysis_seeds, desc="teacher checkpoints", disable=not self.progress, leave=False):
+            factor = factor_kernel(self.ntk(self.student_dir(cfg.main_regimes[0]["name"], seed), 0), ridge=cfg.ridge)
+            rows = [{"target": key, "temperature": None, **self._measure(factor, Y, teacher=False)}
+                    for key, Y in self._fixed_targets().items()]
+            for e, z in teachers.items():
+                for t in cfg.temperatures:
+                    rows.append({"target": f"epoch {e}", "teacher_epoch": e, "temperature": float(t),
+                                 "teacher_test_acc": hist[e]["test_acc"], "teacher_train_acc": hist[e]["train_acc"],
+                                 **self._measure(factor, softmax_targets(z, t), teacher=True)})
+            panels.append({"seed": seed, "condition_number": float(f"{factor.info.condition_number:.4g}"),
+                           "rows": rows})
+        return {"n": len(self.y_sub), "mode": cfg.ntk_mode, "kernel": "student NTK at initialisation",
+                "seeds": list(cfg.analysis_seeds), "temperatures": list(cfg.temperatures), "panels": panels}
 
     def student_complexity(self) -> dict:
         cfg = self.config
-        k = self.ds.num_classes
         teacher_saved = ckpt_lib.list_epochs(self.teacher_dir)
         z_final = self.logits(self.teacher_dir)
-        fixed = {"labels": np.asarray(one_hot(self.y_sub, k)),
-                 "random": np.asarray(random_labels(jax.random.key(0), len(self.y_sub), k))}
-        for t in cfg.complexity_temperatures:
-            fixed[f"offline_teacher_t{t:g}"] = np.asarray(softmax_targets(z_final, t))
+        fixed = self._fixed_targets()
+        offline = {t: np.asarray(softmax_targets(z_final, t), np.float64) for t in cfg.complexity_temperatures}
         online_logits: dict[int, np.ndarray] = {}
+        epochs_total = int(cfg.student.get("epochs", 1))
         panels = []
-        for name in cfg.complexity_regimes:
-            run = self.student_dir(name, cfg.seeds[0])
+        jobs = [(name, seed) for name in cfg.complexity_regimes for seed in cfg.analysis_seeds]
+        for name, seed in tqdm(jobs, desc="student complexity", disable=not self.progress, leave=False):
+            run = self.student_dir(name, seed)
             rows = []
-            for e in tqdm(ckpt_lib.list_epochs(run), desc=f"complexity {name}", disable=not self.progress, leave=False):
+            for e in ckpt_lib.list_epochs(run):
                 te = online_teacher_epoch(max(e, teacher_saved[0]), teacher_saved)
                 if te not in online_logits:
                     online_logits[te] = self.logits(self.teacher_dir, te)
                 factor = factor_kernel(self.ntk(run, e), ridge=cfg.ridge)
-                row = {"epoch": e, "online_teacher_epoch": te,
-                       **{key: factor.adjusted_complexity(Y) for key, Y in fixed.items()}}
+                targets = {key: self._measure(factor, Y, teacher=False) for key, Y in fixed.items()}
                 for t in cfg.complexity_temperatures:
-                    row[f"online_teacher_t{t:g}"] = factor.adjusted_complexity(softmax_targets(online_logits[te], t))
+                    targets[f"offline_teacher_t{t:g}"] = self._measure(factor, offline[t], teacher=True)
+                    targets[f"online_teacher_t{t:g}"] = self._measure(
+                        factor, softmax_targets(online_logits[te], t), teacher=True)
                 # LAPACK's condition *estimate* varies in its last bits between runs (threaded BLAS);
                 # rounded so that identical runs give identical results files.
-                rows.append({**row, "condition_number": float(f"{factor.info.condition_number:.4g}")})
-            panels.append({"regime": name, "rows": rows})
-        return {"n": len(self.y_sub), "mode": cfg.ntk_mode, "temperatures": cfg.complexity_temperatures,
+                rows.append({"epoch": e, "fraction": e / epochs_total, "online_teacher_epoch": te,
+                             "condition_number": float(f"{factor.info.condition_number:.4g}"), "targets": targets})
+            panels.append({"regime": name, "seed": seed, "rows": rows})
+        return {"n": len(self.y_sub), "mode": cfg.ntk_mode, "temperatures": list(cfg.complexity_temperatures),
+                "regimes": list(cfg.complexity_regimes), "seeds": list(cfg.analysis_seeds), "epochs": epochs_total,
                 "panels": panels}
 
     def distillation(self) -> dict:
@@ -247,17 +309,20 @@ class Study:
         keys = ("test_acc", "train_acc", "train_fidelity", "test_fidelity", "test_kl")
         for regime in cfg.regimes:
             finals = []
-            for seed in cfg.seeds:
+            for seed in cfg.regime_seeds(regime):
                 last = self.history(self.student_dir(regime["name"], seed))[-1]
                 finals.append(last)
-                per_run.append({"regime": regime["name"], "seed": seed, **{k: last.get(k) for k in keys}})
+                per_run.append({"regime": regime["name"], "student": regime.get("student", "main"), "seed": seed,
+                                **{k: last.get(k) for k in keys}})
             row = {"regime": regime["name"], "student": regime.get("student", "main"),
                    "kind": regime.get("regime", "none"), "temperature": regime.get("temperature"),
                    "seeds": len(finals)}
             for key in keys:
                 vals = [f[key] for f in finals if f.get(key) is not None]
                 if vals:
-                    row[f"{key}_mean"], row[f"{key}_std"] = float(np.mean(vals)), float(np.std(vals, ddof=1) if len(vals) > 1 else 0.0)
+                    row[f"{key}_mean"] = float(np.mean(vals))
+                    row[f"{key}_std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+                    row[f"{key}_se"] = row[f"{key}_std"] / float(np.sqrt(len(vals)))
             rows.append(row)
         teacher_last = self.history(self.teacher_dir)[-1]
         return {"rows": rows, "runs": per_run, "teacher_test_acc": teacher_last["test_acc"],
@@ -265,54 +330,73 @@ class Study:
 
     def ntk_similarity(self) -> dict:
         cfg = self.config
-        seed = cfg.seeds[0]
         K_teacher = self.ntk(self.teacher_dir)
-        finals, rows = {}, []
-        for regime in tqdm(cfg.main_regimes, desc="NTK similarity", disable=not self.progress, leave=False):
+        rows, pairwise = [], []
+        names = [r["name"] for r in cfg.main_regimes]
+        jobs = [(r, s) for s in cfg.analysis_seeds for r in cfg.main_regimes]
+        finals: dict[int, dict[str, np.ndarray]] = {}
+        for regime, seed in tqdm(jobs, desc="NTK similarity", disable=not self.progress, leave=False):
             run = self.student_dir(regime["name"], seed)
             K0, K1 = self.ntk(run, 0), self.ntk(run)
-            finals[regime["name"]] = K1
-            rows.append({"regime": regime["name"],
+            finals.setdefault(seed, {})[regime["name"]] = K1
+            rows.append({"regime": regime["name"], "seed": seed,
                          "alignment_vs_init": kernel_alignment(K1, K0),
                          "cka_vs_init": kernel_alignment(K1, K0, centered=True),
                          "alignment_vs_teacher": kernel_alignment(K1, K_teacher),
                          "cka_vs_teacher": kernel_alignment(K1, K_teacher, centered=True),
                          "init_alignment_vs_teacher": kernel_alignment(K0, K_teacher),
                          "init_cka_vs_teacher": kernel_alignment(K0, K_teacher, centered=True)})
-        names = list(finals)
-        pairwise = [[kernel_alignment(finals[a], finals[b], centered=True) for b in names] for a in names]
-        return {"n": len(self.y_sub), "mode": cfg.ntk_mode, "seed": seed, "rows": rows,
-                "pairwise_cka": {"regimes": names, "matrix": pairwise}}
+        for seed, ks in finals.items():
+            pairwise.append([[kernel_alignment(ks[a], ks[b], centered=True) for b in names] for a in names])
+        keys = [k for k in rows[0] if k not in ("regime", "seed")] if rows else []
+        summary = []
+        for name in names:
+            mine = [r for r in rows if r["regime"] == name]
+            entry = {"regime": name, "seeds": len(mine)}
+            for key in keys:
+                vals = np.array([r[key] for r in mine])
+                entry[f"{key}_mean"] = float(vals.mean())
+                entry[f"{key}_se"] = float(vals.std(ddof=1) / np.sqrt(len(vals))) if len(vals) > 1 else 0.0
+            summary.append(entry)
+        return {"n": len(self.y_sub), "mode": cfg.ntk_mode, "seeds": list(cfg.analysis_seeds), "rows": rows,
+                "summary": summary,
+                "pairwise_cka": {"regimes": names, "matrix": np.mean(pairwise, axis=0).tolist() if pairwise else []}}
 
     def margins(self) -> dict:
         cfg = self.config
-        seed = cfg.seeds[0]
         z_teacher = self.logits(self.teacher_dir)
         ref = z_teacher.argmax(1)
         out = []
-        for regime in tqdm(cfg.main_regimes, desc="margins", disable=not self.progress, leave=False):
+        jobs = [(r, s) for s in cfg.analysis_seeds for r in cfg.main_regimes]
+        for regime, seed in tqdm(jobs, desc="margins and bound", disable=not self.progress, leave=False):
             run = self.student_dir(regime["name"], seed)
-            z = self.logits(run)
-            m = np.asarray(metrics.margins(z, ref))
+            m = np.asarray(metrics.margins(self.logits(run), ref))
             targets = self._regime_targets(regime)
-            factor = factor_kernel(self.ntk(run), ridge=cfg.ridge)
-            C = factor.complexity(targets)
-            bounds = [margin_bound(z, z_teacher, self.y_sub, complexity=C, kernel_trace=factor.trace,
-                                   gamma=g, delta=cfg.delta).as_dict() for g in cfg.gammas]
-            out.append({"regime": regime["name"], "margins": m.tolist(),
-                        "summary": metrics.margin_summary(m, gammas=(0.0, 1.0)),
-                        "complexity": C, "adjusted_complexity": factor.adjusted_complexity(targets),
-                        "bound": bounds, "best_bound": min(bounds, key=lambda b: b["total"])})
-        return {"n": len(self.y_sub), "mode": cfg.ntk_mode, "seed": seed,
-                "kernel": "trained student's NTK; targets = the regime's final supervision", "rows": out}
+            K = self.ntk(run)
+            factor = factor_kernel(K, ridge=cfg.ridge)
+            bound = kernel_margin_bound(K, targets, self.y_sub, gammas=cfg.gammas, delta=cfg.delta, ridge=cfg.ridge)
+            row = {"regime": regime["name"], "seed": seed, "network_margins": metrics.margin_summary(m, gammas=(0.0, 1.0)),
+                   "A": factor.adjusted_complexity(targets), "A_hat": factor.normalized_complexity(targets),
+                   "bound": bound.as_dict()}
+            if seed == cfg.analysis_seeds[0]:
+                row["network_margin_values"] = m.tolist()
+            out.append(row)
+        return {"n": len(self.y_sub), "mode": cfg.ntk_mode, "seeds": list(cfg.analysis_seeds),
+                "gammas": list(cfg.gammas), "delta": cfg.delta,
+                "kernel": "trained student's NTK; f = K (K + λI)⁻¹ Y with Y the regime's final supervision "
+                          "(labels, or its teacher's softmax at the regime's τ)",
+                "network_margins": "trained network's logit margins w.r.t. the final teacher's argmax (descriptive; "
+                                   "not part of the bound)",
+                "rows": out}
 
     def _regime_targets(self, regime: dict) -> np.ndarray:
-        """The supervision a regime ends with: labels, or the (last) teacher's softened predictions."""
+        """The supervision a regime ends with: labels, or its (last) teacher's softened predictions."""
         kind = regime.get("regime", "none")
         if kind == "none":
-            return np.asarray(one_hot(self.y_sub, self.ds.num_classes))
+            return np.asarray(one_hot(self.y_sub, self.ds.num_classes), np.float64)
         epoch = regime.get("teacher_epoch") if kind == "early_stopped" else None
-        return np.asarray(softmax_targets(self.logits(self.teacher_dir, epoch), float(regime.get("temperature", 1.0))))
+        return np.asarray(softmax_targets(self.logits(self.teacher_dir, epoch), float(regime.get("temperature", 1.0))),
+                          np.float64)
 
     # ------------------------------------------------------------------ driver
     def run_step(self, step: str) -> dict:
@@ -426,11 +510,13 @@ def _record_training_time(path: Path, seconds: float) -> None:
 
 def run_study(config: StudyConfig, out: str | os.PathLike, *, steps: tuple[str, ...] = STEPS,
               progress: bool = True, figures: bool = True) -> Path:
-    """Trains every run, runs the analysis steps, draws the figures and writes report.md.
+    """Trains every run, runs the analysis steps, evaluates the pre-registered
+    findings (``results/findings.json``), draws the figures and writes report.md.
 
     Returns:
         The study folder.
     """
+    from ntkd.findings import write_findings
     from ntkd.plotting import plot_study
     from ntkd.report import write_report
 
@@ -440,6 +526,7 @@ def run_study(config: StudyConfig, out: str | os.PathLike, *, steps: tuple[str, 
     _record_training_time(study.out / "timings" / "training.json", time.perf_counter() - t0)
     for step in tqdm(steps, desc="analyses", disable=not progress):
         study.run_step(step)
+    write_findings(study.out)
     if figures:
         plot_study(study.out)
     write_report(study.out)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-__all__ = ["one_hot", "random_labels", "softmax_targets"]
+__all__ = ["label_smoothing", "matched_label_smoothing", "one_hot", "random_labels", "softmax_targets"]
 
 
 def one_hot(labels: ArrayLike, k: int) -> jax.Array:
@@ -107,3 +107,51 @@ def softmax_targets(logits: ArrayLike,
     if center:
         probs = probs - 1.0 / logits.shape[-1]
     return probs
+
+
+def label_smoothing(labels: ArrayLike, k: int, epsilon: float) -> np.ndarray:
+    """Label-smoothed targets ``(1 − ε)·one_hot + ε / k``.
+
+    Args:
+        labels: ``(n,)`` integer class indices.
+        k: number of classes.
+        epsilon: smoothing ε in [0, 1].
+
+    Returns:
+        ``(n, k)`` float64 targets.
+    """
+    if not 0.0 <= epsilon <= 1.0:
+        raise ValueError(f"label smoothing epsilon must lie in [0, 1], got {epsilon}")
+    return (1.0 - epsilon) * np.asarray(one_hot(labels, k), np.float64) + epsilon / k
+
+
+def matched_label_smoothing(labels: ArrayLike, k: int, frobenius_norm: float) -> tuple[np.ndarray, float]:
+    """Label smoothing whose targets have a given Frobenius norm.
+
+    The control for "is this a property of the targets' shape or only of their
+    size?": teacher targets ``Y_T`` are compared with smoothed labels of the same
+    ‖·‖_F. Each smoothed row has squared norm ``a² + (1 − a)² / (k − 1)`` with
+    ``a = 1 − ε(k − 1)/k``, decreasing in ε from 1 (one-hot) to 1/k (uniform);
+    ε solves ``k a² − 2a + 1 − s(k − 1) = 0`` for the mean squared row norm s.
+
+    Args:
+        labels: ``(n,)`` integer class indices.
+        k: number of classes (≥ 2).
+        frobenius_norm: the norm to match, in ``[sqrt(n / k), sqrt(n)]``.
+
+    Returns:
+        ``(targets (n, k) float64, ε)``.
+
+    >>> Y, eps = matched_label_smoothing(np.array([0, 1, 2]), 3, np.sqrt(3.0))
+    >>> eps
+    0.0
+    """
+    labels = np.asarray(labels)
+    n = labels.shape[0]
+    s = float(frobenius_norm) ** 2 / n
+    if not 1.0 / k - 1e-12 <= s <= 1.0 + 1e-12:
+        raise ValueError(f"a norm of {frobenius_norm:.6g} for {n} rows of {k} classes cannot come from label "
+                         f"smoothing: the mean squared row norm {s:.6g} must lie in [1/k, 1] = [{1 / k:.6g}, 1]")
+    a = (1.0 + np.sqrt(max(1.0 - k + s * k * (k - 1), 0.0))) / k
+    eps = float(min(max((1.0 - a) * k / (k - 1), 0.0), 1.0))
+    return label_smoothing(labels, k, eps), eps

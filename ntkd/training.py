@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 from ntkd import checkpoints as ckpt_lib
 from ntkd import metrics
 from ntkd._io import read_json, write_json
-from ntkd.data import Dataset, augment_images, iterate_batches, load_dataset
+from ntkd.data import Dataset, augment as augment_batch, iterate_batches, load_dataset
 from ntkd.models import get_model, init_variables
 
 REGIMES = ("none", "offline", "early_stopped", "online")
@@ -141,9 +141,12 @@ class TrainConfig:
             the number of devices).
         optimizer, learning_rate, schedule, momentum, weight_decay, warmup_epochs:
             see :func:`make_optimizer`.
-        augment: random crop + flip (32×32 images only).
+        augment: random crop + flip for images, random shift + noise for 1-D signals
+            (:func:`ntkd.data.augment`).
         seed: initialisation, batch order and augmentation.
         checkpoint_every: save every N epochs (epoch 0 and the last are always saved).
+        checkpoint_epochs: further epochs to save (e.g. a log grid 1, 2, 4, 8, … that
+            catches the early transient); None: only ``checkpoint_every``'s.
         regime: ``none``, ``offline``, ``early_stopped`` or ``online`` (students).
         teacher_dir: the teacher's run folder (KD regimes); a relative path is taken
             relative to the student's ``workdir``, so a study folder can be moved.
@@ -169,6 +172,7 @@ class TrainConfig:
     augment: bool = False
     seed: int = 0
     checkpoint_every: int = 1
+    checkpoint_epochs: list | None = None
     regime: str = "none"
     teacher_dir: str | None = None
     teacher_epoch: int | None = None
@@ -259,7 +263,7 @@ def _make_train_step(model, tx, *, temperature: float, alpha: float, augment: bo
 
     def step(state: TrainState, x, y, teacher_variables, key):
         if augment:
-            x = augment_images(key, x)
+            x = augment_batch(key, x)
         teacher_logits = None
         if teacher_model is not None:
             teacher_logits = teacher_model.apply(teacher_variables, x, train=False)
@@ -392,8 +396,9 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike, *, dataset: Dataset | No
     model = get_model(cfg.model, ds.num_classes, **cfg.model_options)
     _check_inputs(ds.x_train, ds.input_shape, "training inputs")
     _check_inputs(ds.x_test, ds.input_shape, "test inputs")
-    if cfg.augment and ds.x_train.ndim != 4:
-        raise ValueError(f"augment=True needs images (n, H, W, C); {ds.name} inputs have shape {ds.x_train.shape}")
+    if cfg.augment and ds.x_train.ndim not in (3, 4):
+        raise ValueError(f"augment=True needs images (n, H, W, C) or signals (n, length, C); {ds.name} inputs "
+                         f"have shape {ds.x_train.shape}")
 
     steps_per_epoch = max(len(ds.x_train) // min(cfg.batch_size, len(ds.x_train)), 1)
     tx = make_optimizer(cfg.optimizer, cfg.learning_rate, total_steps=cfg.epochs * steps_per_epoch,
@@ -450,7 +455,7 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike, *, dataset: Dataset | No
         if t_epoch is not None:
             row["teacher_epoch"] = t_epoch
         history.append(row)
-        if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs:
+        if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs or epoch in (cfg.checkpoint_epochs or ()):
             ckpt_lib.save_checkpoint(workdir, epoch, state.variables, opt_state=state.opt_state,
                                      metadata=dict(meta, metrics=row))
             write_json(workdir / "history.json", history)

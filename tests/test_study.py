@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ntkd.cli import main as cli_main
-from ntkd.configs import get_config, standard_regimes
+from ntkd.configs import get_config, standard_criteria, standard_regimes
 from ntkd.report import write_report
 from ntkd.study import STEPS, Study, StudyConfig, run_study
 
@@ -23,7 +23,7 @@ def tiny_config():
                  "checkpoint_every": 2},
         regimes=[r for r in standard_regimes(early_stop_epoch=2) if r["name"] in ("no-KD", "offline τ=1", "online τ=1")],
         seeds=[0, 1], n_kernel=48,
-        complexity_regimes=["no-KD", "online τ=1"], gammas=[1.0, 4.0])
+        complexity_regimes=["no-KD", "online τ=1"], criteria=standard_criteria())
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +38,16 @@ def test_results_figures_and_report_exist(study_dir):
         assert (study_dir / "results" / f"{step}.json").is_file()
         assert (study_dir / "figures" / f"{step}.png").stat().st_size > 10_000
     assert (study_dir / "results" / "distillation.csv").is_file()
+    findings = json.loads((study_dir / "results" / "findings.json").read_text())
+    assert len(findings) == len(tiny_config().criteria)
+    for f in findings:
+        assert set(f) >= {"name", "verdict", "effect", "ci", "p_adjusted", "criterion"}
+        assert f["verdict"] in ("reproduced", "not reproduced", "inconclusive", "not tested")
+        if f["kind"] == "complexity" and f["verdict"] != "not tested":
+            assert set(f["controls"]) == {"A", "identity_kernel", "label_smoothing_matched"}
     report = (study_dir / "report.md").read_text()
-    assert report.count("### ") == 7 and "reproduced**" in report
+    assert "## Findings" in report and tiny_config().criteria_sha256 in report
+    assert json.loads((study_dir / "study.json").read_text())["criteria_sha256"] == tiny_config().criteria_sha256
 
 
 def test_results_are_consistent_with_runs(study_dir):
@@ -49,28 +57,40 @@ def test_results_are_consistent_with_runs(study_dir):
         accs = [runs[row["regime"], s]["test_acc"] for s in (0, 1)]
         assert row["test_acc_mean"] == pytest.approx(np.mean(accs))
         assert row["test_acc_std"] == pytest.approx(np.std(accs, ddof=1))
+        assert row["test_acc_se"] == pytest.approx(np.std(accs, ddof=1) / np.sqrt(2))
     tc = json.loads((study_dir / "results" / "teacher_checkpoints.json").read_text())
-    # every saved teacher epoch appears once per temperature
-    epochs = [r["teacher_epoch"] for r in tc["rows"] if r.get("teacher_epoch") is not None]
-    assert sorted(set(epochs)) == [0, 1, 2, 3, 4] and len(epochs) == 5 * 4
+    assert [p["seed"] for p in tc["panels"]] == [0, 1]  # every analysis seed has its own student-at-init kernel
+    for panel in tc["panels"]:
+        epochs = [r["teacher_epoch"] for r in panel["rows"] if r.get("teacher_epoch") is not None]
+        assert sorted(set(epochs)) == [0, 1, 2, 3, 4] and len(epochs) == 5 * 4
+        for r in panel["rows"]:
+            assert r["A_hat"] * r["A_identity"] == pytest.approx(r["A"], rel=1e-9)  # Â = A(Y; K) / A(Y; I)
     sc = json.loads((study_dir / "results" / "student_complexity.json").read_text())
-    online = sc["panels"][1]["rows"]
-    assert [r["epoch"] for r in online] == [0, 2, 4]
+    online = [p for p in sc["panels"] if p["regime"] == "online τ=1"]
+    assert [p["seed"] for p in online] == [0, 1]
+    rows = online[0]["rows"]
+    assert [r["epoch"] for r in rows] == [0, 2, 4] and rows[-1]["fraction"] == 1.0
     # at the last student epoch the online teacher is the final teacher
     for t in ("1", "4"):
-        assert online[-1][f"online_teacher_t{t}"] == pytest.approx(online[-1][f"offline_teacher_t{t}"])
-        # and a higher temperature gives lower complexity of the same teacher's targets
-    assert all(r["offline_teacher_t4"] < r["offline_teacher_t1"] for r in online)
+        last = rows[-1]["targets"]
+        assert last[f"online_teacher_t{t}"]["A_hat"] == pytest.approx(last[f"offline_teacher_t{t}"]["A_hat"])
+        # equal-norm label smoothing: the control has the teacher targets' size
+        assert last[f"offline_teacher_t{t}"]["ls_epsilon"] >= 0
+    mar = json.loads((study_dir / "results" / "margins.json").read_text())
+    assert {(r["regime"], r["seed"]) for r in mar["rows"]} == {(r["name"], s) for r in tiny_config().main_regimes
+                                                                 for s in (0, 1)}
 
 
 def test_rerun_is_identical_and_resumes_without_recomputing(study_dir, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(study_dir, copy)
     (copy / "results" / "margins.json").unlink()
-    before = {p.name: p.stat().st_mtime_ns for p in (copy / "results").glob("*.json")}
+    steps = [copy / "results" / f"{s}.json" for s in STEPS if s != "margins"]
+    before = {p.name: p.stat().st_mtime_ns for p in steps}
     run_study(tiny_config(), copy, progress=False, figures=False)
-    after = {p.name: p.stat().st_mtime_ns for p in (copy / "results").glob("*.json")}
-    assert all(after[k] == v for k, v in before.items())  # finished steps untouched
+    after = {p.name: p.stat().st_mtime_ns for p in steps}
+    assert after == before  # finished steps untouched; findings.json is derived and re-evaluated
+    assert filecmp.cmp(copy / "results" / "findings.json", study_dir / "results" / "findings.json", shallow=False)
     assert filecmp.cmp(copy / "results" / "margins.json", study_dir / "results" / "margins.json", shallow=False)
     first = json.loads((study_dir / "timings" / "training.json").read_text())
     both = json.loads((copy / "timings" / "training.json").read_text())
@@ -115,51 +135,29 @@ def test_figures_folder_layout_redraws_study_and_theory(study_dir, tmp_path):
 def test_another_config_in_the_same_folder_is_refused(study_dir):
     cfg = tiny_config()
     cfg.seeds = [5]
+    cfg.analysis_seeds = [5]
     with pytest.raises(ValueError, match="another configuration"):
         Study(cfg, study_dir)
 
 
-def _fake_results(tmp_path, online_acc):
-    results = tmp_path / "results"
-    results.mkdir(parents=True)
-    (tmp_path / "study.json").write_text(json.dumps(dict(
-        name="fake", teacher={"model": "t"}, student={"model": "s"}, seeds=[0, 1], n_kernel=10, ntk_mode="trace")))
-    def row(name, acc, fid, kind, student="main"):
-        return {"regime": name, "student": student, "kind": kind, "temperature": None if kind == "none" else 1.0,
-                "seeds": 2, "test_acc_mean": acc, "test_acc_std": 0.01, "test_fidelity_mean": fid,
-                "test_fidelity_std": 0.01}
-
-    dist = {"rows": [row("no-KD", 0.6, None, "none"), row("offline τ=1", 0.70, 0.72, "offline"),
-                     row("online τ=1", online_acc, online_acc + 0.02, "online"),
-                     # a second student with a smaller capacity gap (teacher 0.9, no-KD 0.85)
-                     row("no-KD · big", 0.85, None, "none", "big"), row("offline τ=1 · big", 0.86, 0.9, "offline", "big"),
-                     row("online τ=1 · big", 0.865, 0.91, "online", "big")],
-            "teacher_test_acc": 0.9, "teacher_train_acc": 1.0}
-    (results / "distillation.json").write_text(json.dumps(dist))
-    epochs = [0, 1, 2, 3]
-    tc = [{"target": str(e), "teacher_epoch": e, "temperature": t, "adjusted_complexity": (1 + e) / t}
-          for e in epochs for t in (1.0, 2.0)]
-    (results / "teacher_checkpoints.json").write_text(json.dumps({"rows": tc}))
-    sc_rows = [{"epoch": e, "labels": 2 - 0.4 * e, "random": 3 - 0.4 * e, "offline_teacher_t1": 1.5 - 0.3 * e,
-                "online_teacher_t1": 0.2 + 0.1 * e} for e in epochs]
-    (results / "student_complexity.json").write_text(json.dumps(
-        {"temperatures": [1.0], "panels": [{"regime": "no-KD", "rows": sc_rows}]}))
-    return tmp_path
+def test_a_changed_criterion_is_refused_in_the_same_folder(study_dir):
+    cfg = tiny_config()
+    cfg.criteria[3] = {**cfg.criteria[3], "alpha": 0.2}  # loosening a threshold after seeing the results
+    with pytest.raises(ValueError, match="another configuration"):
+        Study(cfg, study_dir)
+    cfg = tiny_config()
+    cfg.criteria = cfg.criteria[1:]  # dropping an inconvenient finding
+    with pytest.raises(ValueError, match="another configuration"):
+        Study(cfg, study_dir)
 
 
-def test_report_verdicts_follow_the_numbers(tmp_path):
-    good = write_report(_fake_results(tmp_path / "good", online_acc=0.75)).read_text()
-    assert "Online KD improves on offline KD, with higher fidelity — **reproduced**" in good
-    assert "Higher temperature lowers the complexity of teacher targets — **reproduced**" in good
-    assert "Later teacher checkpoints have higher complexity — **reproduced**" in good
-    assert "Random labels > true labels > offline teacher, in the student's NTK — **reproduced**" in good
-    # main student: gap 30 points, online gain +5 points > big student's gap 5 points, gain +0.5 points
-    assert "most when the teacher–student capacity gap is large — **reproduced**" in good
-    bad = write_report(_fake_results(tmp_path / "bad", online_acc=0.65)).read_text()
-    assert "Online KD improves on offline KD, with higher fidelity — **not reproduced**" in bad
-    assert "most when the teacher–student capacity gap is large — **not reproduced**" in bad
-    # online targets end at 0.5 while offline ends at 0.6: not within 10%, so that finding is not reproduced
-    assert "rise to meet the offline teacher — **not reproduced**" in good
+def test_shifted_seeds_are_disjoint():
+    cfg = get_config("mnist1d")
+    other = cfg.shifted_seeds(8)
+    assert not set(cfg.seeds) & set(other.seeds) and not set(cfg.analysis_seeds) & set(other.analysis_seeds)
+    for a, b in zip(cfg.regimes, other.regimes):
+        assert not set(cfg.regime_seeds(a)) & set(other.regime_seeds(b))
+    assert other.criteria_sha256 == cfg.criteria_sha256
 
 
 def test_presets_are_consistent():
