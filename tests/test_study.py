@@ -176,3 +176,20 @@ def test_reproduce_quick_cli(tmp_path):
     out = tmp_path / "quick"
     assert cli_main(["reproduce", "--quick", "--out", str(out), "--no-progress"]) == 0
     assert (out / "report.md").is_file() and len(list((out / "figures").glob("*.png"))) == 5
+    findings = json.loads((out / "results" / "findings.json").read_text())
+    assert len(findings) == len(get_config("mnist1d", quick=True).criteria)
+    assert all(f["verdict"] != "not tested" for f in findings)  # the quick preset exercises every criterion
+
+
+@pytest.mark.slow
+def test_reproduce_quick_digits_writes_findings_in_the_same_format(tmp_path):
+    out = tmp_path / "digits"
+    assert cli_main(["reproduce", "--quick", "--dataset", "digits", "--out", str(out), "--no-progress"]) == 0
+    findings = json.loads((out / "results" / "findings.json").read_text())
+    mnist = get_config("mnist1d", quick=True).criteria
+    assert [f["name"] for f in findings] == [c["name"] for c in mnist]
+    keys = {"name", "verdict", "effect", "ci", "p_adjusted", "criterion"}
+    for f in findings:
+        assert keys <= set(f)
+        if f["kind"] == "complexity":
+            assert set(f["controls"]) == {"A", "identity_kernel", "label_smoothing_matched"}

@@ -221,18 +221,19 @@ def plot_knowledge(results: dict, path: str | Path) -> None:
     labels = [v.replace("_", "-") for v in variants]
     fig, axes = plt.subplots(2, 3, figsize=(16, 9))
 
+    sqrt_n = np.sqrt(len(cfg["seeds"]))  # error bars are standard errors of the seed mean
     for ax, (name, ds) in zip(axes[0, :2], datasets.items()):
         acc = [ds["ladder"][v]["test_acc"] for v in variants]
-        ax.bar(range(len(variants)), [a["mean"] for a in acc], yerr=[a["std"] for a in acc],
+        ax.bar(range(len(variants)), [a["mean"] for a in acc], yerr=[a["std"] / sqrt_n for a in acc],
                color=[f"C{i}" for i in range(len(variants))], capsize=4)
-        lo = min(a["mean"] - a["std"] for a in acc)
-        hi = max(a["mean"] + a["std"] for a in acc)
-        ax.set_ylim(lo - 0.3 * (hi - lo) - 0.01, hi + 0.3 * (hi - lo) + 0.01)
+        ax.axhline(ds["teacher_test_acc"], color="k", ls="--", lw=1, label="teacher")
+        ax.set_ylim(0, 1)  # full axis: gaps of a point or two are not made to look large
+        ax.legend(fontsize=8, loc="upper right")
         ax.set_xticks(range(len(variants)), labels)
         ref = f"teacher {ds['teacher_test_acc']:.3f}"
         if "bayes_test_acc" in ds:
             ref += f", Bayes {ds['bayes_test_acc']:.3f}"
-        ax.set(ylabel=f"student test accuracy (mean ± std, {len(cfg['seeds'])} seeds)",
+        ax.set(ylabel=f"student test accuracy (mean ± s.e., {len(cfg['seeds'])} seeds)",
                title=f"({'ab'[list(datasets).index(name)]}) {name}: n_student={ds['n_student']} ({ref})")
 
     ax = axes[0, 2]
@@ -240,9 +241,9 @@ def plot_knowledge(results: dict, path: str | Path) -> None:
     for j, (name, ds) in enumerate(datasets.items()):
         ece = [ds["ladder"][v]["test_ece"] for v in variants]
         ax.bar(np.arange(len(variants)) + j * width, [e["mean"] for e in ece], width,
-               yerr=[e["std"] for e in ece], label=name, capsize=3)
+               yerr=[e["std"] / sqrt_n for e in ece], label=name, capsize=3)
     ax.set_xticks(np.arange(len(variants)) + 0.4 - width / 2, labels)
-    ax.set(ylabel="test expected calibration error (15 bins)", title="(c) Calibration")
+    ax.set(ylabel="test expected calibration error (15 bins; mean ± s.e.)", title="(c) Calibration")
     ax.legend(fontsize=8)
 
     ax = axes[1, 0]
@@ -261,7 +262,7 @@ def plot_knowledge(results: dict, path: str | Path) -> None:
     for j, (name, ds) in enumerate(datasets.items()):
         corr = [ds["ladder"][v]["corr_head_cosine_vs_teacher_similarity"] for v in variants]
         ax.bar(np.arange(len(variants)) + j * width, [c["mean"] for c in corr], width,
-               yerr=[c["std"] for c in corr], label=name, capsize=3)
+               yerr=[c["std"] / sqrt_n for c in corr], label=name, capsize=3)
     gauss = datasets.get("gaussian")
     if gauss is not None and "head_cosine_within_minus_across" in gauss["ladder"][variants[0]]:
         diff = [gauss["ladder"][v]["head_cosine_within_minus_across"]["mean"] for v in variants]
@@ -270,7 +271,7 @@ def plot_knowledge(results: dict, path: str | Path) -> None:
     ax.axhline(0, color="k", lw=0.5)
     ax.set_ylim(top=1.5 * ax.get_ylim()[1])
     ax.set_xticks(np.arange(len(variants)) + 0.4 - width / 2, labels)
-    ax.set(ylabel="Spearman(student head cosines, teacher similarity)",
+    ax.set(ylabel="Spearman(student head cosines, teacher similarity; mean ± s.e.)",
            title="(e) Domain level: student logit-layer geometry")
     ax.legend(fontsize=8)
 
