@@ -54,7 +54,7 @@ _MEASURE_LABEL = {"A": "adjusted complexity A", "A_hat": "normalised complexity 
 def plot_teacher_checkpoints(res: dict, path: Path, title: str = "") -> Path:
     panels = res["panels"]
     temps = res["temperatures"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, axes = plt.subplots(1, 2, figsize=(11.5, 3.8), gridspec_kw={"wspace": 0.5})
     colors = plt.cm.viridis(np.linspace(0.05, 0.85, len(temps)))
     for ax, measure in zip(axes, ("A", "A_hat")):
         for t, c in zip(temps, colors):
