@@ -97,10 +97,13 @@ def test_config_mismatch_and_missing_teacher(tmp_path):
 def test_corrupt_checkpoint_is_named_and_earlier_work_kept(tmp_path):
     train(small_config(epochs=2), tmp_path / "run", progress=False)
     target = tmp_path / "run" / "checkpoints" / "2"
-    for f in target.rglob("*"):
-        if f.is_file() and f.stat().st_size > 0 and "meta" not in str(f):
+    for f in (target / "variables").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0:
             f.write_bytes(b"\x00garbage")
-    with pytest.raises(ckpt.CheckpointError, match="checkpoints/2 is unreadable.*delete that folder"):
+    with pytest.raises(ckpt.CheckpointError, match=r"checkpoints/2/variables/\S+ does not match its SHA-256.*delete"):
+        ckpt.load_checkpoint(tmp_path / "run", 2)
+    (target / "manifest.sha256").write_bytes(b"\x00garbage")
+    with pytest.raises(ckpt.CheckpointError, match=r"checkpoints/2/manifest.sha256 is corrupt"):
         ckpt.load_checkpoint(tmp_path / "run", 2)
     # the earlier checkpoint is untouched, and deleting the corrupt one lets the run resume
     assert ckpt.load_checkpoint(tmp_path / "run", 1).epoch == 1
