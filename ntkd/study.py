@@ -147,16 +147,30 @@ class Study:
         self.config, self.out, self.progress = config, Path(out).expanduser(), progress
         self.results = self.out / "results"
         self.teacher_dir = self.out / "runs" / "teacher"
-        self._claim()
+        # The data are loaded (and so checked) before anything is written to the study folder.
         self.ds: Dataset = load_dataset(config.dataset, data_dir=config.data_dir, seed=0, **config.dataset_options)
         n = min(config.n_kernel, len(self.ds.x_train))
         self.x_sub, self.y_sub = self.ds.x_train[:n], self.ds.y_train[:n]
+        self._claim()
 
     def _claim(self) -> None:
+        """Takes the study folder's lock for this object's life, then checks or writes study.json."""
+        from ntkd._lock import lock_folder
+
         path = self.out / "study.json"
         cfg = self.config.to_dict()
-        if path.exists() and read_json(path) != cfg:
-            raise ValueError(f"{self.out} holds a study with another configuration; use a new --out or delete it")
+
+        def refuse_another_config():
+            if path.exists() and read_json(path) != cfg:
+                raise ValueError(f"{self.out} holds a study with another configuration; use a new --out or delete it")
+
+        refuse_another_config()  # before touching the folder at all
+        self._lock = lock_folder(self.out, what="study folder")
+        try:
+            refuse_another_config()  # again, now that no other process can write study.json
+        except ValueError:
+            self._lock.release()
+            raise
         if not path.exists():
             write_json(path, cfg)
 
@@ -418,8 +432,18 @@ def step_main(step: str, doc: str, argv: list[str] | None = None) -> Path:
 
 
 def _record_training_time(path: Path, seconds: float) -> None:
-    """Appends this invocation's training wall time; a resumed run keeps the earlier ones."""
-    history = read_json(path).get("history", []) if path.exists() else []
+    """Appends this invocation's training wall time; a resumed run keeps the earlier ones.
+
+    No result depends on it, so an unreadable file is replaced (with a warning) rather than fatal.
+    """
+    try:
+        history = read_json(path).get("history", []) if path.exists() else []
+        history = [float(s) for s in history]
+    except (ValueError, AttributeError, TypeError) as e:
+        import warnings
+
+        warnings.warn(f"{path} is unreadable ({e}); starting its record of training times afresh")
+        history = []
     history.append(seconds)
     write_json(path, {"seconds": sum(history), "history": history})
 
