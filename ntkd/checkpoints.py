@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -188,6 +189,8 @@ def save_checkpoint(run_dir: str | os.PathLike, epoch: int, variables: dict, *,
         shutil.rmtree(old)
     else:
         os.rename(work, final)
+    with contextlib.suppress(OSError):  # another save may be using it
+        staging.rmdir()
     return final
 
 
