@@ -431,3 +431,17 @@ def test_a_failed_start_writes_nothing_and_the_corrected_command_runs(tmp_path, 
     good = ["distill", "--out", str(out), "--no-progress", "--teacher", str(reference["dir"]), "--dataset-options",
             json.dumps(TINY_MNIST1D), "--model", "mlp", "--model-options", '{"widths": [8]}', "--epochs", "1"]
     assert cli_main(good) == 0
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"history": ["x"]}'])
+def test_a_corrupt_training_timings_file_does_not_block_the_study(tmp_path, content):
+    from ntkd.study import _record_training_time
+
+    path = tmp_path / "timings" / "training.json"
+    path.parent.mkdir()
+    path.write_text(content)
+    with pytest.warns(UserWarning, match="training.json is unreadable"):
+        _record_training_time(path, 2.5)
+    assert json.loads(path.read_text()) == {"seconds": 2.5, "history": [2.5]}
+    _record_training_time(path, 1.5)
+    assert json.loads(path.read_text()) == {"seconds": 4.0, "history": [2.5, 1.5]}

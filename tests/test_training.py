@@ -157,3 +157,17 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert cli_main(["distill", "--teacher", str(tmp_path / "t"), "--regime", "early_stopped", "--teacher-epoch", "7",
                      "--out", str(tmp_path / "bad"), *common]) == 2
     assert "teacher_epoch 7 not saved" in capsys.readouterr().err
+
+
+def test_student_on_other_data_than_its_teacher_is_warned(tmp_path, tiny_teacher_dir):
+    cfg = small_config(dataset_options={"num_samples": 700}, regime="offline", teacher_dir=str(tiny_teacher_dir),
+                       epochs=1)
+    with pytest.warns(UserWarning, match=r"data differ from those of teacher .*'dataset_options': "
+                                         r"\(\{'num_samples': 600\}, \{'num_samples': 700\}\)"):
+        train_student(cfg, tmp_path / "s", progress=False)
+
+
+def test_missing_teacher_message_names_the_folder(tmp_path):
+    cfg = small_config(regime="offline", teacher_dir=str(tmp_path / "nowhere"))
+    with pytest.raises(ckpt.CheckpointError, match=rf"`ntkd train-teacher --out {tmp_path / 'nowhere'}` first"):
+        train_student(cfg, tmp_path / "s", progress=False)
