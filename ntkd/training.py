@@ -564,7 +564,9 @@ class _Teacher:
     """Teacher checkpoints of a KD run: which variables to distil from at each epoch."""
 
     def __init__(self, cfg: TrainConfig, ds: Dataset, workdir: Path):
-        self.dir = workdir / Path(cfg.teacher_dir).expanduser()
+        # Lexically normalised: the student's workdir need not exist yet (nothing is written before
+        # the inputs are checked), and "workdir/../teacher" cannot be resolved through a missing folder.
+        self.dir = Path(os.path.normpath(workdir / Path(cfg.teacher_dir).expanduser()))
         self.epochs = ckpt_lib.list_epochs(self.dir)
         if not self.epochs:
             raise ckpt_lib.CheckpointError(f"teacher folder {self.dir} has no checkpoints; train it with "

@@ -256,13 +256,19 @@ def test_concurrent_starts_exactly_one_runs_and_the_folder_is_consistent(tmp_pat
     _assert_same_params(ckpt.restore_model(out)[1], expected)
 
 
-def test_a_held_lock_refuses_a_second_start_and_a_dead_holders_lock_is_taken_over(tmp_path):
-    out = tmp_path / "run"
+def _lock_holder(folder: Path) -> subprocess.Popen:
+    """A child process that holds ``folder``'s lock until killed."""
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from ntkd._lock import lock_folder; "
                                "l = lock_folder(sys.argv[1]); print('locked', flush=True); time.sleep(120)",
-                               str(out)], env=_env(), stdout=subprocess.PIPE, text=True)
+                               str(folder)], env=_env(), stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_a_held_lock_refuses_a_second_start_and_a_dead_holders_lock_is_taken_over(tmp_path):
+    out = tmp_path / "run"
+    holder = _lock_holder(out)
     try:
-        assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(FolderInUseError, match=rf"run folder {out} is in use by PID {holder.pid}"):
             train(TrainConfig(**CONFIG), out, progress=False)
         assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]  # nothing else was written
@@ -275,6 +281,21 @@ def test_a_held_lock_refuses_a_second_start_and_a_dead_holders_lock_is_taken_ove
         assert (out / LOCK_NAME).read_text().strip() == str(os.getpid())
         with lock_folder(out):  # the same process may take it again
             pass
+
+
+def test_a_study_folder_in_use_is_refused_before_study_json_is_written(tmp_path):
+    from ntkd.study import Study, StudyConfig
+
+    holder = _lock_holder(tmp_path / "study")
+    try:
+        with pytest.raises(FolderInUseError, match=rf"study folder {tmp_path / 'study'} is in use by PID {holder.pid}"):
+            Study(StudyConfig(dataset_options=TINY_MNIST1D), tmp_path / "study")
+        assert not (tmp_path / "study" / "study.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    Study(StudyConfig(dataset_options=TINY_MNIST1D), tmp_path / "study")
+    assert (tmp_path / "study" / "study.json").is_file()
 
 
 def test_deleted_config_is_rebuilt_for_the_same_run_and_another_config_is_refused(tmp_path, reference):
