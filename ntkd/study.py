@@ -151,6 +151,12 @@ class Study:
         self.ds: Dataset = load_dataset(config.dataset, data_dir=config.data_dir, seed=0, **config.dataset_options)
         n = min(config.n_kernel, len(self.ds.x_train))
         self.x_sub, self.y_sub = self.ds.x_train[:n], self.ds.y_train[:n]
+        from ntkd.models import get_model
+
+        for run in [config.teacher_config()] + [config.student_config(r, s, self.teacher_dir)
+                                                 for r in config.regimes for s in config.seeds]:
+            run.validate()
+            get_model(run.model, self.ds.num_classes, **run.model_options)
         self._claim()
 
     def _claim(self) -> None:

@@ -221,6 +221,9 @@ class TrainConfig:
         if not (self.momentum >= 0 and self.weight_decay >= 0 and self.warmup_epochs >= 0):
             raise ValueError(f"momentum, weight_decay and warmup_epochs must be >= 0, got {self.momentum}, "
                              f"{self.weight_decay}, {self.warmup_epochs}")
+        if self.optimizer not in ("sgd", "adam") or self.schedule not in ("constant", "cosine", "step"):
+            raise ValueError(f"unknown optimizer {self.optimizer!r} or schedule {self.schedule!r}; optimizers: sgd, "
+                             "adam; schedules: constant, cosine, step")
         if self.regime not in REGIMES:
             raise ValueError(f"unknown regime {self.regime!r}; choose one of {', '.join(REGIMES)}")
         if self.regime != "none" and not self.teacher_dir:

@@ -466,3 +466,13 @@ def test_a_corrupt_training_timings_file_does_not_block_the_study(tmp_path, cont
     assert json.loads(path.read_text()) == {"seconds": 2.5, "history": [2.5]}
     _record_training_time(path, 1.5)
     assert json.loads(path.read_text()) == {"seconds": 4.0, "history": [2.5, 1.5]}
+
+
+def test_a_study_with_a_bad_run_config_writes_nothing(tmp_path):
+    from ntkd.study import Study, StudyConfig
+
+    bad = StudyConfig(dataset_options=TINY_MNIST1D, teacher={"model": "nonsense"})
+    with pytest.raises(ValueError, match="unknown model 'nonsense'"):
+        Study(bad, tmp_path / "study")
+    assert not (tmp_path / "study").exists()
+    Study(StudyConfig(dataset_options=TINY_MNIST1D), tmp_path / "study")  # the corrected study starts
