@@ -158,13 +158,13 @@ def _kill_points(seed: int, events: int) -> dict:
     return {"kill_before": k} if rng.random() < 0.5 else {"kill_after": k}
 
 
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed", [0])
 def test_sigkill_at_a_random_file_operation_then_resume_is_bit_identical(tmp_path, reference, seed):
     _kill_and_resume(tmp_path, reference, **_kill_points(seed, reference["events"]))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", range(2, 12))
+@pytest.mark.parametrize("seed", range(1, 12))
 def test_sigkill_at_random_file_operations_many_seeds(tmp_path, reference, seed):
     _kill_and_resume(tmp_path, reference, **_kill_points(seed, reference["events"]))
 
