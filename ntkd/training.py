@@ -47,6 +47,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+import flax.errors
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -275,7 +276,12 @@ def predict(model, variables: dict, x: ArrayLike, *, batch_size: int = 1000) -> 
         pad = b - len(chunk)
         if pad:
             chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
-        out.append(np.asarray(fn(variables, chunk))[:b - pad])
+        try:
+            out.append(np.asarray(fn(variables, chunk))[:b - pad])
+        except flax.errors.ScopeParamShapeError as e:
+            raise ValueError(f"inputs of example shape {tuple(x.shape[1:])} do not fit the model's parameters "
+                             f"({str(e).splitlines()[0][:200]}); pass inputs shaped like its training data (the "
+                             "checkpoint metadata's 'input_shape')") from None
     return np.concatenate(out)
 
 

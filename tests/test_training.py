@@ -171,3 +171,12 @@ def test_missing_teacher_message_names_the_folder(tmp_path):
     cfg = small_config(regime="offline", teacher_dir=str(tmp_path / "nowhere"))
     with pytest.raises(ckpt.CheckpointError, match=rf"`ntkd train-teacher --out {tmp_path / 'nowhere'}` first"):
         train_student(cfg, tmp_path / "s", progress=False)
+
+
+def test_predict_on_inputs_of_another_shape_names_the_shape(tiny_teacher_dir):
+    model, variables, meta = ckpt.restore_model(tiny_teacher_dir)
+    assert tuple(meta["input_shape"]) == (40, 1)
+    with pytest.raises(ValueError, match=r"inputs of example shape \(7,\) do not fit the model's parameters"):
+        predict(model, variables, np.ones((6, 7), np.float32))
+    with pytest.raises(ValueError, match=r"must have a batch axis, got shape \(40,\)"):
+        predict(model, variables, np.ones(40, np.float32))
