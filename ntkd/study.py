@@ -177,6 +177,10 @@ class Study:
         except ValueError:
             self._lock.release()
             raise
+        from ntkd._io import remove_stale_tmp
+
+        for folder in (self.out, self.results, self.out / "timings", self.out / "figures"):
+            remove_stale_tmp(folder)  # left by interrupted writes; safe now that we hold the lock
         if not path.exists():
             write_json(path, cfg)
 

@@ -294,8 +294,11 @@ def test_a_study_folder_in_use_is_refused_before_study_json_is_written(tmp_path)
     finally:
         holder.kill()
         holder.wait()
+    (tmp_path / "study" / "results").mkdir()
+    stale = tmp_path / "study" / "results" / ".margins.json.k2j3.tmp"
+    stale.write_text("{")
     Study(StudyConfig(dataset_options=TINY_MNIST1D), tmp_path / "study")
-    assert (tmp_path / "study" / "study.json").is_file()
+    assert (tmp_path / "study" / "study.json").is_file() and not stale.exists()
 
 
 def test_deleted_config_is_rebuilt_for_the_same_run_and_another_config_is_refused(tmp_path, reference):
