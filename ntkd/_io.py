@@ -3,7 +3,10 @@
 Every result file goes through these helpers: the content is written to a
 temporary file in the destination folder and moved into place with
 ``os.replace``, which is atomic on POSIX filesystems. An interrupted run
-therefore leaves either the previous complete file or the new complete file.
+therefore leaves either the previous complete file or the new complete file
+(and possibly a stale ``.<name>.*.tmp`` beside it, which
+:func:`remove_stale_tmp` deletes). Files get the mode ``open()`` would give
+them (0666 minus the umask), so a shared results folder stays readable.
 """
 
 from __future__ import annotations
@@ -31,12 +34,25 @@ def _to_builtin(obj: Any) -> Any:
     raise TypeError(f"cannot write {type(obj).__name__} to JSON: {obj!r}")
 
 
+def _umask() -> int:
+    """The process umask (read without changing it where /proc allows)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Atomically writes ``data`` to ``path``, creating parent folders."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp creates the file 0600; give it the mode a plain open() would.
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -47,6 +63,24 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def remove_stale_tmp(folder: str | os.PathLike) -> list[Path]:
+    """Deletes the temporary files that interrupted writes left in ``folder``.
+
+    Only call it while no other process writes there (e.g. holding the
+    folder's lock, :mod:`ntkd._lock`).
+
+    Returns:
+        The deleted paths.
+    """
+    removed = []
+    for tmp in Path(folder).glob(".*.tmp"):
+        if tmp.is_file():
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

@@ -1,16 +1,22 @@
-"""Orbax-backed checkpoints with metadata, written atomically.
+"""Orbax-backed checkpoints with metadata, written atomically and verified on load.
 
 A run folder holds ``checkpoints/<epoch>/`` (one Orbax checkpoint per saved
-epoch, epoch 0 = initialisation). Each checkpoint has three items:
+epoch, epoch 0 = initialisation). Each checkpoint has three items and a manifest:
 
 - ``variables``: the model variables (``params`` and, for BatchNorm models,
   ``batch_stats``);
 - ``opt_state``: the optimiser state, so a run can resume exactly;
-- ``meta``: JSON metadata — epoch, model name and options, dataset, metrics.
+- ``meta``: JSON metadata — epoch, model name and options, dataset, metrics;
+  checkpoints written by :func:`ntkd.training.train` also hold the training
+  configuration, its digest and the history up to that epoch;
+- ``manifest.sha256``: the SHA-256 of every other file of the checkpoint.
 
-Orbax writes each checkpoint into a temporary folder and renames it when
-complete, so an interrupted save never leaves a half-written checkpoint that
-looks finished.
+A checkpoint is written completely (Orbax, then the manifest) in
+``.checkpoint-staging/`` beside ``checkpoints/`` and renamed into place in one
+step, so a folder ``checkpoints/<epoch>`` is always a finished checkpoint; an
+interrupted save leaves only staging files, which :func:`remove_stale_files`
+deletes. Loading checks every file against the manifest, so a damaged file is
+a :class:`CheckpointError` naming it, never silently wrong weights.
 
 Example:
     >>> save_checkpoint("runs/t", 3, variables, metadata={"model": "mlp", ...})
@@ -21,14 +27,19 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from ntkd._io import remove_stale_tmp, write_text
 
 
 class CheckpointError(RuntimeError):
@@ -57,16 +68,95 @@ def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir).expanduser().resolve() / "checkpoints"
 
 
-def _manager(run_dir, *, create: bool) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=None, create=create,
-                                           enable_async_checkpointing=False)
-    return ocp.CheckpointManager(checkpoint_dir(run_dir), options=options,
-                                 item_names=("variables", "opt_state", "meta"))
+MANIFEST = "manifest.sha256"
+_STAGING = ".checkpoint-staging"
+
+
+def _checkpointer() -> ocp.Checkpointer:
+    return ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+
+
+def _file_digests(folder: Path) -> dict[str, str]:
+    digests = {}
+    for f in sorted(folder.rglob("*")):
+        if f.is_file() and f.name != MANIFEST:
+            h = hashlib.sha256()
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+            digests[f.relative_to(folder).as_posix()] = h.hexdigest()
+    return digests
+
+
+def write_manifest(checkpoint: str | os.PathLike) -> Path:
+    """Writes ``manifest.sha256`` (SHA-256 of every file) into a checkpoint folder.
+
+    :func:`save_checkpoint` does this itself; call it only to adopt a checkpoint
+    written by an older ntkd, after checking that the checkpoint is sound.
+    """
+    folder = Path(checkpoint)
+    lines = [f"{digest}  {name}\n" for name, digest in _file_digests(folder).items()]
+    return write_text(folder / MANIFEST, "".join(lines))
+
+
+def _remedy(folder: Path) -> str:
+    return (f"Do not use this checkpoint: restore the folder {folder} from a copy, or delete it; a rerun of "
+            "its training command then resumes from the previous checkpoint (a teacher must be trained to its "
+            "end again before students distil from it).")
+
+
+def verify_checkpoint(checkpoint: str | os.PathLike, *, only: str | None = None) -> None:
+    """Checks a checkpoint folder against its manifest.
+
+    Args:
+        checkpoint: a ``checkpoints/<epoch>`` folder.
+        only: check only the files under this item (e.g. ``"meta"``).
+
+    Raises:
+        CheckpointError: no manifest, or a file missing, added or changed; the
+            message names the file.
+    """
+    folder = Path(checkpoint)
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        raise CheckpointError(
+            f"checkpoint {folder} has no {MANIFEST}, so its files cannot be verified. A checkpoint of "
+            f"this ntkd always has one; one written by an older ntkd can be adopted, once you trust it, "
+            f"with ntkd.checkpoints.write_manifest({str(folder)!r}).")
+    expected = {}
+    try:
+        lines = manifest.read_text().splitlines()
+    except UnicodeDecodeError:
+        lines = [""]
+    for line in lines:
+        digest, _, name = line.partition("  ")
+        if len(digest) != 64 or not name or any(c not in "0123456789abcdef" for c in digest):
+            raise CheckpointError(
+                f"checkpoint file {manifest} is corrupt (line {line[:80]!r} is not 'SHA-256  file'), so the "
+                "checkpoint cannot be verified. " + _remedy(folder))
+        expected[name] = digest
+    actual = _file_digests(folder)
+    if only is not None:
+        keep = lambda names: {n for n in names if n.startswith(only + "/")}
+        names_e, names_a = keep(expected), keep(actual)
+    else:
+        names_e, names_a = set(expected), set(actual)
+    for name in sorted(names_e | names_a):
+        if name not in actual:
+            problem = "is missing"
+        elif name not in expected:
+            problem = "is not in its manifest"
+        elif actual[name] != expected[name]:
+            problem = "does not match its SHA-256 in the manifest (the file is corrupt)"
+        else:
+            continue
+        raise CheckpointError(
+            f"checkpoint file {folder / name} {problem}. " + _remedy(folder))
 
 
 def save_checkpoint(run_dir: str | os.PathLike, epoch: int, variables: dict, *,
                     opt_state: Any = None, metadata: dict | None = None) -> Path:
-    """Saves one checkpoint atomically; overwrites an existing one of the same epoch.
+    """Saves one checkpoint atomically, with its manifest; overwrites one of the same epoch.
 
     Args:
         run_dir: the run folder.
@@ -83,25 +173,87 @@ def save_checkpoint(run_dir: str | os.PathLike, epoch: int, variables: dict, *,
              "meta": ocp.args.JsonSave(dict(metadata or {}, epoch=int(epoch)))}
     if opt_state is not None:
         items["opt_state"] = ocp.args.StandardSave(jax.device_get(opt_state))
-    with _manager(run_dir, create=True) as mngr:
-        if epoch in mngr.all_steps():
-            mngr.delete(epoch)
-        mngr.save(int(epoch), args=ocp.args.Composite(**items), force=True)
-        mngr.wait_until_finished()
-    return checkpoint_dir(run_dir) / str(epoch)
+    final = checkpoint_dir(run_dir) / str(int(epoch))
+    staging = final.parent.parent / _STAGING
+    staging.mkdir(parents=True, exist_ok=True)
+    work = staging / f"{int(epoch)}-{os.getpid()}"
+    if work.exists():
+        shutil.rmtree(work)
+    _checkpointer().save(work, args=ocp.args.Composite(**items))
+    write_manifest(work)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists():
+        old = staging / f"replaced-{int(epoch)}-{os.getpid()}"
+        os.rename(final, old)
+        os.rename(work, final)
+        shutil.rmtree(old)
+    else:
+        os.rename(work, final)
+    with contextlib.suppress(OSError):  # another save may be using it
+        staging.rmdir()
+    return final
+
+
+def remove_stale_files(run_dir: str | os.PathLike) -> None:
+    """Deletes what interrupted saves left: staging folders, Orbax tmp folders, ``.*.tmp`` files.
+
+    Only call it while holding the run folder's lock (:mod:`ntkd._lock`).
+    """
+    run_dir = Path(run_dir).expanduser()
+    shutil.rmtree(run_dir / _STAGING, ignore_errors=True)
+    ckdir = checkpoint_dir(run_dir)
+    if ckdir.is_dir():
+        for p in ckdir.iterdir():
+            if ".orbax-checkpoint-tmp" in p.name:
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    remove_stale_tmp(run_dir)
 
 
 def list_epochs(run_dir: str | os.PathLike) -> list[int]:
-    """Epochs with a complete checkpoint in ``run_dir``, ascending (empty if none)."""
-    if not checkpoint_dir(run_dir).is_dir():
+    """Epochs with a checkpoint in ``run_dir``, ascending (empty if none)."""
+    ckdir = checkpoint_dir(run_dir)
+    if not ckdir.is_dir():
         return []
-    with _manager(run_dir, create=False) as mngr:
-        return sorted(int(s) for s in mngr.all_steps())
+    return sorted(int(p.name) for p in ckdir.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def _check_epoch(run_dir: Path, epoch: int | None) -> int:
+    if not run_dir.exists():
+        raise CheckpointError(f"run folder {run_dir} does not exist; pass the folder written by "
+                              "`ntkd train-teacher`/`ntkd distill` (its --out)")
+    epochs = list_epochs(run_dir)
+    if not epochs:
+        raise CheckpointError(f"no checkpoints in {checkpoint_dir(run_dir)}; train the run first "
+                              "(`ntkd train-teacher --out ...`)")
+    if epoch is None:
+        return epochs[-1]
+    if epoch not in epochs:
+        raise CheckpointError(f"no checkpoint for epoch {epoch} in {run_dir}; saved epochs: {epochs}")
+    return int(epoch)
+
+
+def _restore(path: Path, items: dict) -> dict:
+    try:
+        return _checkpointer().restore(path, args=ocp.args.Composite(**items))
+    except Exception as e:  # Orbax raises many types for unreadable or mismatched files
+        raise CheckpointError(
+            f"checkpoint {path} is unreadable ({type(e).__name__}: {str(e)[:300]}) although its files match "
+            "its manifest: it was probably written by another version of ntkd/Orbax or for another model "
+            "or optimiser.") from e
+
+
+def read_metadata(run_dir: str | os.PathLike, epoch: int | None = None) -> dict:
+    """The JSON metadata of a checkpoint (verified against its manifest), without loading arrays."""
+    run_dir = Path(run_dir).expanduser()
+    epoch = _check_epoch(run_dir, epoch)
+    path = checkpoint_dir(run_dir) / str(epoch)
+    verify_checkpoint(path, only="meta")
+    return dict(_restore(path, {"meta": ocp.args.JsonRestore()})["meta"])
 
 
 def load_checkpoint(run_dir: str | os.PathLike, epoch: int | None = None, *,
                     opt_state_target: Any = None, variables_target: Any = None) -> Checkpoint:
-    """Restores a checkpoint.
+    """Restores a checkpoint after checking every file against its manifest.
 
     Args:
         run_dir: the run folder.
@@ -114,31 +266,17 @@ def load_checkpoint(run_dir: str | os.PathLike, epoch: int | None = None, *,
         A :class:`Checkpoint`.
 
     Raises:
-        CheckpointError: no checkpoint, unknown epoch, or unreadable files.
+        CheckpointError: no checkpoint, unknown epoch, a file that does not match
+            the manifest (named in the message), or unreadable files.
     """
     run_dir = Path(run_dir).expanduser()
-    if not run_dir.exists():
-        raise CheckpointError(f"run folder {run_dir} does not exist; pass the folder written by "
-                              "`ntkd train-teacher`/`ntkd distill` (its --out)")
-    epochs = list_epochs(run_dir)
-    if not epochs:
-        raise CheckpointError(f"no checkpoints in {checkpoint_dir(run_dir)}; train the run first "
-                              "(`ntkd train-teacher --out ...`)")
-    if epoch is None:
-        epoch = epochs[-1]
-    if epoch not in epochs:
-        raise CheckpointError(f"no checkpoint for epoch {epoch} in {run_dir}; saved epochs: {epochs}")
+    epoch = _check_epoch(run_dir, epoch)
     items = {"variables": ocp.args.StandardRestore(variables_target), "meta": ocp.args.JsonRestore()}
     if opt_state_target is not None:
         items["opt_state"] = ocp.args.StandardRestore(jax.device_get(opt_state_target))
     path = checkpoint_dir(run_dir) / str(epoch)
-    try:
-        with _manager(run_dir, create=False) as mngr:
-            restored = mngr.restore(int(epoch), args=ocp.args.Composite(**items))
-    except Exception as e:  # Orbax raises many types for damaged files
-        raise CheckpointError(
-            f"checkpoint {path} is unreadable ({type(e).__name__}: {str(e)[:300]}). It is probably "
-            f"corrupt: delete that folder and rerun; training resumes from the previous checkpoint.") from e
+    verify_checkpoint(path)
+    restored = _restore(path, items)
     variables = restored["variables"]
     if not isinstance(variables, dict) or "params" not in variables:
         raise CheckpointError(f"checkpoint {path} holds no 'params'; it was not written by ntkd")

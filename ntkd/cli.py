@@ -16,35 +16,64 @@ from pathlib import Path
 from typing import Callable
 
 
-def _json_arg(text: str):
+def _json_object(text: str) -> dict:
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError as e:
         raise argparse.ArgumentTypeError(f"not valid JSON: {text!r} ({e}); e.g. '{{\"widths\": [256, 256]}}'")
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} is JSON but not an object of option names and values; "
+                                         "e.g. '{\"widths\": [256, 256]}'")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
 
 
 def _add_train_args(p: argparse.ArgumentParser, *, model: str, epochs: int, lr: float) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="mnist1d", help="mnist1d, digits, cifar10, cifar100, tinyimagenet, gaussian")
-    g.add_argument("--dataset-options", type=_json_arg, default={}, metavar="JSON",
+    g.add_argument("--dataset-options", type=_json_object, default={}, metavar="JSON",
                    help='loader options, e.g. \'{"num_samples": 2000}\'')
     g.add_argument("--data-dir", default=None, help="folder with local archives (CIFAR, Tiny-ImageNet)")
     g = p.add_argument_group("model and optimisation")
     g.add_argument("--model", default=model, help="mlp, cnn1d, lenet5, resnet20, resnet56, resnet110")
-    g.add_argument("--model-options", type=_json_arg, default={}, metavar="JSON",
+    g.add_argument("--model-options", type=_json_object, default={}, metavar="JSON",
                    help='model options, e.g. \'{"widths": [512, 512]}\' or \'{"width": 8}\'')
-    g.add_argument("--epochs", type=int, default=epochs)
-    g.add_argument("--batch-size", type=int, default=128)
+    g.add_argument("--epochs", type=_positive_int, default=epochs)
+    g.add_argument("--batch-size", type=_positive_int, default=128)
     g.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
-    g.add_argument("--lr", type=float, default=lr, help="peak learning rate")
+    g.add_argument("--lr", type=_positive_float, default=lr, help="peak learning rate (> 0)")
     g.add_argument("--schedule", choices=("constant", "cosine", "step"), default="cosine")
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--warmup-epochs", type=int, default=0)
     g.add_argument("--augment", action="store_true", help="random crop + flip (32x32 images)")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--checkpoint-every", type=int, default=1, help="save every N epochs (0 and last always)")
+    g.add_argument("--checkpoint-every", type=_positive_int, default=1,
+                   help="save every N epochs (0 and last always)")
     p.add_argument("--out", required=True, help="run folder; rerunning on it resumes an interrupted run")
+    p.add_argument("--amend-optimizer", action="store_true",
+                   help="continue the run in --out from its latest checkpoint with changed optimiser settings "
+                        "(--optimizer, --lr, --schedule, --momentum, --weight-decay, --warmup-epochs), e.g. "
+                        "after a divergence; recorded in OUT/config_history.json")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -70,7 +99,8 @@ def _print_summary(result: dict) -> None:
 def _cmd_train_teacher(args) -> int:
     from ntkd.training import train_teacher
 
-    _print_summary(train_teacher(_config_from_args(args), args.out, progress=not args.no_progress))
+    _print_summary(train_teacher(_config_from_args(args), args.out, progress=not args.no_progress,
+                                 amend_optimizer=args.amend_optimizer))
     return 0
 
 
@@ -88,7 +118,8 @@ def _cmd_distill(args) -> int:
     teacher = str(Path(args.teacher).resolve()) if args.teacher else None
     cfg = _config_from_args(args, regime=args.regime, teacher_dir=teacher, teacher_epoch=args.teacher_epoch,
                             temperature=args.temperature, alpha=args.alpha)
-    _print_summary(train_student(cfg, args.out, progress=not args.no_progress))
+    _print_summary(train_student(cfg, args.out, progress=not args.no_progress,
+                                 amend_optimizer=args.amend_optimizer))
     return 0
 
 
@@ -149,7 +180,7 @@ def _parser_complexity(sub) -> None:
     p.add_argument("--teacher", required=True, nargs="+", help="teacher run folder(s)")
     p.add_argument("--teacher-epochs", type=int, nargs="*", default=None, help="checkpoints (default: all saved)")
     p.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0])
-    p.add_argument("--n", type=int, default=1000, help="training examples in the kernel")
+    p.add_argument("--n", type=_positive_int, default=1000, help="training examples in the kernel (>= 1)")
     p.add_argument("--mode", choices=("trace", "sum", "logit", "full"), default="trace", help="eNTK mode")
     p.add_argument("--ridge", type=float, default=0.0, help="relative ridge (times tr K / n)")
     p.add_argument("--data-dir", default=None)
@@ -284,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted: finished checkpoints and results are kept; rerun the same command to resume",
               file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as e:
         print(f"ntkd {args.command}: error: {e}", file=sys.stderr)
         return 2
 

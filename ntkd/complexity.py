@@ -178,6 +178,15 @@ def _target_matrix(Y: ArrayLike, n: int, k: int | None) -> np.ndarray:
     return Y_np.reshape(-1, 1) if k is not None else Y_np
 
 
+def _float32_valued(mat: np.ndarray, block: int = 512) -> bool:
+    """Whether every entry of a float64 matrix is exactly a float32 value (row blocks, no n² temporary)."""
+    for r in range(0, mat.shape[0], block):
+        rows = mat[r:r + block]
+        if not np.array_equal(rows.astype(np.float32).astype(np.float64), rows):
+            return False
+    return True
+
+
 class KernelFactor:
     """A Cholesky factorisation of ``K + ridge·I``, reusable across targets.
 
@@ -218,6 +227,11 @@ class KernelFactor:
             except np.linalg.LinAlgError:
                 lam_min = float(scipy.linalg.eigvalsh(
                     mat, subset_by_index=[0, 0], check_finite=False)[0])
+                if eps_in == np.finfo(np.float64).eps and _float32_valued(mat):
+                    # A float32 kernel cast to float64 on its way here (the CLI and Study do)
+                    # carries float32's round-off, not float64's.
+                    eps_in = float(np.finfo(np.float32).eps)
+                    roundoff = size * eps_in * float(np.max(np.diag(mat)))
                 if lam_min + ridge_abs < -roundoff:
                     needed = -lam_min / mean_diag
                     raise ValueError(
@@ -292,7 +306,9 @@ def factor_kernel(K: ArrayLike, *, ridge: float = 0.0) -> KernelFactor:
     with N the side of the (flattened) kernel matrix (N = n for a scalar kernel,
     n·k for a full one). ``jitter`` is 0 unless round-off made a PSD K slightly
     indefinite: when the smallest eigenvalue is above ``-N · eps · max diag K``
-    (eps of K's input dtype) it is lifted to about ``+|λ_min|``; below that K
+    (eps of K's input dtype; float32's for a float64 K whose entries are all
+    float32 values, i.e. a float32 kernel cast up) it is lifted to about
+    ``+|λ_min|``; below that K
     is reported as indefinite. A condition number above ``COND_WARN`` = 1e10
     issues an :class:`IllConditionedKernelWarning`. C and A are defined in
     Harutyunyan et al., ICLR 2023, arXiv 2301.12245.

@@ -160,6 +160,14 @@ def _load_mnist1d(*, root: Path, seed: int, num_samples: int = 5000, train_split
             ``corr_noise_scale``, ``shear_scale``, ...).
     """
     del root
+    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 20:
+        raise DatasetError(f"mnist1d num_samples must be an integer >= 20 (10 classes, each in both "
+                           f"splits), got {num_samples!r}")
+    used = num_samples // 10 * 10  # the generator makes num_samples // 10 examples per class
+    number = isinstance(train_split, (int, float, np.floating)) and not isinstance(train_split, bool)
+    if not (number and 0.0 < train_split < 1.0 and 1 <= int(used * float(train_split)) < used):
+        raise DatasetError(f"mnist1d train_split must be in (0, 1) and leave at least one training and one "
+                           f"test example, got {train_split!r} with num_samples={num_samples}")
     x, y, x_test, y_test = _generate_mnist1d(int(seed), int(num_samples), float(train_split),
                                              tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
                                                    for k, v in generator_args.items())))
@@ -339,6 +347,9 @@ def _load_gaussian(*, root: Path, seed: int, num_classes: int = 10, dim: int = 3
     :func:`gaussian_bayes_logits`.
     """
     del root
+    for name, value in (("n_train", n_train), ("n_test", n_test)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise DatasetError(f"gaussian {name} must be an integer >= 1, got {value!r}")
     means, superclass = gaussian_class_means(num_classes=num_classes, dim=dim, similarity=similarity,
                                              num_superclasses=num_superclasses, seed=seed)
     rng = np.random.default_rng([seed, 1])

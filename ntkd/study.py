@@ -180,16 +180,40 @@ class Study:
         self.results = self.out / "results"
         self._ntk_fns: dict = {}
         self.teacher_dir = self.out / "runs" / "teacher"
-        self._claim()
+        # The data are loaded (and so checked) before anything is written to the study folder.
         self.ds: Dataset = load_dataset(config.dataset, data_dir=config.data_dir, seed=0, **config.dataset_options)
         n = min(config.n_kernel, len(self.ds.x_train))
         self.x_sub, self.y_sub = self.ds.x_train[:n], self.ds.y_train[:n]
+        from ntkd.models import get_model
+
+        for run in [config.teacher_config()] + [config.student_config(r, s, self.teacher_dir)
+                                                 for r in config.regimes for s in config.regime_seeds(r)]:
+            run.validate()
+            get_model(run.model, self.ds.num_classes, **run.model_options)
+        self._claim()
 
     def _claim(self) -> None:
+        """Takes the study folder's lock for this object's life, then checks or writes study.json."""
+        from ntkd._lock import lock_folder
+
         path = self.out / "study.json"
         cfg = {**self.config.to_dict(), "criteria_sha256": self.config.criteria_sha256}
-        if path.exists() and read_json(path) != cfg:
-            raise ValueError(f"{self.out} holds a study with another configuration; use a new --out or delete it")
+
+        def refuse_another_config():
+            if path.exists() and read_json(path) != cfg:
+                raise ValueError(f"{self.out} holds a study with another configuration; use a new --out or delete it")
+
+        refuse_another_config()  # before touching the folder at all
+        self._lock = lock_folder(self.out, what="study folder")
+        try:
+            refuse_another_config()  # again, now that no other process can write study.json
+        except ValueError:
+            self._lock.release()
+            raise
+        from ntkd._io import remove_stale_tmp
+
+        for folder in (self.out, self.results, self.out / "timings", self.out / "figures"):
+            remove_stale_tmp(folder)  # left by interrupted writes; safe now that we hold the lock
         if not path.exists():
             write_json(path, cfg)
 
@@ -502,8 +526,18 @@ def step_main(step: str, doc: str, argv: list[str] | None = None) -> Path:
 
 
 def _record_training_time(path: Path, seconds: float) -> None:
-    """Appends this invocation's training wall time; a resumed run keeps the earlier ones."""
-    history = read_json(path).get("history", []) if path.exists() else []
+    """Appends this invocation's training wall time; a resumed run keeps the earlier ones.
+
+    No result depends on it, so an unreadable file is replaced (with a warning) rather than fatal.
+    """
+    try:
+        history = read_json(path).get("history", []) if path.exists() else []
+        history = [float(s) for s in history]
+    except (ValueError, AttributeError, TypeError) as e:
+        import warnings
+
+        warnings.warn(f"{path} is unreadable ({e}); starting its record of training times afresh")
+        history = []
     history.append(seconds)
     write_json(path, {"seconds": sum(history), "history": history})
 

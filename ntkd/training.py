@@ -14,7 +14,14 @@ A run folder (``workdir``) holds ``config.json``, ``history.json`` (one row per
 epoch) and ``checkpoints/<epoch>/``. Rerunning the same command on a folder
 with an interrupted run resumes from its latest checkpoint; data order and
 augmentation depend only on (seed, epoch), so the result equals an
-uninterrupted run.
+uninterrupted run. Each checkpoint records the configuration that trained it
+(and its digest) and the history up to its epoch: a resume under another
+configuration is refused even when config.json was deleted, and config.json
+and history.json are rebuilt from the latest checkpoint when missing, empty
+or behind. A run holds the folder's lock (:mod:`ntkd._lock`) while it writes,
+and writes nothing there before all inputs are checked. The optimiser
+settings of a run can be changed part-way (e.g. after a divergence) with
+``amend_optimizer=True``; ``config_history.json`` records each change.
 
 Training is data-parallel over all local JAX devices: batches are sharded
 along a one-axis ``jax.sharding.Mesh`` and parameters replicated; XLA inserts
@@ -31,12 +38,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
+import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+import flax.errors
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -49,10 +60,18 @@ from tqdm.auto import tqdm
 from ntkd import checkpoints as ckpt_lib
 from ntkd import metrics
 from ntkd._io import read_json, write_json
+from ntkd._lock import lock_folder
 from ntkd.data import Dataset, augment as augment_batch, iterate_batches, load_dataset
 from ntkd.models import get_model, init_variables
 
 REGIMES = ("none", "offline", "early_stopped", "online")
+
+# Settings that ``amend_optimizer=True`` may change in a run that has checkpoints.
+AMENDABLE = ("optimizer", "learning_rate", "schedule", "momentum", "weight_decay", "warmup_epochs")
+
+
+class DivergenceError(FloatingPointError):
+    """The training loss became NaN or inf; the message says how to continue."""
 
 
 # ----------------------------------------------------------------------------- losses
@@ -191,18 +210,41 @@ class TrainConfig:
             raise ValueError(f"unknown config keys {sorted(unknown)}; known: {sorted(known)}")
         return cls(**d)
 
+    def digest(self) -> str:
+        """A short SHA-256 of the configuration (recorded in every checkpoint)."""
+        return config_digest(self.to_dict())
+
     def validate(self) -> None:
+        for name in ("dataset_options", "model_options"):
+            value = getattr(self, name)
+            if not isinstance(value, dict):
+                raise ValueError(f"{name} must be a JSON object (a dict) of option names and values, got "
+                                 f"{value!r}; e.g. '{{\"widths\": [64, 64]}}' rather than '[64, 64]'")
+        if not (isinstance(self.learning_rate, (int, float)) and math.isfinite(self.learning_rate)
+                and self.learning_rate > 0):
+            raise ValueError(f"learning_rate must be a finite number > 0, got {self.learning_rate!r} (--lr)")
+        if not (self.momentum >= 0 and self.weight_decay >= 0 and self.warmup_epochs >= 0):
+            raise ValueError(f"momentum, weight_decay and warmup_epochs must be >= 0, got {self.momentum}, "
+                             f"{self.weight_decay}, {self.warmup_epochs}")
+        if self.optimizer not in ("sgd", "adam") or self.schedule not in ("constant", "cosine", "step"):
+            raise ValueError(f"unknown optimizer {self.optimizer!r} or schedule {self.schedule!r}; optimizers: sgd, "
+                             "adam; schedules: constant, cosine, step")
         if self.regime not in REGIMES:
             raise ValueError(f"unknown regime {self.regime!r}; choose one of {', '.join(REGIMES)}")
         if self.regime != "none" and not self.teacher_dir:
             raise ValueError(f"regime {self.regime!r} needs teacher_dir (--teacher RUN_DIR)")
         if self.regime == "early_stopped" and self.teacher_epoch is None:
             raise ValueError("regime 'early_stopped' needs teacher_epoch (--teacher-epoch N)")
-        if self.epochs < 1 or self.batch_size < 1 or self.checkpoint_every < 1:
-            raise ValueError(f"epochs, batch_size, checkpoint_every must be >= 1, got "
-                             f"{self.epochs}, {self.batch_size}, {self.checkpoint_every}")
+        if self.epochs < 1 or self.batch_size < 1 or self.checkpoint_every < 1 or self.eval_batch_size < 1:
+            raise ValueError(f"epochs, batch_size, checkpoint_every, eval_batch_size must be >= 1, got "
+                             f"{self.epochs}, {self.batch_size}, {self.checkpoint_every}, {self.eval_batch_size}")
         if self.temperature <= 0 or not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"need temperature > 0 and 0 <= alpha <= 1, got {self.temperature}, {self.alpha}")
+
+
+def config_digest(config: dict) -> str:
+    """A short SHA-256 of a configuration dict (key order does not matter)."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @flax.struct.dataclass
@@ -238,7 +280,12 @@ def predict(model, variables: dict, x: ArrayLike, *, batch_size: int = 1000) -> 
         pad = b - len(chunk)
         if pad:
             chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
-        out.append(np.asarray(fn(variables, chunk))[:b - pad])
+        try:
+            out.append(np.asarray(fn(variables, chunk))[:b - pad])
+        except flax.errors.ScopeParamShapeError as e:
+            raise ValueError(f"inputs of example shape {tuple(x.shape[1:])} do not fit the model's parameters "
+                             f"({str(e).splitlines()[0][:200]}); pass inputs shaped like its training data (the "
+                             "checkpoint metadata's 'input_shape')") from None
     return np.concatenate(out)
 
 
@@ -371,8 +418,15 @@ def _epoch_row(model, state, ds, cfg, ref_train, ref_test) -> dict:
     return row
 
 
+def _optimizer(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+    return make_optimizer(cfg.optimizer, cfg.learning_rate, total_steps=cfg.epochs * steps_per_epoch,
+                          schedule=cfg.schedule, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                          warmup_steps=cfg.warmup_epochs * steps_per_epoch)
+
+
 def train(cfg: TrainConfig, workdir: str | os.PathLike, *, dataset: Dataset | None = None,
-          progress: bool = True, on_epoch_end: Callable[[int, dict], None] | None = None) -> dict:
+          progress: bool = True, on_epoch_end: Callable[[int, dict], None] | None = None,
+          amend_optimizer: bool = False) -> dict:
     """Trains a teacher (``regime="none"``) or a student, resuming if possible.
 
     Args:
@@ -384,13 +438,23 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike, *, dataset: Dataset | No
         on_epoch_end: called as ``on_epoch_end(epoch, history_row)`` after each epoch
             (and after its checkpoint, on checkpoint epochs); raising stops training,
             e.g. for early stopping, and a rerun resumes from the latest checkpoint.
+        amend_optimizer: continue a run whose checkpoints were trained with other
+            optimiser settings (only the :data:`AMENDABLE` fields may differ) from its
+            latest checkpoint under ``cfg``; the change is appended to
+            ``workdir/config_history.json``. When the optimiser state no longer fits
+            (e.g. another ``optimizer``) it starts afresh, and that is recorded too.
 
     Returns:
         ``{"variables", "history", "model", "workdir"}``.
+
+    Raises:
+        FolderInUseError: another process is writing ``workdir``.
+        DivergenceError: the loss became NaN or inf (checkpoints before it are kept).
+        ValueError: a bad configuration or input, or ``workdir`` holds a run of
+            another configuration.
     """
     cfg.validate()
     workdir = Path(workdir).expanduser()
-    _claim_workdir(workdir, cfg)
     ds = dataset if dataset is not None else load_dataset(
         cfg.dataset, data_dir=cfg.data_dir, seed=cfg.data_seed, **cfg.dataset_options)
     model = get_model(cfg.model, ds.num_classes, **cfg.model_options)
@@ -401,70 +465,99 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike, *, dataset: Dataset | No
                          f"have shape {ds.x_train.shape}")
 
     steps_per_epoch = max(len(ds.x_train) // min(cfg.batch_size, len(ds.x_train)), 1)
-    tx = make_optimizer(cfg.optimizer, cfg.learning_rate, total_steps=cfg.epochs * steps_per_epoch,
-                        schedule=cfg.schedule, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                        warmup_steps=cfg.warmup_epochs * steps_per_epoch)
+    tx = _optimizer(cfg, steps_per_epoch)
 
     teacher = _Teacher(cfg, ds, workdir) if cfg.regime != "none" else None
     ref_train, ref_test = (teacher.reference_logits if teacher else (None, None))
     step = _make_train_step(model, tx, temperature=cfg.temperature, alpha=cfg.alpha, augment=cfg.augment,
                             teacher_model=teacher.model if teacher else None)
-
-    meta = {"model": cfg.model, "model_options": cfg.model_options, "num_classes": ds.num_classes,
-            "input_shape": list(ds.input_shape), "dataset": cfg.dataset,
-            "dataset_options": cfg.dataset_options, "data_seed": cfg.data_seed, "regime": cfg.regime,
-            "seed": cfg.seed}
     state = _init_state(model, tx, jax.random.key(cfg.seed), ds.input_shape)
-    history: list[dict] = []
-    start = 0
-    saved = ckpt_lib.list_epochs(workdir)
-    if saved:
-        restored = ckpt_lib.load_checkpoint(workdir, saved[-1], opt_state_target=state.opt_state,
-                                            variables_target=state.variables)
-        v = restored.variables
-        state = TrainState(v["params"], v.get("batch_stats"), restored.opt_state)
-        start = saved[-1]
-        history = [r for r in _read_history(workdir) if r["epoch"] <= start]
-    else:
-        row = dict(epoch=0, loss=None, **_epoch_row(model, state, ds, cfg, ref_train, ref_test))
-        history = [row]
-        ckpt_lib.save_checkpoint(workdir, 0, state.variables, opt_state=state.opt_state,
-                                 metadata=dict(meta, metrics=row))
-        write_json(workdir / "history.json", history)
 
-    mesh = _mesh()
-    data_sharding, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
-    state = jax.device_put(state, replicated)
-    epoch_fn = _make_epoch_fn(step, data_sharding)
-    x_all, y_all = jax.device_put((ds.x_train, ds.y_train), replicated)
-    bar = tqdm(range(start + 1, cfg.epochs + 1), desc=f"{cfg.regime if teacher else 'train'} {cfg.model}",
-               disable=not progress, initial=start, total=cfg.epochs, leave=False)
-    for epoch in bar:
-        t0 = time.perf_counter()
-        t_vars, t_epoch = (teacher.variables_for(epoch) if teacher else (None, None))
-        t_vars = jax.device_put(t_vars, replicated) if t_vars is not None else None
-        batches = _epoch_batches(len(ds.x_train), cfg.batch_size, seed=cfg.seed, epoch=epoch)
-        state, losses = epoch_fn(state, x_all, y_all, batches, t_vars,
-                                 jax.random.fold_in(jax.random.key(cfg.seed), epoch))
-        loss = float(np.mean(jax.device_get(losses)))
-        if not np.isfinite(loss):
-            raise FloatingPointError(f"training loss became {loss} at epoch {epoch}; lower the learning "
-                                     f"rate (now {cfg.learning_rate}) — checkpoints up to epoch {epoch - 1} are kept")
-        row = {"epoch": epoch, "loss": loss, **_epoch_row(model, state, ds, cfg, ref_train, ref_test),
-               "seconds": time.perf_counter() - t0}
-        if t_epoch is not None:
-            row["teacher_epoch"] = t_epoch
-        history.append(row)
-        if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs or epoch in (cfg.checkpoint_epochs or ()):
+    # Every input is checked by now: only from here on is anything written to workdir.
+    with lock_folder(workdir):
+        ckpt_lib.remove_stale_files(workdir)
+        saved = ckpt_lib.list_epochs(workdir)
+        trained = ckpt_lib.read_metadata(workdir, saved[-1]).get("config") if saved else None
+        keep_opt_state = trained is None or _same_optimizer_state(TrainConfig.from_dict(trained), tx, state,
+                                                                   steps_per_epoch)
+        _claim_workdir(workdir, cfg, trained, saved[-1] if saved else None, amend=amend_optimizer,
+                       keep_opt_state=keep_opt_state)
+        meta = {"model": cfg.model, "model_options": cfg.model_options, "num_classes": ds.num_classes,
+                "input_shape": list(ds.input_shape), "dataset": cfg.dataset,
+                "dataset_options": cfg.dataset_options, "data_seed": cfg.data_seed, "regime": cfg.regime,
+                "seed": cfg.seed, "config": cfg.to_dict(), "config_digest": cfg.digest()}
+
+        def save(epoch: int, state: TrainState, history: list[dict]) -> None:
+            # The checkpoint carries the history up to its epoch, so history.json can always be rebuilt.
             ckpt_lib.save_checkpoint(workdir, epoch, state.variables, opt_state=state.opt_state,
-                                     metadata=dict(meta, metrics=row))
+                                     metadata=dict(meta, metrics=history[-1], history=history))
             write_json(workdir / "history.json", history)
-        bar.set_postfix(loss=f"{loss:.3f}", test_acc=f"{row['test_acc']:.3f}")
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, row)
-    write_json(workdir / "history.json", history)
+
+        if saved:
+            start = saved[-1]
+            restored = ckpt_lib.load_checkpoint(workdir, start, variables_target=state.variables,
+                                                opt_state_target=state.opt_state if keep_opt_state else None)
+            v = restored.variables
+            state = TrainState(v["params"], v.get("batch_stats"),
+                               restored.opt_state if keep_opt_state else state.opt_state)
+            history = _history_at(workdir, restored.metadata, start)
+            write_json(workdir / "history.json", history)
+        else:
+            start = 0
+            history = [dict(epoch=0, loss=None, **_epoch_row(model, state, ds, cfg, ref_train, ref_test))]
+            save(0, state, history)
+        last_saved = start
+
+        mesh = _mesh()
+        data_sharding, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+        state = jax.device_put(state, replicated)
+        epoch_fn = _make_epoch_fn(step, data_sharding)
+        x_all, y_all = jax.device_put((ds.x_train, ds.y_train), replicated)
+        bar = tqdm(range(start + 1, cfg.epochs + 1), desc=f"{cfg.regime if teacher else 'train'} {cfg.model}",
+                   disable=not progress, initial=start, total=cfg.epochs, leave=False)
+        for epoch in bar:
+            t0 = time.perf_counter()
+            t_vars, t_epoch = (teacher.variables_for(epoch) if teacher else (None, None))
+            t_vars = jax.device_put(t_vars, replicated) if t_vars is not None else None
+            batches = _epoch_batches(len(ds.x_train), cfg.batch_size, seed=cfg.seed, epoch=epoch)
+            state, losses = epoch_fn(state, x_all, y_all, batches, t_vars,
+                                     jax.random.fold_in(jax.random.key(cfg.seed), epoch))
+            loss = float(np.mean(jax.device_get(losses)))
+            if not np.isfinite(loss):
+                raise DivergenceError(_divergence_message(cfg, workdir, loss, epoch, last_saved))
+            row = {"epoch": epoch, "loss": loss, **_epoch_row(model, state, ds, cfg, ref_train, ref_test),
+                   "seconds": time.perf_counter() - t0}
+            if t_epoch is not None:
+                row["teacher_epoch"] = t_epoch
+            history.append(row)
+            if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs or epoch in (cfg.checkpoint_epochs or ()):
+                save(epoch, state, history)
+                last_saved = epoch
+            bar.set_postfix(loss=f"{loss:.3f}", test_acc=f"{row['test_acc']:.3f}")
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, row)
+        write_json(workdir / "history.json", history)
     return {"variables": jax.device_get(state.variables), "history": history, "model": model,
             "workdir": workdir}
+
+
+def _divergence_message(cfg: TrainConfig, workdir: Path, loss: float, epoch: int, last_saved: int) -> str:
+    return (f"training diverged: the loss became {loss} at epoch {epoch} (optimizer {cfg.optimizer}, learning "
+            f"rate {cfg.learning_rate:g}); nothing after the checkpoint of epoch {last_saved} was saved. To continue "
+            f"from that checkpoint with a smaller learning rate, rerun the same command on the same --out with "
+            f"e.g. --lr {cfg.learning_rate / 10:g} --amend-optimizer (in Python: train(dataclasses.replace(cfg, "
+            f"learning_rate=...), workdir, amend_optimizer=True)); the change is recorded in "
+            f"{workdir / 'config_history.json'}. Or start afresh with another --out.")
+
+
+def _same_optimizer_state(trained: TrainConfig, tx, state: TrainState, steps_per_epoch: int) -> bool:
+    """Whether the optimiser of ``trained`` has a state of the same structure and shapes as ``tx``'s."""
+    old = jax.eval_shape(_optimizer(trained, steps_per_epoch).init, state.params)
+    new = jax.eval_shape(tx.init, state.params)
+    if jax.tree_util.tree_structure(old) != jax.tree_util.tree_structure(new):
+        return False
+    return all(a.shape == b.shape and a.dtype == b.dtype
+               for a, b in zip(jax.tree_util.tree_leaves(old), jax.tree_util.tree_leaves(new)))
 
 
 def train_teacher(cfg: TrainConfig, workdir: str | os.PathLike, **kwargs) -> dict:
@@ -485,16 +578,32 @@ class _Teacher:
     """Teacher checkpoints of a KD run: which variables to distil from at each epoch."""
 
     def __init__(self, cfg: TrainConfig, ds: Dataset, workdir: Path):
-        self.dir = workdir / Path(cfg.teacher_dir).expanduser()
+        # Lexically normalised: the student's workdir need not exist yet (nothing is written before
+        # the inputs are checked), and "workdir/../teacher" cannot be resolved through a missing folder.
+        self.dir = Path(os.path.normpath(workdir / Path(cfg.teacher_dir).expanduser()))
         self.epochs = ckpt_lib.list_epochs(self.dir)
         if not self.epochs:
             raise ckpt_lib.CheckpointError(f"teacher folder {self.dir} has no checkpoints; train it with "
-                                           "`ntkd train-teacher --out {self.dir}` first")
+                                           f"`ntkd train-teacher --out {self.dir}` first")
         self.model, final_vars, meta = ckpt_lib.restore_model(self.dir)
+        planned = (meta.get("config") or {}).get("epochs")
+        if planned is None and (self.dir / "config.json").is_file():  # checkpoints of an older ntkd
+            planned = read_json(self.dir / "config.json").get("epochs")
+        if planned is not None and self.epochs[-1] < planned:
+            raise ckpt_lib.CheckpointError(
+                f"teacher run {self.dir} is unfinished: it was configured for {planned} epochs but its latest "
+                f"checkpoint is epoch {self.epochs[-1]}, so its final teacher does not exist. Finish it first by "
+                f"rerunning its `ntkd train-teacher ... --out {self.dir}` command (it resumes).")
         if tuple(meta["input_shape"]) != ds.input_shape or meta["num_classes"] != ds.num_classes:
             raise ValueError(f"teacher in {self.dir} was trained on inputs {tuple(meta['input_shape'])} with "
                              f"{meta['num_classes']} classes (dataset {meta['dataset']!r}) but the student data "
                              f"has {ds.input_shape} and {ds.num_classes} classes")
+        mine = {"dataset": cfg.dataset, "dataset_options": cfg.dataset_options, "data_seed": cfg.data_seed}
+        diff = {k: (meta[k], v) for k, v in mine.items() if k in meta and meta[k] != v}
+        if diff:
+            warnings.warn(f"the student's data differ from those of teacher {self.dir}: {diff} (teacher, "
+                          "student); the teacher is distilled on other examples than it was trained on. Pass "
+                          "the teacher's --dataset/--dataset-options unless that is what you want.", stacklevel=4)
         self.regime, self.cfg = cfg.regime, cfg
         self._cache = {self.epochs[-1]: final_vars}
         if cfg.regime == "early_stopped" and cfg.teacher_epoch not in self.epochs:
@@ -518,23 +627,60 @@ class _Teacher:
         return self._load(e), e
 
 
-def _claim_workdir(workdir: Path, cfg: TrainConfig) -> None:
-    """Writes config.json, or checks that an existing run has the same config."""
+def _claim_workdir(workdir: Path, cfg: TrainConfig, trained: dict | None, latest: int | None, *,
+                   amend: bool, keep_opt_state: bool) -> None:
+    """Checks that ``cfg`` may continue the run in ``workdir`` and (re)writes its config.json.
+
+    ``trained`` is the configuration recorded in the latest checkpoint (epoch
+    ``latest``); it, not config.json, decides, so a deleted or edited config.json
+    cannot make a resume mix configurations. Call it holding the folder's lock.
+    """
+    requested = cfg.to_dict()
     path = workdir / "config.json"
-    if path.exists():
-        old = read_json(path)
-        if old != cfg.to_dict():
-            diff = {k: (old.get(k), v) for k, v in cfg.to_dict().items() if old.get(k) != v}
-            raise ValueError(f"{workdir} holds a run with a different configuration {diff} "
-                             "(saved, requested); use another output folder or delete it")
-    else:
-        workdir.mkdir(parents=True, exist_ok=True)
-        write_json(path, cfg.to_dict())
+    history_path = workdir / "config_history.json"
+    if latest is None:  # nothing trained yet: the folder takes this configuration
+        history_path.unlink(missing_ok=True)
+        write_json(path, requested)
+        return
+    if trained is None:
+        if not path.exists():
+            raise ValueError(f"{workdir} has checkpoints of an older ntkd, which do not record their "
+                             "configuration, and no config.json; resuming could mix configurations, so use "
+                             "another output folder")
+        trained = read_json(path)
+    if trained != requested:
+        diff = {k: (trained.get(k), v) for k, v in requested.items() if trained.get(k) != v}
+        changes = read_json(history_path) if history_path.exists() else []
+        if not (changes and changes[-1]["from_epoch"] == latest and changes[-1]["config"] == requested):
+            fixed = sorted(set(diff) - set(AMENDABLE))
+            if not amend or fixed:
+                how = (f"only {', '.join(AMENDABLE)} can change part-way, not {fixed}" if fixed else
+                       f"to continue from epoch {latest} with these optimiser settings, pass --amend-optimizer "
+                       "(amend_optimizer=True)")
+                raise ValueError(f"{workdir} holds a run with a different configuration {diff} (trained, "
+                                 f"requested; recorded in checkpoints/{latest}): use another output folder or "
+                                 f"delete it; {how}")
+            if not changes:
+                changes = [{"from_epoch": 0, "config": trained, "changes": {}}]
+            elif changes[-1]["from_epoch"] == latest:  # an amendment from this epoch that never trained
+                changes.pop()
+            changes.append({"from_epoch": latest, "config": requested,
+                            "changes": {k: list(v) for k, v in diff.items()},
+                            "optimizer_state": "kept" if keep_opt_state else "reinitialised"})
+            write_json(history_path, changes)
+    write_json(path, requested)
 
 
-def _read_history(workdir: Path) -> list[dict]:
+def _history_at(workdir: Path, meta: dict, epoch: int) -> list[dict]:
+    """The history up to ``epoch``, from its checkpoint's metadata (or, for an older ntkd's, history.json)."""
+    if "history" in meta:
+        return list(meta["history"])
     path = workdir / "history.json"
-    return read_json(path) if path.exists() else []
+    try:
+        rows = read_json(path) if path.exists() else []
+    except ValueError:
+        rows = []
+    return [r for r in rows if isinstance(r, dict) and r.get("epoch", epoch + 1) <= epoch]
 
 
 def fit(model, x: ArrayLike, targets: ArrayLike, *, epochs: int, batch_size: int = 128,

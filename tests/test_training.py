@@ -97,10 +97,13 @@ def test_config_mismatch_and_missing_teacher(tmp_path):
 def test_corrupt_checkpoint_is_named_and_earlier_work_kept(tmp_path):
     train(small_config(epochs=2), tmp_path / "run", progress=False)
     target = tmp_path / "run" / "checkpoints" / "2"
-    for f in target.rglob("*"):
-        if f.is_file() and f.stat().st_size > 0 and "meta" not in str(f):
+    for f in (target / "variables").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0:
             f.write_bytes(b"\x00garbage")
-    with pytest.raises(ckpt.CheckpointError, match="checkpoints/2 is unreadable.*delete that folder"):
+    with pytest.raises(ckpt.CheckpointError, match=r"checkpoints/2/variables/\S+ does not match its SHA-256.*delete"):
+        ckpt.load_checkpoint(tmp_path / "run", 2)
+    (target / "manifest.sha256").write_bytes(b"\x00garbage")
+    with pytest.raises(ckpt.CheckpointError, match=r"checkpoints/2/manifest.sha256 is corrupt"):
         ckpt.load_checkpoint(tmp_path / "run", 2)
     # the earlier checkpoint is untouched, and deleting the corrupt one lets the run resume
     assert ckpt.load_checkpoint(tmp_path / "run", 1).epoch == 1
@@ -154,3 +157,26 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert cli_main(["distill", "--teacher", str(tmp_path / "t"), "--regime", "early_stopped", "--teacher-epoch", "7",
                      "--out", str(tmp_path / "bad"), *common]) == 2
     assert "teacher_epoch 7 not saved" in capsys.readouterr().err
+
+
+def test_student_on_other_data_than_its_teacher_is_warned(tmp_path, tiny_teacher_dir):
+    cfg = small_config(dataset_options={"num_samples": 700}, regime="offline", teacher_dir=str(tiny_teacher_dir),
+                       epochs=1)
+    with pytest.warns(UserWarning, match=r"data differ from those of teacher .*'dataset_options': "
+                                         r"\(\{'num_samples': 600\}, \{'num_samples': 700\}\)"):
+        train_student(cfg, tmp_path / "s", progress=False)
+
+
+def test_missing_teacher_message_names_the_folder(tmp_path):
+    cfg = small_config(regime="offline", teacher_dir=str(tmp_path / "nowhere"))
+    with pytest.raises(ckpt.CheckpointError, match=rf"`ntkd train-teacher --out {tmp_path / 'nowhere'}` first"):
+        train_student(cfg, tmp_path / "s", progress=False)
+
+
+def test_predict_on_inputs_of_another_shape_names_the_shape(tiny_teacher_dir):
+    model, variables, meta = ckpt.restore_model(tiny_teacher_dir)
+    assert tuple(meta["input_shape"]) == (40, 1)
+    with pytest.raises(ValueError, match=r"inputs of example shape \(7,\) do not fit the model's parameters"):
+        predict(model, variables, np.ones((6, 7), np.float32))
+    with pytest.raises(ValueError, match=r"must have a batch axis, got shape \(40,\)"):
+        predict(model, variables, np.ones(40, np.float32))
