@@ -22,7 +22,8 @@ the kernel, not of the targets' size) and report the same statistic under
 three controls: A itself, the identity kernel (A(Y; I) = RMS row norm of Y:
 what target size alone does), and Â with each teacher target replaced by
 label smoothing of the same Frobenius norm (what softening alone does). A
-finding that holds under A but not under Â is flagged ``size_effect_only``.
+finding whose statistic is significant in the paper's direction under A but
+not under Â (both at their uncorrected p) is flagged ``size_effect_only``.
 
 :func:`write_findings` evaluates a study folder's criteria on its
 ``results/*.json`` and writes ``results/findings.json``: a list of objects
@@ -375,7 +376,7 @@ def evaluate_findings(criteria: list[dict], results: Mapping[str, dict]) -> list
             for m in ("A", "identity", "ls"):
                 r = _result(fn(results, c["params"], m))
                 row["controls"][CONTROL_NAMES[m]] = {"measure": MEASURES[m], "effect": r.effect, "ci": list(r.ci),
-                                                     "p": r.p}
+                                                     "p": r.p, "method": r.method}
         rows.append(row)
         tested.append(len(rows) - 1)
     adjusted = holm([rows[i]["p"] for i in tested])
@@ -384,9 +385,12 @@ def evaluate_findings(criteria: list[dict], results: Mapping[str, dict]) -> list
         row["p_adjusted"] = p_adj
         row["verdict"] = verdict(row["effect"], p_adj, direction=row["direction"], alpha=row["alpha"])
         if row["kind"] == "complexity":
+            # Like with like: both at their uncorrected p (the controls take no part in the correction).
+            def holds(effect, p):
+                return p < row["alpha"] and np.sign(effect) == row["direction"]
+
             a = row["controls"]["A"]
-            a_holds = a["p"] < row["alpha"] and np.sign(a["effect"]) == row["direction"]
-            row["size_effect_only"] = bool(a_holds and row["verdict"] != "reproduced")
+            row["size_effect_only"] = bool(holds(a["effect"], a["p"]) and not holds(row["effect"], row["p"]))
     return rows
 
 

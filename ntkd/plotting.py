@@ -236,12 +236,18 @@ def plot_margins(res: dict, path: Path, title: str = "", findings: list | None =
     terms = [("margin_error", "γ-margin error of f"), ("complexity_term", "complexity term"),
              ("confidence_term", "confidence term"), ("total", "bound total")]
     x = np.arange(len(names))
+    floor = 1e-2
     for i, (key, label) in enumerate(terms):
-        stats = [_mean_se([max(r["bound"][key], 1e-4) for r in by[n]]) for n in names]
-        ax.bar(x + (i - 1.5) * 0.2, [m for m, _ in stats], 0.2, yerr=[se for _, se in stats], label=label,
-               alpha=0.85, capsize=2)
+        stats = [_mean_se([r["bound"][key] for r in by[n]]) for n in names]
+        pos = x + (i - 1.5) * 0.2
+        bars = ax.bar(pos, [m if m > 0 else np.nan for m, _ in stats], 0.2,
+                      yerr=[se if m > 0 else np.nan for m, se in stats], label=label, alpha=0.85, capsize=2)
+        for xi, (m, _) in zip(pos, stats):
+            if m == 0:  # a log axis cannot show 0: say it
+                ax.text(xi, floor * 1.3, "0", ha="center", va="bottom", fontsize=7, color=bars.patches[0].get_facecolor())
     ax.axhline(1.0, color="k", ls="--", lw=0.8, label="1 (above: vacuous)")
     ax.set_yscale("log")
+    ax.set_ylim(bottom=floor)
     ax.set_xticks(x)
     ax.set_xticklabels(names, rotation=30, ha="right")
     ax.set_ylabel("bound on P(error) and its terms (log axis)")

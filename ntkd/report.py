@@ -65,8 +65,9 @@ def _findings_table(findings: list[dict]) -> list[str]:
              "|---|---|---|---|---|---|---|---|"]
     for f in findings:
         c = f.get("controls", {})
-        ctl = [f"{_num(c[k]['effect'])} (p {_p(c[k]['p'])})" if k in c else "–"
-               for k in ("A", "identity_kernel", "label_smoothing_matched")]
+        ctl = [("–" if k not in c else f"{_num(c[k]['effect'])} (exact: no seed changes it)"
+                if c[k].get("method", "").startswith("all differences equal") else
+                f"{_num(c[k]['effect'])} (p {_p(c[k]['p'])})") for k in ("A", "identity_kernel", "label_smoothing_matched")]
         flag = " (size effect only)" if f.get("size_effect_only") else ""
         lines.append(f"| {f['name']} | **{f['verdict']}**{flag} | {_num(f['effect'])} {_ci(f['ci'])} | {_p(f['p'])} | "
                      f"{_p(f['p_adjusted'])} | {' | '.join(ctl)} |")
@@ -124,6 +125,7 @@ def _capacity_lines(dist: dict, findings: list[dict]) -> list[str]:
     f = next((x for x in findings if x["name"].startswith("online KD helps most")), None)
     t = None
     out = ["| student | capacity gap (points) | online − offline test acc (points) | seeds |", "|---|---|---|---|"]
+    points: dict[str, tuple[float, float]] = {}
     by: dict[str, dict] = {}
     for r in rows:
         by.setdefault(r["student"], {}).setdefault(r["kind"], []).append(r)
@@ -140,10 +142,19 @@ def _capacity_lines(dist: dict, findings: list[dict]) -> list[str]:
         gains = np.array([runs[on["regime"], s]["test_acc"] - runs[off["regime"], s]["test_acc"] for s in seeds])
         gap = dist["teacher_test_acc"] - kinds["none"][0]["test_acc_mean"]
         se = gains.std(ddof=1) / np.sqrt(len(gains)) if len(gains) > 1 else 0.0
+        points[student] = (gap, gains.mean())
         out.append(f"| {student} | {100 * gap:.1f} | {100 * gains.mean():+.1f} ± {100 * se:.1f} | {len(seeds)} |")
     if f is not None and f.get("effect") is not None:
         out.append(f"\nSlope of the gain on the gap (τ = {t:g}): {f['effect']:.3f} points per point, 95% CI "
-                   f"{_ci(f['ci'])}, p = {_p(f['p'])} (Holm {_p(f['p_adjusted'])}) — **{f['verdict']}**.")
+                   f"{_ci(f['ci'])}, p = {_p(f['p'])} (Holm {_p(f['p_adjusted'])}) — **{f['verdict']}**. The "
+                   "bootstrap resamples seeds, so this interval is conditional on these students; which students "
+                   "are chosen is a further source of variation it does not contain.")
+    if len(points) >= 4:
+        loo = []
+        for left in points:
+            rest = [v for k, v in points.items() if k != left]
+            loo.append(f"without {left}: {np.polyfit(*zip(*rest), 1)[0]:.3f}")
+        out.append(f"Leave-one-student-out slopes (descriptive, not part of the criterion): {'; '.join(loo)}.")
     return out
 
 
@@ -232,7 +243,8 @@ def write_report(study_dir: str | os.PathLike) -> Path:
              "significant the other way; **inconclusive** = neither. Complexity findings are decided on the "
              "scale-free complexity Â = A(Y; K) / A(Y; I); the same statistic under A, under the identity kernel "
              "(target size alone) and with teacher targets replaced by label smoothing of equal norm (softening "
-             "alone) is shown beside it. \"size effect only\": holds under A but not under Â.", ""]
+             "alone) is shown beside it, with its uncorrected p. \"size effect only\": significant under A but not under Â "
+             "(both uncorrected).", ""]
     if findings:
         n_rep = sum(f["verdict"] == "reproduced" for f in findings)
         parts += [f"## Findings ({n_rep} of {len(findings)} reproduced)", ""]
