@@ -1,21 +1,27 @@
 """The study of Harutyunyan et al. (ICLR 2023) as five resumable steps.
 
 ``run_study(config, out)`` trains a teacher and the students of every KD
-regime, then runs the five analyses of the issue tracker's study:
+regime, then runs five analyses, evaluates the pre-registered findings
+(:mod:`ntkd.findings`) and writes the report. The NTK analyses run on every
+seed of ``config.analysis_seeds`` (each seed: its own student initialisation,
+hence its own kernel); every complexity is recorded as A, the scale-free Â,
+the identity-kernel A and, for teacher targets, Â of equal-norm label
+smoothing (docs/study.md).
 
-1. ``teacher_checkpoints``: adjusted supervision complexity of each teacher
-   checkpoint's predictions at several temperatures, in the student's NTK at
+1. ``teacher_checkpoints``: complexity of each teacher checkpoint's
+   predictions at several temperatures in the student's NTK at
    initialisation, with the teacher's accuracy.
 2. ``student_complexity``: complexity of true labels, random labels, the
    offline (final) teacher and the online teacher (checkpoint of the same
    epoch) in the student's NTK at checkpoints along its training.
-3. ``distillation``: test accuracy, train/test fidelity and KL per regime,
-   mean ± std over seeds.
+3. ``distillation``: test accuracy, train/test fidelity and KL per regime and
+   seed, with mean, std and standard error.
 4. ``ntk_similarity``: each trained student's NTK against its NTK at init and
    against the teacher's NTK on the same inputs (alignment and CKA), and the
    trained students' NTKs against each other.
-5. ``margins``: student margins w.r.t. the teacher and the terms of the
-   margin bound, per regime.
+5. ``margins``: the kernel-student margin bound of each regime's final
+   supervision (:func:`ntkd.complexity.kernel_margin_bound`), and the trained
+   network's logit margins as a description.
 
 Layout of ``out``::
 
@@ -26,7 +32,8 @@ Layout of ``out``::
     timings/<step>.json      wall-clock seconds (kept out of results/, which is deterministic);
                              training.json sums every invocation, a resumed run included
     figures/<step>.png       made from results/ by :func:`ntkd.plotting.plot_study`
-    report.md                the findings of SPEC §5, reproduced or not
+    results/findings.json    the pre-registered findings, evaluated (ntkd.findings)
+    report.md                the findings, against the paper first, and the tables behind them
 
 Every step writes its result atomically and is skipped when its result
 exists for the same configuration, so an interrupted study resumes where it
