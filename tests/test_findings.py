@@ -1,5 +1,7 @@
 """Pre-registered findings: statistics on results, controls, Holm across findings, refusal of changed criteria."""
 
+import json
+
 import numpy as np
 import pytest
 import scipy.stats
@@ -110,3 +112,25 @@ def test_the_preset_holds_and_hashes_its_criteria():
     assert other.criteria_sha256 != cfg.criteria_sha256
     students = {r.get("student", "main") for r in cfg.regimes}
     assert len(students) >= 5
+
+
+def _fake_study(folder, seeds, verdicts, criteria_sha="abc"):
+    (folder / "results").mkdir(parents=True)
+    (folder / "study.json").write_text(json.dumps({"seeds": seeds, "criteria_sha256": criteria_sha}))
+    (folder / "results" / "findings.json").write_text(json.dumps(
+        [{"name": f"f{i}", "verdict": v, "effect": 0.1 * i} for i, v in enumerate(verdicts)]))
+    return folder
+
+
+def test_compare_findings_across_disjoint_seed_sets(tmp_path):
+    from ntkd.findings import compare_findings
+
+    a = _fake_study(tmp_path / "a", [0, 1, 2], ["reproduced", "inconclusive", "not reproduced"])
+    b = _fake_study(tmp_path / "b", [8, 9, 10], ["reproduced", "reproduced", "not reproduced"])
+    stab = json.loads(compare_findings(a, b).read_text())
+    assert stab["unchanged"] == 2 and stab["total"] == 3
+    assert [r["same"] for r in stab["rows"]] == [True, False, True] and stab["other_seeds"] == [8, 9, 10]
+    with pytest.raises(ValueError, match="share seeds"):
+        compare_findings(a, _fake_study(tmp_path / "c", [2, 3], ["reproduced"] * 3))
+    with pytest.raises(ValueError, match="different criteria"):
+        compare_findings(a, _fake_study(tmp_path / "d", [5], ["reproduced"] * 3, criteria_sha="xyz"))
