@@ -1,4 +1,11 @@
-"""Matrix-free supervision complexity, spectra and eNTK products (docs/matfree.md)."""
+"""Matrix-free supervision complexity, spectra and eNTK products (docs/matfree.md).
+
+- ``bounds``: certified Gauss / Gauss–Radau bounds on tr(Yᵀ(K + ρI)⁻¹Y) by
+  block Lanczos, with an optional Nyström preconditioner.
+- ``spectra``: top eigenpairs of K and the target–kernel alignment curve.
+- ``matvec``: streaming eNTK products K @ V over data blocks and devices.
+- ``lanczos``: the block Lanczos process and the validated operator.
+"""
 
 from ntkd.matfree.bounds import (
     ComplexityBounds,
@@ -8,13 +15,20 @@ from ntkd.matfree.bounds import (
     supervision_complexity_bounds,
 )
 from ntkd.matfree.lanczos import MatvecError, NotPSDError
+from ntkd.matfree.matvec import NtkMatvec, ntk_matvec
+from ntkd.matfree.spectra import Eigenpairs, alignment_curve, top_eigenpairs
 
 __all__ = [
     "ComplexityBounds",
+    "Eigenpairs",
     "MatvecError",
     "NotPSDError",
+    "NtkMatvec",
     "NystromPreconditioner",
+    "alignment_curve",
+    "ntk_matvec",
     "nystrom_preconditioner",
     "shift_from_ridge",
     "supervision_complexity_bounds",
+    "top_eigenpairs",
 ]
