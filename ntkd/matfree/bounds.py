@@ -283,7 +283,9 @@ def supervision_complexity_bounds(matvec: Callable[[Any], ArrayLike], Y: ArrayLi
                                   shift: float = 0.0, rtol: float = 1e-2,
                                   max_iters: int | None = None, key=None,
                                   eig_lower: float | None = None,
-                                  nystrom_rank: int = 0) -> ComplexityBounds:
+                                  nystrom_rank: int = 0,
+                                  preconditioner: NystromPreconditioner | None = None
+                                  ) -> ComplexityBounds:
     """Certified lower and upper bounds on ``C = tr(Yᵀ (K + ρI)⁻¹ Y)``, matrix-free.
 
     Block Lanczos with full reorthogonalisation (float64, on the host) on
@@ -298,7 +300,9 @@ def supervision_complexity_bounds(matvec: Callable[[Any], ArrayLike], Y: ArrayLi
       preconditioned P^{-1/2} A P^{-1/2}, P = K̂_nys + ρI; since a Nyström
       approximation never exceeds K, λ_min ≥ 1 − margin/ρ (``margin`` ≈
       round-off, see :func:`nystrom_preconditioner`). Worth it when K has a
-      few large eigenvalues far above ρ (costs r products up front);
+      few large eigenvalues far above ρ (costs r products up front, so it pays
+      when the same kernel serves several targets: build it once with
+      :func:`nystrom_preconditioner` and pass ``preconditioner=``);
     * ``eig_lower=``: a lower bound on λ_min(K + ρI) you can prove;
     * otherwise (ρ = 0): half the smallest Ritz value, a heuristic; the result
       then says ``upper_certified=False``. Only the lower bound is certified.
@@ -325,6 +329,8 @@ def supervision_complexity_bounds(matvec: Callable[[Any], ArrayLike], Y: ArrayLi
       key: ``jax.random`` key for the Nyström sketch (default seed 0).
       eig_lower: optional proven lower bound on λ_min(K + ρI).
       nystrom_rank: sketch size of the Nyström preconditioner (0: none).
+      preconditioner: a :class:`NystromPreconditioner` of this K and shift,
+        reused (its sketch products are not counted again).
 
     Returns:
       A :class:`ComplexityBounds`; ``.adjusted(trace)`` and
@@ -361,20 +367,24 @@ def supervision_complexity_bounds(matvec: Callable[[Any], ArrayLike], Y: ArrayLi
     op = Operator(matvec, n)
     ynorm2 = float(np.sum(Y_np * Y_np))
 
-    precond = None
-    if nystrom_rank:
+    precond = preconditioner
+    if precond is not None and (precond.shift != rho or precond.U.shape[0] != n):
+        raise ValueError(
+            f"the preconditioner was built for shift={precond.shift:g} and n={precond.U.shape[0]}, "
+            f"not shift={rho:g} and n={n}; build one for this shift.")
+    if precond is None and nystrom_rank:
         if rho <= 0:
             raise ValueError(
                 f"nystrom_rank={nystrom_rank} needs shift > 0: the preconditioner is "
                 "K̂ + ρI. Use a (relative) ridge, or nystrom_rank=0.")
         precond = nystrom_preconditioner(op, n, nystrom_rank, rho, key=key, eps=op.eps)
-        if precond.eig_lower < 0.5:
-            warnings.warn(
-                f"the Nyström preconditioner cannot be certified at shift={rho:.3g}: its "
-                f"round-off margin {precond.margin:.3g} is not small against ρ (matvec eps "
-                f"{op.eps:.2g}); running without it. Use a float64 matvec or a larger shift.",
-                stacklevel=2)
-            precond = None
+    if precond is not None and precond.eig_lower < 0.5:
+        warnings.warn(
+            f"the Nyström preconditioner cannot be certified at shift={rho:.3g}: its "
+            f"round-off margin {precond.margin:.3g} is not small against ρ (matvec eps "
+            f"{op.eps:.2g}); running without it. Use a float64 matvec or a larger shift.",
+            stacklevel=2)
+        precond = None
 
     if precond is not None:
         start = precond.inv_sqrt(Y_np)
@@ -403,7 +413,8 @@ def supervision_complexity_bounds(matvec: Callable[[Any], ArrayLike], Y: ArrayLi
     p = Q1.shape[1]
     common = dict(shift=rho, rtol=float(rtol), n=n, block_size=p, target_norm2=ynorm2,
                   preconditioner=None if precond is None else f"nystrom(rank={precond.U.shape[1]})",
-                  preconditioner_matvecs=0 if precond is None else precond.matvecs)
+                  preconditioner_matvecs=0 if precond is None or preconditioner is not None
+                  else precond.matvecs)
     if p == 0:
         return ComplexityBounds(0.0, 0.0, 0.0, 0, op.matvecs, True, True, 0.0, "exact",
                                 exhausted=True, **common)
