@@ -104,6 +104,25 @@ def test_reused_nystrom_preconditioner_saves_products_over_targets():
     assert pre + P.matvecs < plain, (pre, P.matvecs, plain)
 
 
+def test_several_targets_share_one_krylov_space():
+    rng = np.random.default_rng(12)
+    n, shift = 200, 1e-4
+    K = psd_with_spectrum(rng, np.logspace(1, -5, n))
+    labels = rng.integers(0, 4, n)
+    logits = rng.standard_normal((n, 4)) * 3
+    targets = {"labels": np.eye(4)[labels], "soft": np.exp(logits) / np.exp(logits).sum(1, keepdims=True),
+               "zero": np.zeros((n, 2))}
+    got = supervision_complexity_bounds(lambda V: K @ V, targets, shift=shift)
+    assert set(got) == set(targets)
+    for name, Y in targets.items():
+        exact = exact_complexity(K, Y, shift)
+        b = got[name]
+        assert b.converged and b.lower <= exact * (1 + 1e-10) <= b.upper * (1 + 2e-10) + 1e-300
+        assert b.target_norm2 == pytest.approx(np.sum(Y ** 2))
+    assert got["zero"].lower == got["zero"].upper == 0.0
+    assert len({(b.iterations, b.matvecs) for b in got.values()}) == 1
+
+
 def test_rank_deficient_targets_and_exhausted_krylov_space_are_exact():
     rng = np.random.default_rng(3)
     n = 120
@@ -196,7 +215,7 @@ def test_bad_arguments():
         supervision_complexity_bounds(lambda V: V, np.ones(3), shift=-1.0)
     with pytest.raises(ValueError, match="needs shift > 0"):
         supervision_complexity_bounds(lambda V: V, np.ones(3), nystrom_rank=2)
-    with pytest.raises(ValueError, match="non-finite entry Y"):
+    with pytest.raises(ValueError, match=r"Y has a non-finite entry \[1, 0\] = inf"):
         supervision_complexity_bounds(lambda V: V, np.array([1.0, np.inf]), shift=1.0)
 
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -250,14 +250,18 @@ def _chol(M: np.ndarray):
 
 
 def _gauss_radau(T: np.ndarray, Z: np.ndarray, F: np.ndarray | None, a: float,
-                 chol_T) -> tuple[float, float]:
-    """(lower, upper) from T (N, N), Z = E_1 R_0 (N, m), coupling F, node a."""
+                 chol_T) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column (lower, upper) from T (N, N), Z = E_1 R_0 (N, M), coupling F, node a.
+
+    Column sums of the matrix-sense bounds, so any group of columns can be
+    summed into the bounds of that group's trace.
+    """
     X = scipy.linalg.cho_solve(chol_T, Z, check_finite=False)
-    lower = float(np.sum(Z * X))
+    lower = np.sum(Z * X, axis=0)
     if F is None:
-        return lower, lower
+        return lower, lower.copy()
     if not a > 0:
-        return lower, math.inf
+        return lower, np.full_like(lower, math.inf)
     W = F @ X
     G = scipy.linalg.cho_solve(chol_T, F.T, check_finite=False)
     N = T.shape[0]
@@ -269,23 +273,46 @@ def _gauss_radau(T: np.ndarray, Z: np.ndarray, F: np.ndarray | None, a: float,
         if chol_m is not None:
             break
     else:
-        return lower, math.inf
+        return lower, np.full_like(lower, math.inf)
     S = node * (G.T @ scipy.linalg.cho_solve(chol_m, F.T, check_finite=False))
     S = 0.5 * (S + S.T) + node * np.eye(S.shape[0])
     chol_s = _chol(S)
     if chol_s is None:
-        return lower, math.inf
-    gap = float(np.sum(W * scipy.linalg.cho_solve(chol_s, W, check_finite=False)))
-    return lower, lower + max(gap, 0.0)
+        return lower, np.full_like(lower, math.inf)
+    gap = np.sum(W * scipy.linalg.cho_solve(chol_s, W, check_finite=False), axis=0)
+    return lower, lower + np.maximum(gap, 0.0)
 
 
-def supervision_complexity_bounds(matvec: Callable[[Any], ArrayLike], Y: ArrayLike, *,
+def _targets(Y) -> tuple[dict[str, np.ndarray], bool]:
+    single = not isinstance(Y, Mapping)
+    items = {"Y": Y} if single else dict(Y)
+    if not items:
+        raise ValueError("Y is an empty mapping; pass an (n, k) array or {name: (n, k_i)}.")
+    out, n = {}, None
+    for name, value in items.items():
+        label = "Y" if single else f"Y[{name!r}]"
+        arr = np.asarray(value, dtype=np.float64)
+        arr = arr[:, None] if arr.ndim == 1 else arr
+        if arr.ndim != 2 or arr.shape[0] < 1:
+            raise ValueError(f"{label} must have shape (n, k) or (n,), got {np.shape(value)}.")
+        if n is not None and arr.shape[0] != n:
+            raise ValueError(f"{label} has {arr.shape[0]} rows, the other targets {n}.")
+        n = arr.shape[0]
+        if not np.all(np.isfinite(arr)):
+            i, j = (int(t) for t in np.argwhere(~np.isfinite(arr))[0])
+            raise ValueError(f"{label} has a non-finite entry [{i}, {j}] = {arr[i, j]}.")
+        out[name] = arr
+    return out, single
+
+
+def supervision_complexity_bounds(matvec: Callable[[Any], ArrayLike],
+                                  Y: ArrayLike | Mapping[str, ArrayLike], *,
                                   shift: float = 0.0, rtol: float = 1e-2,
                                   max_iters: int | None = None, key=None,
                                   eig_lower: float | None = None,
                                   nystrom_rank: int = 0,
                                   preconditioner: NystromPreconditioner | None = None
-                                  ) -> ComplexityBounds:
+                                  ) -> ComplexityBounds | dict[str, ComplexityBounds]:
     """Certified lower and upper bounds on ``C = tr(Yᵀ (K + ρI)⁻¹ Y)``, matrix-free.
 
     Block Lanczos with full reorthogonalisation (float64, on the host) on
@@ -322,7 +349,9 @@ def supervision_complexity_bounds(matvec: Callable[[Any], ArrayLike], Y: ArrayLi
 
     Args:
       matvec: ``V (n, m) -> K @ V (n, m)`` (NumPy or JAX arrays).
-      Y: targets ``(n, k)`` or ``(n,)``.
+      Y: targets ``(n, k)`` or ``(n,)``; or a mapping ``{name: (n, k_i)}`` of
+        several targets sharing ONE block Krylov space (started from all their
+        columns), each bounded separately; stops when every gap is ≤ rtol.
       shift: ρ ≥ 0, added to K's diagonal.
       rtol: stop at this relative gap.
       max_iters: cap on block steps (default ``ceil(n / rank Y) + 1``, at most 2000).
@@ -333,7 +362,8 @@ def supervision_complexity_bounds(matvec: Callable[[Any], ArrayLike], Y: ArrayLi
         reused (its sketch products are not counted again).
 
     Returns:
-      A :class:`ComplexityBounds`; ``.adjusted(trace)`` and
+      A :class:`ComplexityBounds` (a dict of them for a mapping Y, with the
+      shared iterations and matvecs); ``.adjusted(trace)`` and
       ``.normalized(trace)`` give the intervals on A and Â.
 
     Raises:
@@ -347,14 +377,12 @@ def supervision_complexity_bounds(matvec: Callable[[Any], ArrayLike], Y: ArrayLi
     >>> b.lower <= 1/1.5 + 1/2.5 + 1/4.5 + 1/8.5 <= b.upper, b.exhausted
     (True, True)
     """
-    Y_np = np.asarray(Y, dtype=np.float64)
-    if Y_np.ndim == 1:
-        Y_np = Y_np[:, None]
-    if Y_np.ndim != 2 or Y_np.shape[0] < 1:
-        raise ValueError(f"Y must have shape (n, k) or (n,), got {np.shape(Y)}.")
-    if not np.all(np.isfinite(Y_np)):
-        i, j = (int(t) for t in np.argwhere(~np.isfinite(Y_np))[0])
-        raise ValueError(f"Y has a non-finite entry Y[{i}, {j}] = {Y_np[i, j]}.")
+    targets, single = _targets(Y)
+    Y_np = np.concatenate(list(targets.values()), axis=1)
+    cols, start_col = {}, 0
+    for name, arr in targets.items():
+        cols[name] = slice(start_col, start_col + arr.shape[1])
+        start_col += arr.shape[1]
     if not (np.isfinite(shift) and shift >= 0):
         raise ValueError(f"shift must be a finite ρ >= 0, got {shift}; "
                          "a relative ridge λ converts with shift_from_ridge(λ, trace, n).")
@@ -365,7 +393,6 @@ def supervision_complexity_bounds(matvec: Callable[[Any], ArrayLike], Y: ArrayLi
     n = Y_np.shape[0]
     rho = float(shift)
     op = Operator(matvec, n)
-    ynorm2 = float(np.sum(Y_np * Y_np))
 
     precond = preconditioner
     if precond is not None and (precond.shift != rho or precond.U.shape[0] != n):
@@ -411,17 +438,32 @@ def supervision_complexity_bounds(matvec: Callable[[Any], ArrayLike], Y: ArrayLi
 
     Q1, R0 = orthonormal_block(start)
     p = Q1.shape[1]
-    common = dict(shift=rho, rtol=float(rtol), n=n, block_size=p, target_norm2=ynorm2,
+    common = dict(shift=rho, rtol=float(rtol), n=n, block_size=p,
                   preconditioner=None if precond is None else f"nystrom(rank={precond.U.shape[1]})",
                   preconditioner_matvecs=0 if precond is None or preconditioner is not None
                   else precond.matvecs)
+
+    def result(lower, upper, **kw):
+        out = {}
+        for name, sl in cols.items():
+            lo, hi = float(np.sum(lower[sl])), float(np.sum(upper[sl]))
+            out[name] = ComplexityBounds(
+                lower=lo, upper=hi, estimate=0.5 * (lo + hi) if math.isfinite(hi) else lo,
+                converged=bool(kw["exhausted"] or hi - lo <= rtol * lo),
+                target_norm2=float(np.sum(targets[name] ** 2)),
+                history=tuple((it, mv, float(np.sum(l[sl])), float(np.sum(u[sl])))
+                              for it, mv, l, u in history), **kw, **common)
+        return out["Y"] if single else out
+
+    history = []
     if p == 0:
-        return ComplexityBounds(0.0, 0.0, 0.0, 0, op.matvecs, True, True, 0.0, "exact",
-                                exhausted=True, **common)
+        zero = np.zeros(Y_np.shape[1])
+        return result(zero, zero, iterations=0, matvecs=op.matvecs, upper_certified=True,
+                      eig_lower=0.0, eig_lower_source="exact", exhausted=True)
     max_iters = min(math.ceil(n / p) + 1, 2000) if max_iters is None else int(max_iters)
     lz = BlockLanczos(lanczos_op, Q1, eps=lambda: op.eps)
-    history = []
-    lower, upper = 0.0, math.inf
+    lower = np.zeros(Y_np.shape[1])
+    upper = np.full(Y_np.shape[1], math.inf)
     while lz.steps < max_iters:
         lz.step()
         N = lz.T.shape[0]
@@ -450,19 +492,16 @@ def supervision_complexity_bounds(matvec: Callable[[Any], ArrayLike], Y: ArrayLi
         Z = np.zeros((N, R0.shape[1]))
         Z[:p] = R0
         if lz.exhausted:
-            lower = upper = float(np.sum(Z * scipy.linalg.cho_solve(chol_T, Z)))
+            lower, upper = _gauss_radau(T, Z, None, a, chol_T)
             a, source, certified = a if math.isfinite(a) else 0.0, "exact", True
         else:
             if source.startswith("ritz"):
                 a = 0.5 * float(scipy.linalg.eigvalsh(T, subset_by_index=[0, 0])[0])
             lower, upper = _gauss_radau(T, Z, lz.F, a, chol_T)
         history.append((lz.steps, op.matvecs, lower, upper))
-        if lz.exhausted or upper - lower <= rtol * lower:
+        if lz.exhausted or all(np.sum(upper[sl]) - np.sum(lower[sl]) <= rtol * np.sum(lower[sl])
+                               for sl in cols.values()):
             break
-    converged = lz.exhausted or upper - lower <= rtol * lower
-    estimate = 0.5 * (lower + upper) if math.isfinite(upper) else lower
-    return ComplexityBounds(lower=lower, upper=upper, estimate=estimate, iterations=lz.steps,
-                            matvecs=op.matvecs, converged=bool(converged),
-                            upper_certified=bool(certified), eig_lower=float(a),
-                            eig_lower_source=source, exhausted=lz.exhausted,
-                            history=tuple(history), **common)
+    return result(lower, upper, iterations=lz.steps, matvecs=op.matvecs,
+                  upper_certified=bool(certified), eig_lower=float(a), eig_lower_source=source,
+                  exhausted=lz.exhausted)
