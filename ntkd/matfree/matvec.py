@@ -29,10 +29,14 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from ntkd import ntk
+
 __all__ = ["NtkMatvec", "ntk_matvec"]
 
 MODES = ("trace", "sum", "logit", "full")
 _HIGHEST = jax.lax.Precision.HIGHEST
+DIAGONAL_BLOCK = 512
+"""Examples per dense diagonal block in :meth:`NtkMatvec.diagonal`."""
 JACOBIAN_CHUNK_BYTES = 256 * 2**20
 """Per-example Jacobians (diagonal, cache) are built this many bytes at a time."""
 
@@ -50,7 +54,7 @@ class NtkMatvec:
     """
 
     def __init__(self, apply_fn: Callable, params: Any, x, *, mode: str, logit: int,
-                 block_size: int, dtype, cache: str, cache_bytes: int):
+                 block_size: int, dtype, cache: str, cache_bytes: int, max_cotangents: int):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
         if cache not in ("auto", "never", "always"):
@@ -78,6 +82,9 @@ class NtkMatvec:
         self.devices = jax.local_devices()
         ndev = len(self.devices)
         self.block_size = int(block_size)
+        if not isinstance(max_cotangents, (int, np.integer)) or max_cotangents < 1:
+            raise ValueError(f"max_cotangents must be a positive int, got {max_cotangents!r}.")
+        self.max_cotangents = int(max_cotangents)
         self._B = self.block_size * ndev
         self._nb = math.ceil(self.n / self._B)
         pad = self._nb * self._B - self.n
@@ -224,29 +231,42 @@ class NtkMatvec:
             for i, J in enumerate(self._jac):
                 out[i * step:(i + 1) * step] = np.asarray(self._jac_pass2(J, G))
         else:
-            c = self.k * m if self.mode == "trace" else m
-            G = jax.tree_util.tree_map(
-                lambda p: jax.device_put(jnp.zeros((c, *p.shape), p.dtype), self._repl), self.params)
-            for i, Vb in enumerate(blocks):
-                G = self._pass1(G, self.params, self._block_x(i), Vb)
-            for i in range(self._nb):
-                out[i * step:(i + 1) * step] = np.asarray(self._pass2(self.params, self._block_x(i), G, m))
+            # columns in chunks so that at most max_cotangents VJPs/JVPs are
+            # vmapped at once (their activations dominate the memory)
+            per_col = self.k if self.mode == "trace" else 1
+            mc = max(1, self.max_cotangents // per_col)
+            for c0 in range(0, m, mc):
+                cols = slice(c0, min(c0 + mc, m))
+                width = cols.stop - cols.start
+                G = jax.tree_util.tree_map(
+                    lambda p: jax.device_put(jnp.zeros((per_col * width, *p.shape), p.dtype),
+                                             self._repl), self.params)
+                for i, Vb in enumerate(blocks):
+                    G = self._pass1(G, self.params, self._block_x(i), Vb[:, cols])
+                for i in range(self._nb):
+                    out[i * step:(i + 1) * step, cols] = np.asarray(
+                        self._pass2(self.params, self._block_x(i), G, width))
         self.calls += 1
         out = out[:self.size]
         return out[:, 0] if vec else out
 
     def diagonal(self) -> np.ndarray:
-        """Exact diag K (size,): per-example squared gradient norms (trace: Σ_a)."""
+        """Exact diag K (size,) from the dense diagonal blocks of ``ntkd.ntk.empirical_ntk``.
+
+        Costs about one block row of K per block (b² pairs), far less than n
+        per-example Jacobians.
+        """
         d = []
-        for i in range(self._nb):
-            J = self._jac[i] if self.cached else self._jacobian_block(i)
-            if self.mode == "trace":
-                d.append(np.asarray(jnp.sum(J * J, axis=(1, 2))))
-            elif self.mode == "full":
-                d.append(np.asarray(jnp.sum(J * J, axis=2)).reshape(-1))
+        b = min(self._B, DIAGONAL_BLOCK)
+        for s in range(0, self.n, b):
+            xb = jnp.asarray(self._x[s:min(s + b, self.n)])
+            Kb = np.asarray(ntk.empirical_ntk(self.apply_fn, self.params, xb, mode=self.mode,
+                                              logit=self.logit))
+            if self.mode == "full":
+                d.append(np.einsum("iiaa->ia", Kb).reshape(-1))
             else:
-                d.append(np.asarray(jnp.sum(J * J, axis=1)))
-        return np.concatenate(d)[:self.size].astype(np.float64)
+                d.append(np.diagonal(Kb))
+        return np.concatenate(d).astype(np.float64)
 
     def trace(self) -> float:
         """Exact tr K."""
@@ -254,8 +274,8 @@ class NtkMatvec:
 
 
 def ntk_matvec(apply_fn: Callable, params: Any, x, *, mode: str = "trace", logit: int = 0,
-               block_size: int = 1024, dtype=None, cache: str = "auto",
-               cache_bytes: int = 2**30) -> NtkMatvec:
+               block_size: int = 512, dtype=None, cache: str = "auto",
+               cache_bytes: int = 2**30, max_cotangents: int = 20) -> NtkMatvec:
     """Streaming eNTK product ``V -> K @ V`` on inputs x, never forming K.
 
     Two passes over the data per product (VJPs, then JVPs, block by block),
@@ -276,6 +296,9 @@ def ntk_matvec(apply_fn: Callable, params: Any, x, *, mode: str = "trace", logit
       dtype: cast params and inputs (e.g. ``jnp.float64`` with x64 enabled).
       cache: ``"auto"``, ``"always"`` or ``"never"``.
       cache_bytes: Jacobian cache budget for ``"auto"``.
+      max_cotangents: VJPs / JVPs vmapped at once (trace mode needs k per
+        column); memory ≈ max_cotangents × block × activations. Columns beyond
+        it are done in further passes.
 
     Returns:
       An :class:`NtkMatvec` (callable; ``.trace()``, ``.diagonal()``).
@@ -285,4 +308,5 @@ def ntk_matvec(apply_fn: Callable, params: Any, x, *, mode: str = "trace", logit
       >>> KV = mv(np.ones((x.shape[0], 3)))   # (n, 3)
     """
     return NtkMatvec(apply_fn, params, x, mode=mode, logit=logit, block_size=block_size,
-                     dtype=dtype, cache=cache, cache_bytes=cache_bytes)
+                     dtype=dtype, cache=cache, cache_bytes=cache_bytes,
+                     max_cotangents=max_cotangents)
