@@ -4,6 +4,7 @@
   block Lanczos, with an optional Nyström preconditioner.
 - ``spectra``: top eigenpairs of K and the target–kernel alignment curve.
 - ``matvec``: streaming eNTK products K @ V over data blocks and devices.
+- ``projection``: projected eNTK features (random JL projection of gradients).
 - ``lanczos``: the block Lanczos process and the validated operator.
 """
 
@@ -16,6 +17,7 @@ from ntkd.matfree.bounds import (
 )
 from ntkd.matfree.lanczos import MatvecError, NotPSDError
 from ntkd.matfree.matvec import NtkMatvec, ntk_matvec
+from ntkd.matfree.projection import ProjectedNTK, projected_ntk
 from ntkd.matfree.spectra import Eigenpairs, alignment_curve, top_eigenpairs
 
 __all__ = [
@@ -25,9 +27,11 @@ __all__ = [
     "NotPSDError",
     "NtkMatvec",
     "NystromPreconditioner",
+    "ProjectedNTK",
     "alignment_curve",
     "ntk_matvec",
     "nystrom_preconditioner",
+    "projected_ntk",
     "shift_from_ridge",
     "supervision_complexity_bounds",
     "top_eigenpairs",
