@@ -17,7 +17,7 @@ import pytest
 
 from ntkd import complexity, kernels, models, ntk
 from ntkd.matfree import (MatvecError, NotPSDError, alignment_curve, ntk_matvec,
-                          nystrom_preconditioner, shift_from_ridge, supervision_complexity_bounds, top_eigenpairs)
+                          nystrom_preconditioner, projected_ntk, shift_from_ridge, supervision_complexity_bounds, top_eigenpairs)
 
 
 def psd_with_spectrum(rng, eigenvalues):
@@ -40,11 +40,8 @@ SPECTRA = {
 }
 
 
-@pytest.mark.parametrize("spectrum", sorted(SPECTRA))
-@pytest.mark.parametrize("shift", [1e-6, 1e-3, 1e-1])
-def test_bounds_bracket_exact_value_over_seeds(spectrum, shift):
-    n, rtol = 160, 1e-2
-    for seed in range(12):
+def _check_bracket(spectrum, shift, n, seeds, rtol=1e-2):
+    for seed in seeds:
         rng = np.random.default_rng(seed)
         K = psd_with_spectrum(rng, SPECTRA[spectrum](n, rng))
         Y = rng.standard_normal((n, 1 + seed % 4))
@@ -59,6 +56,19 @@ def test_bounds_bracket_exact_value_over_seeds(spectrum, shift):
         for _, _, lo, hi in b.history:
             assert lo <= exact * (1 + 1e-10) <= hi * (1 + 2e-10)
         assert b.matvecs <= Y.shape[1] * b.iterations
+
+
+@pytest.mark.parametrize("spectrum", sorted(SPECTRA))
+@pytest.mark.parametrize("shift", [1e-6, 1e-3, 1e-1])
+def test_bounds_bracket_exact_value_over_seeds(spectrum, shift):
+    _check_bracket(spectrum, shift, n=120, seeds=range(10))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spectrum", sorted(SPECTRA))
+@pytest.mark.parametrize("shift", [1e-8, 1e-5, 1e-2])
+def test_bounds_bracket_exact_value_over_many_seeds_slow(spectrum, shift):
+    _check_bracket(spectrum, shift, n=400, seeds=range(100, 160), rtol=1e-3)
 
 
 def test_nystrom_preconditioner_brackets_and_cuts_iterations():
@@ -300,6 +310,25 @@ def test_bounds_on_real_entk_contain_dense_cholesky_value():
             assert lo <= factor.adjusted_complexity(Y) * (1 + 1e-9) <= hi * (1 + 1e-9)
 
 
+@pytest.mark.parametrize("mode", ["trace", "sum"])
+def test_projected_ntk_error_shrinks_like_one_over_sqrt_d(mode):
+    with jax.enable_x64(True):
+        apply_fn, params, x = _mlp(n=50, k=3, width=16)
+        K = _oracle_ntk(apply_fn, params, x, mode)
+        errors = []
+        for d in (16, 256, 4096):
+            proj = projected_ntk(apply_fn, params, x, dim=d, mode=mode, block_size=32, chunk=256,
+                                 check_n=50, key=jax.random.key(d))
+            Kh = proj.kernel()
+            assert proj.error == pytest.approx(np.linalg.norm(Kh - K) / np.linalg.norm(K), rel=1e-8)
+            assert proj.error <= 2.0 * proj.predicted_error, (d, proj.error, proj.predicted_error)
+            V = np.random.default_rng(0).standard_normal((50, 2))
+            np.testing.assert_allclose(proj.matvec(V), Kh @ V, rtol=1e-10, atol=1e-10 * np.abs(Kh).max())
+            errors.append(proj.error)
+        # d grows 16× per step: the error should fall about 4× (at least 2× here)
+        assert errors[1] < errors[0] / 2 and errors[2] < errors[1] / 2, errors
+
+
 MULTIDEVICE = textwrap.dedent("""
     import sys, jax, jax.numpy as jnp, numpy as np
     jax.config.update("jax_enable_x64", True)
@@ -325,3 +354,48 @@ def test_four_devices_match_one(tmp_path):
         subprocess.run([sys.executable, "-c", MULTIDEVICE, str(out), str(devices)], check=True, env=env)
         results.append(np.load(out))
     np.testing.assert_allclose(results[1], results[0], rtol=1e-12, atol=1e-12)
+
+
+MULTIPROCESS = textwrap.dedent("""
+    import sys, jax, jax.numpy as jnp, numpy as np
+    jax.config.update("jax_enable_x64", True)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    out, pid, port = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2,
+                               process_id=pid)
+    from ntkd import models, ntk
+    from ntkd.matfree import ntk_matvec
+    assert jax.process_count() == 2 and len(jax.local_devices()) == 1
+    model = models.get_model("mlp", 3, widths=(16,))
+    variables = models.init_variables(model, jax.random.key(0), (6,))
+    apply_fn, params = ntk.flax_apply_fn(model, variables)
+    x = np.random.default_rng(0).standard_normal((45, 6))
+    V = np.random.default_rng(1).standard_normal((45, 4))
+    mv = ntk_matvec(apply_fn, params, x, block_size=4, dtype=jnp.float64)
+    np.savez(out, kv=mv(V), trace=mv.trace(), cached=mv.cached)
+""")
+
+
+def test_two_processes_match_one(tmp_path):
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    procs = [subprocess.Popen([sys.executable, "-c", MULTIPROCESS, str(tmp_path / f"p{i}.npz"), str(i),
+                               str(port)], env=env) for i in range(2)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    subprocess.run([sys.executable, "-c", MULTIDEVICE, str(tmp_path / "one.npy"), "1"], check=True, env=env)
+    one = np.load(tmp_path / "one.npy")
+    for i in range(2):
+        got = np.load(tmp_path / f"p{i}.npz")
+        assert not got["cached"]
+        np.testing.assert_allclose(got["kv"], one, rtol=1e-12, atol=1e-12)
+    with jax.enable_x64(True):
+        model = models.get_model("mlp", 3, widths=(16,))
+        variables = models.init_variables(model, jax.random.key(0), (6,))
+        apply_fn, params = ntk.flax_apply_fn(model, variables)
+        x = np.random.default_rng(0).standard_normal((45, 6))
+        want = ntk_matvec(apply_fn, params, x, block_size=4, dtype=jnp.float64).trace()
+    assert float(np.load(tmp_path / "p0.npz")["trace"]) == pytest.approx(want, rel=1e-12)
+

@@ -11,10 +11,12 @@ passes over the data, in blocks of examples:
    reduced R to the mode (trace: Σ_a of logit a's output for pair (a, ·)).
 
 Memory is one block's activations times the vmapped batch, plus G (c × P).
-Blocks of ``block_size · D`` examples are sharded over the D local devices
-(``NamedSharding``; the pass-1 sum becomes an all-reduce). When the per-block
-Jacobians fit ``cache_bytes`` they are computed once and both passes become
-matmuls.
+Blocks of ``block_size · D`` examples are sharded over all D devices
+(``NamedSharding``; the pass-1 sum becomes an all-reduce). Under
+``jax.distributed`` (several processes, each calling the matvec with the same
+host V) the devices of every process take part; each process gets the whole
+product back. When the per-block Jacobians fit ``cache_bytes`` (one process
+only) they are computed once and both passes become matmuls.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ntkd import ntk
@@ -47,7 +50,8 @@ class NtkMatvec:
     Attributes:
       n: examples; k: logits; size: side of K (n, or n·k for ``full``).
       mode: kernel mode; block_size: examples per device per block.
-      devices: local devices the blocks are sharded over.
+      devices: devices the blocks are sharded over (all processes' devices
+        under ``jax.distributed``).
       cached: whether per-block Jacobians are cached.
       calls: products computed; traces: compilations of the block functions
         (stays constant after the first call with a given m).
@@ -79,7 +83,8 @@ class NtkMatvec:
         if mode == "logit" and not 0 <= self.logit < self.k:
             raise ValueError(f"logit={logit} out of range for k={self.k} outputs.")
         self.size = self.n * self.k if mode == "full" else self.n
-        self.devices = jax.local_devices()
+        self.devices = jax.devices()
+        self._multi = jax.process_count() > 1
         ndev = len(self.devices)
         self.block_size = int(block_size)
         if not isinstance(max_cotangents, (int, np.integer)) or max_cotangents < 1:
@@ -92,12 +97,13 @@ class NtkMatvec:
         mesh = Mesh(np.array(self.devices), ("data",))
         self._shard = NamedSharding(mesh, PartitionSpec("data"))
         self._repl = NamedSharding(mesh, PartitionSpec())
-        self.params = jax.device_put(params, self._repl)
+        self.params = jax.tree_util.tree_map(lambda a: self._put(np.asarray(a), self._repl), params)
         flat, _ = ravel_pytree(params)
         self.num_params = int(flat.size)
         rows = self.k if mode in ("trace", "full") else 1
         self._jac_bytes = self._nb * self._B * rows * self.num_params * flat.dtype.itemsize
-        self.cached = cache == "always" or (cache == "auto" and self._jac_bytes <= cache_bytes)
+        self.cached = not self._multi and (
+            cache == "always" or (cache == "auto" and self._jac_bytes <= cache_bytes))
         self.calls = 0
         self.traces = 0
         self._build()
@@ -185,8 +191,18 @@ class NtkMatvec:
 
         self._per_example = jax.jit(per_example)
 
+    def _put(self, host: np.ndarray, sharding) -> jax.Array:
+        if not self._multi:
+            return jax.device_put(host, sharding)
+        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+    def _get(self, arr: jax.Array) -> np.ndarray:
+        if not self._multi:
+            return np.asarray(arr)
+        return np.asarray(multihost_utils.process_allgather(arr, tiled=True))
+
     def _block_x(self, i):
-        return jax.device_put(self._x[i * self._B:(i + 1) * self._B], self._shard)
+        return self._put(self._x[i * self._B:(i + 1) * self._B], self._shard)
 
     def _jacobian_block(self, i) -> jax.Array:
         """Per-example Jacobian rows of superblock i: (B, k, P) or (B, P)."""
@@ -221,7 +237,7 @@ class NtkMatvec:
         Vp = np.concatenate([V_np, np.zeros((pad, m), V_np.dtype)]) if pad else V_np
         Vp = Vp.astype(dtype)
         step = self._B * rows
-        blocks = [jax.device_put(Vp[i * step:(i + 1) * step], self._shard) for i in range(self._nb)]
+        blocks = [self._put(Vp[i * step:(i + 1) * step], self._shard) for i in range(self._nb)]
         out = np.empty((self._nb * step, m), dtype)
         if self.cached:
             G = None
@@ -239,12 +255,12 @@ class NtkMatvec:
                 cols = slice(c0, min(c0 + mc, m))
                 width = cols.stop - cols.start
                 G = jax.tree_util.tree_map(
-                    lambda p: jax.device_put(jnp.zeros((per_col * width, *p.shape), p.dtype),
-                                             self._repl), self.params)
+                    lambda p: self._put(np.zeros((per_col * width, *p.shape), p.dtype), self._repl),
+                    self.params)
                 for i, Vb in enumerate(blocks):
                     G = self._pass1(G, self.params, self._block_x(i), Vb[:, cols])
                 for i in range(self._nb):
-                    out[i * step:(i + 1) * step, cols] = np.asarray(
+                    out[i * step:(i + 1) * step, cols] = self._get(
                         self._pass2(self.params, self._block_x(i), G, width))
         self.calls += 1
         out = out[:self.size]
@@ -257,6 +273,12 @@ class NtkMatvec:
         per-example Jacobians.
         """
         d = []
+        if self._multi:  # the dense engine is single-process: per-example Jacobians
+            for i in range(self._nb):
+                J = self._per_example(self.params, self._block_x(i))
+                axes = (2,) if self.mode == "full" else ((1, 2) if self.mode == "trace" else (1,))
+                d.append(self._get(jnp.sum(J * J, axis=axes)).reshape(-1))
+            return np.concatenate(d)[:self.size].astype(np.float64)
         b = min(self._B, DIAGONAL_BLOCK)
         for s in range(0, self.n, b):
             xb = jnp.asarray(self._x[s:min(s + b, self.n)])
