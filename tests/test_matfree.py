@@ -229,6 +229,15 @@ def test_bad_arguments():
         supervision_complexity_bounds(lambda V: V, np.array([1.0, np.inf]), shift=1.0)
 
 
+def test_choose_path_by_memory_budget():
+    from ntkd.matfree import choose_path, dense_kernel_bytes
+    assert dense_kernel_bytes(1000) == 20 * 1000 ** 2
+    assert dense_kernel_bytes(100, k=10, mode="full") == 20 * 1000 ** 2
+    assert choose_path(10_000, memory_budget=4 * 2**30) == "dense"
+    assert choose_path(20_000, memory_budget=4 * 2**30) == "matfree"
+    assert choose_path(50_000) in ("dense", "matfree")
+
+
 # ----------------------------------------------------------------- spectra
 
 def test_top_eigenpairs_match_eigh():

@@ -5,6 +5,7 @@
 - ``spectra``: top eigenpairs of K and the target–kernel alignment curve.
 - ``matvec``: streaming eNTK products K @ V over data blocks and devices.
 - ``projection``: projected eNTK features (random JL projection of gradients).
+- ``plan``: whether the dense kernel fits a memory budget (dense vs matrix-free).
 - ``lanczos``: the block Lanczos process and the validated operator.
 """
 
@@ -17,6 +18,7 @@ from ntkd.matfree.bounds import (
 )
 from ntkd.matfree.lanczos import MatvecError, NotPSDError
 from ntkd.matfree.matvec import NtkMatvec, ntk_matvec
+from ntkd.matfree.plan import choose_path, dense_kernel_bytes
 from ntkd.matfree.projection import ProjectedNTK, projected_ntk
 from ntkd.matfree.spectra import Eigenpairs, alignment_curve, top_eigenpairs
 
@@ -29,6 +31,8 @@ __all__ = [
     "NystromPreconditioner",
     "ProjectedNTK",
     "alignment_curve",
+    "choose_path",
+    "dense_kernel_bytes",
     "ntk_matvec",
     "nystrom_preconditioner",
     "projected_ntk",
