@@ -5,6 +5,7 @@ spectra; brute-force ``jax.jacrev`` + ``einsum`` for the eNTK; the dense
 Cholesky path ``ntkd.complexity.factor_kernel``.
 """
 
+import doctest
 import os
 import subprocess
 import sys
@@ -184,6 +185,14 @@ def test_scaling_kernel_and_shift_scales_complexity_and_keeps_adjusted():
     lo_a, hi_a = a.adjusted(np.trace(K))
     lo_b, hi_b = b.adjusted(7.0 * np.trace(K))
     assert lo_b == pytest.approx(lo_a, rel=1e-6) and hi_b == pytest.approx(hi_a, rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["bounds", "spectra", "plan"])
+def test_docstring_examples_run(name):
+    import importlib
+    module = importlib.import_module(f"ntkd.matfree.{name}")
+    result = doctest.testmod(module, extraglobs={"np": np}, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0
 
 
 # ----------------------------------------------------------------- bad input
