@@ -202,6 +202,26 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=80)
 
 
+def table(rows: list[dict]) -> str:
+    """Markdown table: per (n, student, target) the dense value and the certified interval."""
+    dense = {(r["n"], r["student"]): r for r in rows if r["path"] == "dense"}
+    lines = ["| n | student | target | dense C | certified [lower, upper] | rel. gap | dense inside | "
+             "iterations / products | matrix-free s, GiB | dense s, GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted((r for r in rows if r["path"] == "matfree"), key=lambda r: (r["n"], r["student"])):
+        d = dense.get((r["n"], r["student"]))
+        pre = " (" + r["preconditioner"] + ")" if r.get("preconditioner") else ""
+        cost = "%.0f, %.2f" % (r["seconds"], r["peak_rss_bytes"] / 2**30)
+        dcost = "" if d is None else "%.0f, %.2f" % (d["seconds"], d["peak_rss_bytes"] / 2**30)
+        for name, b in r["bounds"].items():
+            c = None if d is None else d["complexity"][name]
+            inside = "" if c is None else ("yes" if b["lower"] <= c <= b["upper"] else "**no**")
+            lines.append("| %d | %s | %s | %s | [%.6g, %.6g] | %.2f%% | %s | %d / %d%s | %s | %s |" % (
+                r["n"], r["student"], name, "" if c is None else "%.6g" % c, b["lower"], b["upper"],
+                100 * b["relative_gap"], inside, r["iterations"], r["matvecs"], pre, cost, dcost))
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="benchmarks/complexity_scale")
@@ -243,6 +263,7 @@ def main(argv=None):
                 "ridge": a.ridge, "rtol": a.rtol, "teacher": TEACHER, "student": STUDENT,
                 "train_examples": TRAIN, "info": json.loads((cache / "info.json").read_text())}
         out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        out.with_suffix(".md").write_text(table(rows) + "\n")
         plot(rows, out.with_suffix(".png"))
 
     jobs = []
