@@ -329,14 +329,16 @@ def supervision_complexity_bounds(matvec: Callable[[Any], ArrayLike],
       round-off, see :func:`nystrom_preconditioner`). Worth it when K has a
       few large eigenvalues far above ρ (costs r products up front, so it pays
       when the same kernel serves several targets: build it once with
-      :func:`nystrom_preconditioner` and pass ``preconditioner=``);
-    * ``eig_lower=``: a lower bound on λ_min(K + ρI) you can prove;
+      :func:`nystrom_preconditioner` and pass ``preconditioner=``). On the
+      MNIST-1D MLP eNTK it did not lower the step count (benchmarks/README.md);
+    * ``eig_lower=``: a lower bound on λ_min(K + ρI) you can prove (used
+      instead of ρ when larger; ignored with a preconditioner);
     * otherwise (ρ = 0): half the smallest Ritz value, a heuristic; the result
       then says ``upper_certified=False``. Only the lower bound is certified.
 
     Relative ridge: the library's ridge λ adds λ · tr K / n to the diagonal,
     so pass ``shift=shift_from_ridge(λ, trace, n)``. With the exact trace
-    (``ntk_matvec(...).trace()``: per-example gradient norms) the bounds are
+    (``ntk_matvec(...).trace()``, from dense diagonal blocks) the bounds are
     on exactly the dense path's quantity; with a Hutch++ estimate
     (``ntkd.kernels.hutchpp_trace``) they are still certified for the ρ used,
     only ρ's relation to λ is then approximate.
