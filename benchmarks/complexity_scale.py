@@ -176,11 +176,11 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(8.5, 3.4))
+    fig, axes = plt.subplots(1, 2, figsize=(8.5, 4.0))
     for p, marker in (("dense", "s"), ("matfree", "o")):
         for student, ls in (("init", "--"), ("trained", "-")):
-            rs = sorted((r for r in rows if r["path"] == p and r["student"] == student),
-                        key=lambda r: r["n"])
+            rs = sorted((r for r in rows if r["path"] == p and r["student"] == student
+                         and not r.get("preconditioner")), key=lambda r: r["n"])
             if not rs:
                 continue
             label = f"{'dense Cholesky' if p == 'dense' else 'matrix-free'} · {student}"
@@ -190,15 +190,17 @@ def plot(rows: list[dict], path: Path) -> None:
     probes = [r for r in rows if r["path"] == "probe"]
     for r in probes:
         axes[1].plot([r["n"]], [r["peak_rss_bytes"] / 2**30], "k*", ms=9,
-                     label=f"matrix-free, one product, n={r['n']}")
+                     label=f"matrix-free, one 10-column product only, n={r['n']}")
+        axes[0].plot([r["n"]], [r["product_seconds"]], "k*", ms=9)
     axes[0].set(xscale="log", yscale="log", xlabel="n", ylabel="wall time [s] (3 targets)")
     axes[1].set(xscale="log", yscale="log", xlabel="n", ylabel="peak RSS [GiB]")
     for ax in axes:
         ax.grid(alpha=0.3, which="both")
-    axes[1].legend(fontsize=7)
+    handles, labels = axes[1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
     fig.suptitle("MNIST-1D MLP trace eNTK, float64, certified rel. gap ≤ 1% (2 shared CPU cores)",
                  fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=80)
 
 
@@ -258,8 +260,8 @@ def main(argv=None):
         done = {(r["path"], r["n"], r["student"], r.get("preconditioner")) for r in rows}
 
     def save():
-        meta = {"command": "PYTHONPATH=. python3 benchmarks/complexity_scale.py " + " ".join(
-                    sys.argv[1:] if argv is None else argv),
+        meta = {"commands": ["PYTHONPATH=. python3 benchmarks/complexity_scale.py " + " ".join(
+                    sys.argv[1:] if argv is None else argv)],
                 "ridge": a.ridge, "rtol": a.rtol, "teacher": TEACHER, "student": STUDENT,
                 "train_examples": TRAIN, "info": json.loads((cache / "info.json").read_text())}
         out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
