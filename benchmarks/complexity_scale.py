@@ -10,7 +10,8 @@ space). For every n: the dense path (``ntkd.ntk.empirical_ntk`` + Cholesky
 (``ntkd.matfree.ntk_matvec`` + ``supervision_complexity_bounds``, rtol 1e-2),
 each in its own process so that peak RSS is per path.
 
-Command (what produced benchmarks/complexity_scale.json/.png):
+Command (what produced benchmarks/complexity_scale.json/.png; the table it
+prints is the one in benchmarks/README.md):
 
     PYTHONPATH=. python3 benchmarks/complexity_scale.py --out benchmarks/complexity_scale
 
@@ -265,7 +266,6 @@ def main(argv=None):
                 "ridge": a.ridge, "rtol": a.rtol, "teacher": TEACHER, "student": STUDENT,
                 "train_examples": TRAIN, "info": json.loads((cache / "info.json").read_text())}
         out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-        out.with_suffix(".md").write_text(table(rows) + "\n")
         plot(rows, out.with_suffix(".png"))
 
     jobs = []
@@ -287,6 +287,7 @@ def main(argv=None):
         rows.append(run_worker(cache, path, n, student, a, **extra))
         save()
     save()
+    print(table(rows))
 
 
 if __name__ == "__main__":
