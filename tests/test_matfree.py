@@ -394,6 +394,7 @@ MULTIPROCESS = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
     import socket
     with socket.socket() as sock:
