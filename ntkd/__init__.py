@@ -11,6 +11,8 @@ Library modules:
 - ``ntkd.ntk``: the empirical-NTK engine (docs/ntk.md).
 - ``ntkd.complexity``, ``ntkd.kernels``, ``ntkd.targets``: supervision
   complexity, the margin bound, alignment/CKA, Hutch++ (docs/complexity.md).
+- ``ntkd.matfree``: matrix-free certified complexity bounds, spectra, streaming
+  and projected eNTKs (docs/matfree.md).
 - ``ntkd.study``, ``ntkd.configs``, ``ntkd.report``, ``ntkd.plotting``: the study.
 - ``ntkd.findings``, ``ntkd.stats``: pre-registered criteria, paired tests, Holm (docs/study.md).
 """
@@ -39,6 +41,14 @@ from ntkd.kernels import (  # noqa: E402
     hutchinson_trace,
     hutchpp_trace,
     kernel_alignment,
+)
+from ntkd.matfree import (  # noqa: E402
+    alignment_curve,
+    ntk_matvec,
+    projected_ntk,
+    shift_from_ridge,
+    supervision_complexity_bounds,
+    top_eigenpairs,
 )
 from ntkd.ntk import empirical_ntk, empirical_ntk_fn, flax_apply_fn, ntk_vp_fn  # noqa: E402
 from ntkd.targets import label_smoothing, matched_label_smoothing, one_hot, random_labels, softmax_targets  # noqa: E402

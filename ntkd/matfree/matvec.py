@@ -1,0 +1,334 @@
+"""Streaming eNTK–matrix products ``K @ V`` for any ``apply_fn(params, x)``.
+
+For a network f(θ, x) ∈ R^k with Jacobian J (rows = (example, logit)), every
+kernel mode is J_m J_mᵀ for a mode-specific J_m, so one product costs two
+passes over the data, in blocks of examples:
+
+1. ``G = Σ_blocks J_bᵀ C_b(V)`` — a VJP per block, vmapped over the
+   cotangents C_b built from V (trace: one per (logit, column) pair, k·m of
+   them; sum / logit: m; full: m), accumulated on the devices;
+2. ``(K V)_b = R(J_b G)`` — a JVP per block, vmapped over the tangents G, then
+   reduced R to the mode (trace: Σ_a of logit a's output for pair (a, ·)).
+
+Memory is one block's activations times the vmapped batch, plus G (c × P).
+Blocks of ``block_size · D`` examples are sharded over all D devices
+(``NamedSharding``; the pass-1 sum becomes an all-reduce). Under
+``jax.distributed`` (several processes, each calling the matvec with the same
+host V) the devices of every process take part; each process gets the whole
+product back. When the per-block Jacobians fit ``cache_bytes`` (one process
+only) they are computed once and both passes become matmuls.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from ntkd import ntk
+
+__all__ = ["NtkMatvec", "ntk_matvec"]
+
+MODES = ("trace", "sum", "logit", "full")
+_HIGHEST = jax.lax.Precision.HIGHEST
+DIAGONAL_BLOCK = 512
+"""Examples per dense diagonal block in :meth:`NtkMatvec.diagonal`."""
+JACOBIAN_CHUNK_BYTES = 256 * 2**20
+"""Per-example Jacobians (diagonal, cache) are built this many bytes at a time."""
+
+
+class NtkMatvec:
+    """``V (size, m) -> K @ V`` for the eNTK; build with :func:`ntk_matvec`.
+
+    Attributes:
+      n: examples; k: logits; size: side of K (n, or n·k for ``full``).
+      mode: kernel mode; block_size: examples per device per block.
+      devices: devices the blocks are sharded over (all processes' devices
+        under ``jax.distributed``).
+      cached: whether per-block Jacobians are cached.
+      calls: products computed; traces: compilations of the block functions
+        (stays constant after the first call with a given m).
+    """
+
+    def __init__(self, apply_fn: Callable, params: Any, x, *, mode: str, logit: int,
+                 block_size: int, dtype, cache: str, cache_bytes: int, max_cotangents: int):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
+        if cache not in ("auto", "never", "always"):
+            raise ValueError(f"cache must be 'auto', 'never' or 'always', got {cache!r}.")
+        if not isinstance(block_size, (int, np.integer)) or block_size < 1:
+            raise ValueError(f"block_size must be a positive int, got {block_size!r}.")
+        x = np.asarray(x)
+        if dtype is not None:
+            params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), params)
+            x = x.astype(dtype)
+        for name, tree in (("params", params), ("x", x)):
+            for leaf in jax.tree_util.tree_leaves(tree):
+                if not np.all(np.isfinite(np.asarray(leaf))):
+                    raise ValueError(f"{name} has non-finite entries; the kernel would be NaN.")
+        self.apply_fn, self.mode, self.logit = apply_fn, mode, int(logit)
+        self.n = x.shape[0]
+        out = jax.eval_shape(apply_fn, params, jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype))
+        if len(out.shape) != 2:
+            raise ValueError(f"apply_fn must return (batch, k) logits, got shape {out.shape}.")
+        self.k = int(out.shape[1])
+        self.out_dtype = out.dtype
+        if mode == "logit" and not 0 <= self.logit < self.k:
+            raise ValueError(f"logit={logit} out of range for k={self.k} outputs.")
+        self.size = self.n * self.k if mode == "full" else self.n
+        self.devices = jax.devices()
+        self._multi = jax.process_count() > 1
+        ndev = len(self.devices)
+        self.block_size = int(block_size)
+        if not isinstance(max_cotangents, (int, np.integer)) or max_cotangents < 1:
+            raise ValueError(f"max_cotangents must be a positive int, got {max_cotangents!r}.")
+        self.max_cotangents = int(max_cotangents)
+        self._B = self.block_size * ndev
+        self._nb = math.ceil(self.n / self._B)
+        pad = self._nb * self._B - self.n
+        self._x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)]) if pad else x
+        mesh = Mesh(np.array(self.devices), ("data",))
+        self._shard = NamedSharding(mesh, PartitionSpec("data"))
+        self._repl = NamedSharding(mesh, PartitionSpec())
+        self.params = jax.tree_util.tree_map(lambda a: self._put(np.asarray(a), self._repl), params)
+        flat, _ = ravel_pytree(params)
+        self.num_params = int(flat.size)
+        rows = self.k if mode in ("trace", "full") else 1
+        self._jac_bytes = self._nb * self._B * rows * self.num_params * flat.dtype.itemsize
+        self.cached = not self._multi and (
+            cache == "always" or (cache == "auto" and self._jac_bytes <= cache_bytes))
+        self.calls = 0
+        self.traces = 0
+        self._build()
+        self._jac = None
+        if self.cached:
+            self._jac = [self._jacobian_block(i) for i in range(self._nb)]
+
+    # ---------------------------------------------------------------- kernels
+    def _cotangents(self, Vb, dtype):
+        """(c, B, k) cotangents for the block's columns Vb."""
+        k, B = self.k, self._B
+        if self.mode == "trace":
+            m = Vb.shape[1]
+            eye = jnp.eye(k, dtype=dtype)
+            return (eye[:, None, None, :] * Vb.T[None, :, :, None].astype(dtype)).reshape(k * m, B, k)
+        if self.mode == "sum":
+            return jnp.broadcast_to(Vb.T[:, :, None].astype(dtype), (Vb.shape[1], B, k))
+        if self.mode == "logit":
+            return Vb.T[:, :, None].astype(dtype) * jax.nn.one_hot(self.logit, k, dtype=dtype)
+        return jnp.transpose(Vb.reshape(B, k, -1).astype(dtype), (2, 0, 1))
+
+    def _reduce(self, outs, m):
+        """(c, B, k) JVP outputs -> (B·[k], m) block of K V."""
+        k, B = self.k, self._B
+        if self.mode == "trace":
+            return jnp.einsum("ajia->ij", outs.reshape(k, m, B, k))
+        if self.mode == "sum":
+            return outs.sum(-1).T
+        if self.mode == "logit":
+            return outs[:, :, self.logit].T
+        return jnp.transpose(outs, (1, 2, 0)).reshape(B * k, m)
+
+    def _build(self):
+        apply_fn = self.apply_fn
+
+        def pass1(G, params, xb, Vb):
+            self.traces += 1
+            out, vjp = jax.vjp(lambda p: apply_fn(p, xb), params)
+            g = jax.vmap(lambda c: vjp(c)[0])(self._cotangents(Vb, out.dtype))
+            return jax.tree_util.tree_map(jnp.add, G, g)
+
+        def pass2(params, xb, G, m):
+            self.traces += 1
+            f = lambda p: apply_fn(p, xb)  # noqa: E731
+            outs = jax.vmap(lambda t: jax.jvp(f, (params,), (t,))[1])(G)
+            return self._reduce(outs, m)
+
+        self._pass1 = jax.jit(pass1, donate_argnums=0, out_shardings=self._repl)
+        self._pass2 = jax.jit(pass2, static_argnums=3, out_shardings=self._shard)
+
+        def jac_pass1(J, Vb):
+            self.traces += 1
+            if J.ndim == 2:
+                return jnp.matmul(J.T, Vb.astype(J.dtype), precision=_HIGHEST)
+            if self.mode == "trace":
+                return jnp.einsum("iap,im->amp", J, Vb.astype(J.dtype), precision=_HIGHEST)
+            return jnp.einsum("iap,iam->mp", J, Vb.reshape(self._B, self.k, -1).astype(J.dtype),
+                              precision=_HIGHEST)
+
+        def jac_pass2(J, G):
+            self.traces += 1
+            if J.ndim == 2:
+                return jnp.matmul(J, G, precision=_HIGHEST)
+            if self.mode == "trace":
+                return jnp.einsum("iap,amp->im", J, G, precision=_HIGHEST)
+            return jnp.einsum("iap,mp->iam", J, G, precision=_HIGHEST).reshape(self._B * self.k, -1)
+
+        self._jac_pass1 = jax.jit(jac_pass1, out_shardings=self._repl)
+        self._jac_pass2 = jax.jit(jac_pass2, out_shardings=self._shard)
+
+        def per_example(params, xb):
+            self.traces += 1
+
+            def one(xi):
+                jac = jax.jacrev(lambda p: apply_fn(p, xi[None])[0])(params)
+                leaves = jax.tree_util.tree_leaves(jac)
+                return jnp.concatenate([leaf.reshape(self.k, -1) for leaf in leaves], axis=1)
+
+            J = jax.vmap(one)(xb)  # (b, k, P)
+            if self.mode == "sum":
+                return J.sum(1)
+            if self.mode == "logit":
+                return J[:, self.logit]
+            return J
+
+        self._per_example = jax.jit(per_example)
+
+    def _put(self, host: np.ndarray, sharding) -> jax.Array:
+        if not self._multi:
+            return jax.device_put(host, sharding)
+        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+    def _get(self, arr: jax.Array) -> np.ndarray:
+        if not self._multi:
+            return np.asarray(arr)
+        return np.asarray(multihost_utils.process_allgather(arr, tiled=True))
+
+    def _block_x(self, i):
+        return self._put(self._x[i * self._B:(i + 1) * self._B], self._shard)
+
+    def _jacobian_block(self, i) -> jax.Array:
+        """Per-example Jacobian rows of superblock i: (B, k, P) or (B, P)."""
+        xb = self._x[i * self._B:(i + 1) * self._B]
+        rows = self.k if self.mode in ("trace", "full") else 1
+        ndev = len(self.devices)
+        chunk = max(ndev, (JACOBIAN_CHUNK_BYTES // max(rows * self.num_params * 8, 1)) // ndev * ndev)
+        chunk = min(chunk, self._B)
+        parts = []
+        for s in range(0, self._B, chunk):
+            xs = xb[s:s + chunk]
+            if xs.shape[0] < chunk:  # keep one compiled shape
+                xs = np.concatenate([xs, np.zeros((chunk - xs.shape[0], *xs.shape[1:]), xs.dtype)])
+            parts.append(self._per_example(self.params, jax.device_put(xs, self._shard))
+                         [:min(chunk, self._B - s)])
+        return jax.device_put(jnp.concatenate(parts), self._shard)
+
+    # ---------------------------------------------------------------- API
+    def __call__(self, V) -> np.ndarray:
+        """K @ V for V (size, m) (or (size,)); returns a NumPy array of that shape."""
+        V_np = np.asarray(V)
+        vec = V_np.ndim == 1
+        V_np = V_np[:, None] if vec else V_np
+        if V_np.ndim != 2 or V_np.shape[0] != self.size:
+            raise ValueError(
+                f"V has shape {np.shape(V)}; mode={self.mode!r} on n={self.n} examples "
+                f"with k={self.k} logits needs ({self.size}, m) or ({self.size},).")
+        m = V_np.shape[1]
+        rows = self.k if self.mode == "full" else 1
+        pad = self._nb * self._B * rows - self.size
+        dtype = self.out_dtype
+        Vp = np.concatenate([V_np, np.zeros((pad, m), V_np.dtype)]) if pad else V_np
+        Vp = Vp.astype(dtype)
+        step = self._B * rows
+        blocks = [self._put(Vp[i * step:(i + 1) * step], self._shard) for i in range(self._nb)]
+        out = np.empty((self._nb * step, m), dtype)
+        if self.cached:
+            G = None
+            for J, Vb in zip(self._jac, blocks):
+                g = self._jac_pass1(J, Vb)
+                G = g if G is None else G + g
+            for i, J in enumerate(self._jac):
+                out[i * step:(i + 1) * step] = np.asarray(self._jac_pass2(J, G))
+        else:
+            # columns in chunks so that at most max_cotangents VJPs/JVPs are
+            # vmapped at once (their activations dominate the memory)
+            per_col = self.k if self.mode == "trace" else 1
+            mc = max(1, self.max_cotangents // per_col)
+            for c0 in range(0, m, mc):
+                cols = slice(c0, min(c0 + mc, m))
+                width = cols.stop - cols.start
+                G = jax.tree_util.tree_map(
+                    lambda p: self._put(np.zeros((per_col * width, *p.shape), p.dtype), self._repl),
+                    self.params)
+                for i, Vb in enumerate(blocks):
+                    G = self._pass1(G, self.params, self._block_x(i), Vb[:, cols])
+                for i in range(self._nb):
+                    out[i * step:(i + 1) * step, cols] = self._get(
+                        self._pass2(self.params, self._block_x(i), G, width))
+        self.calls += 1
+        out = out[:self.size]
+        return out[:, 0] if vec else out
+
+    def diagonal(self) -> np.ndarray:
+        """Exact diag K (size,) from the dense diagonal blocks of ``ntkd.ntk.empirical_ntk``.
+
+        Costs about one block row of K per block (b² pairs), far less than n
+        per-example Jacobians.
+        """
+        d = []
+        if self._multi:  # the dense engine is single-process: per-example Jacobians
+            for i in range(self._nb):
+                J = self._per_example(self.params, self._block_x(i))
+                axes = (2,) if self.mode == "full" else ((1, 2) if self.mode == "trace" else (1,))
+                d.append(self._get(jnp.sum(J * J, axis=axes)).reshape(-1))
+            return np.concatenate(d)[:self.size].astype(np.float64)
+        b = min(self._B, DIAGONAL_BLOCK)
+        for s in range(0, self.n, b):
+            xb = jnp.asarray(self._x[s:min(s + b, self.n)])
+            Kb = np.asarray(ntk.empirical_ntk(self.apply_fn, self.params, xb, mode=self.mode,
+                                              logit=self.logit))
+            if self.mode == "full":
+                d.append(np.einsum("iiaa->ia", Kb).reshape(-1))
+            else:
+                d.append(np.diagonal(Kb))
+        return np.concatenate(d).astype(np.float64)
+
+    def trace(self) -> float:
+        """Exact tr K."""
+        return float(np.sum(self.diagonal()))
+
+
+def ntk_matvec(apply_fn: Callable, params: Any, x, *, mode: str = "trace", logit: int = 0,
+               block_size: int = 512, dtype=None, cache: str = "auto",
+               cache_bytes: int = 2**30, max_cotangents: int = 20) -> NtkMatvec:
+    """Streaming eNTK product ``V -> K @ V`` on inputs x, never forming K.
+
+    Two passes over the data per product (VJPs, then JVPs, block by block),
+    each block function compiled once per number of columns m; blocks are
+    sharded over all local devices. With ``cache="auto"`` the per-block
+    per-example Jacobians are kept when they fit ``cache_bytes`` (both passes
+    then are matmuls). Modes as in ``ntkd.ntk.empirical_ntk`` (``trace`` is the
+    SUM over logits); ``full`` takes V (n·k, m) with row index ``i·k + a``.
+
+    Args:
+      apply_fn: ``apply_fn(params, x) -> (batch, k)``; examples independent
+        (eval mode), e.g. from ``ntkd.ntk.flax_apply_fn``.
+      params: a parameter pytree.
+      x: (n, ...) inputs (host array).
+      mode: ``"trace"``, ``"sum"``, ``"logit"`` or ``"full"``.
+      logit: the logit of ``mode="logit"``.
+      block_size: examples per device per block (the last block is padded).
+      dtype: cast params and inputs (e.g. ``jnp.float64`` with x64 enabled).
+      cache: ``"auto"``, ``"always"`` or ``"never"``.
+      cache_bytes: Jacobian cache budget for ``"auto"``.
+      max_cotangents: VJPs / JVPs vmapped at once (trace mode needs k per
+        column); memory ≈ max_cotangents × block × activations. Columns beyond
+        it are done in further passes.
+
+    Returns:
+      An :class:`NtkMatvec` (callable; ``.trace()``, ``.diagonal()``).
+
+    Example:
+      >>> mv = ntk_matvec(apply_fn, params, x, mode="trace", block_size=512)
+      >>> KV = mv(np.ones((x.shape[0], 3)))   # (n, 3)
+    """
+    return NtkMatvec(apply_fn, params, x, mode=mode, logit=logit, block_size=block_size,
+                     dtype=dtype, cache=cache, cache_bytes=cache_bytes,
+                     max_cotangents=max_cotangents)
