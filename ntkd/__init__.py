@@ -37,5 +37,5 @@ from ntkd.kernels import (  # noqa: E402
     hutchpp_trace,
     kernel_alignment,
 )
-from ntkd.ntk import empirical_ntk, empirical_ntk_fn, flax_apply_fn, ntk_vp_fn  # noqa: E402
+from ntkd.ntk import as_apply_fn, empirical_ntk, empirical_ntk_fn, flax_apply_fn, ntk_vp_fn  # noqa: E402
 from ntkd.targets import one_hot, random_labels, softmax_targets  # noqa: E402

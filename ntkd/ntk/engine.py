@@ -93,7 +93,8 @@ class Engine:
             return self.blocks.block_size
         key = (impl, sig, n, blocking.memory_budget(self.blocks))
         if key not in self._blocks:
-            self._blocks[key] = blocking.plan_block(c, self.mode, k, params, state, x, n, self.blocks)
+            b = blocking.plan_block(c, self.mode, k, params, state, x, n, self.blocks)
+            self._blocks[key] = _agreed(range(1, n + 1), b)
         return self._blocks[key]
 
     def choose(self, sig, problem, params, state, x1, n1, n2, symmetric) -> str:
@@ -111,7 +112,7 @@ class Engine:
                 seconds = auto.measure(c, params, state, xb, blocks, pairs)
                 if best is None or seconds < best[0]:
                     best = (seconds, impl)
-            self._auto[key] = best[1]
+            self._auto[key] = _agreed(IMPLEMENTATIONS, best[1])
         return self._auto[key]
 
     def __call__(self, apply_fn: ApplyFn, params, x1, x2, *, as_numpy=False):
@@ -153,6 +154,18 @@ class Engine:
 
     def _unwrap(self, out: dict):
         return dict(sorted(out.items())) if self.by_layer else out[""]
+
+
+def _agreed(choices, mine):
+    """Process 0's choice in every process (timings and memory may differ between hosts,
+    and every process must deal out the same blocks)."""
+    if jax.process_count() == 1:
+        return mine
+    from jax.experimental import multihost_utils
+
+    choices = list(choices)
+    index = multihost_utils.broadcast_one_to_all(np.array(choices.index(mine), np.int32))
+    return choices[int(index)]
 
 
 _ENGINES: collections.OrderedDict = collections.OrderedDict()

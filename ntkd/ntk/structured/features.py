@@ -26,7 +26,8 @@ def _bind(eqn, invals: list) -> list:
     """Evaluates one equation through a one-equation ``ClosedJaxpr`` (public API)."""
     ins = list(dict.fromkeys(v for v in eqn.invars if not isinstance(v, jcore.Literal)))
     outs = [jcore.Var(v.aval) if isinstance(v, jcore.DropVar) else v for v in eqn.outvars]
-    sub = jcore.Jaxpr([], ins, outs, [eqn.replace(outvars=outs)], eqn.effects)
+    info = jcore.DebugInfo("ntkd structured", eqn.primitive.name, ("",) * len(ins), ("",) * len(outs))
+    sub = jcore.Jaxpr([], ins, outs, [eqn.replace(outvars=outs)], eqn.effects, info)
     env = {v: a for v, a in zip([v for v in eqn.invars if not isinstance(v, jcore.Literal)],
                                 [a for v, a in zip(eqn.invars, invals) if not isinstance(v, jcore.Literal)])}
     return jcore.jaxpr_as_fun(jcore.ClosedJaxpr(sub, []))(*[env[v] for v in ins])
