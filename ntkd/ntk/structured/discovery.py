@@ -11,7 +11,10 @@ exactly one of
 - ``gather`` as the table of a row lookup (``jnp.take(E, ids, axis=0)``,
   ``E[ids]``: embeddings).
 
-Every other inexact leaf (biases, normalisation scales, shared weights,
+A bias — a leaf broadcast (reshape / ``broadcast_in_dim``) over everything
+but the output features of such a dense or convolution op and added to its
+output, which nothing else reads — joins that op's rule as a constant-1
+input column. Every other inexact leaf (normalisation scales, shared weights,
 grouped convolutions, parameters inside ``scan``/``custom_jvp`` bodies) is
 *left over* and gets its exact per-example gradient through the same
 backward pass (``ntkd.ntk.structured.features``).
@@ -19,13 +22,16 @@ backward pass (``ntkd.ntk.structured.features``).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from typing import Any
 
 import jax
+import numpy as np
 from jax.extend import core as jcore
 
 from ntkd.ntk._util import inexact
+from ntkd.ntk.structured import patches as pt
 
 VIEWS = frozenset({"transpose", "reshape", "convert_element_type", "copy", "copy_p", "squeeze",
                    "expand_dims"})
@@ -33,6 +39,19 @@ VIEWS = frozenset({"transpose", "reshape", "convert_element_type", "copy", "copy
 
 CALLS = frozenset({"jit", "pjit", "closed_call", "core_call"})
 """Call primitives whose body is walked (inlined) when a parameter flows in."""
+
+BROADCASTS = frozenset({"broadcast_in_dim"})
+"""Views allowed on the way to a bias add (not for weights: broadcasting sums gradients)."""
+
+
+def bind_eqn(eqn, invals: list) -> list:
+    """Evaluates one equation through a one-equation ``ClosedJaxpr`` (public API)."""
+    ins = list(dict.fromkeys(v for v in eqn.invars if not isinstance(v, jcore.Literal)))
+    outs = [jcore.Var(v.aval) if isinstance(v, jcore.DropVar) else v for v in eqn.outvars]
+    info = jcore.DebugInfo("ntkd structured", eqn.primitive.name, ("",) * len(ins), ("",) * len(outs))
+    sub = jcore.Jaxpr([], ins, outs, [eqn.replace(outvars=outs)], eqn.effects, info)
+    env = {v: a for v, a in zip(eqn.invars, invals) if not isinstance(v, jcore.Literal)}
+    return jcore.jaxpr_as_fun(jcore.ClosedJaxpr(sub, []))(*[env[v] for v in ins])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +64,7 @@ class Target:
         leaf: index of its parameter leaf.
         operand: position of the parameter operand in ``eqn.invars``.
         eqn: the jaxpr equation.
+        bias: index of the bias leaf added to its output, if any.
     """
 
     index: int
@@ -52,6 +72,7 @@ class Target:
     leaf: int
     operand: int
     eqn: Any
+    bias: int | None = None
 
     @property
     def activation(self) -> int:
@@ -116,30 +137,38 @@ def discover(closed, n_leaves: int, leaf_avals) -> Plan:
     inline: set = set()
 
     def walk(jaxpr, in_tags, ctx):
-        tags = {v: t for v, t in zip(jaxpr.invars, in_tags) if t is not None}
+        # tags: var -> (leaf, chain of unary view eqns from the leaf to the var)
+        tags = {v: (t, ()) for v, t in zip(jaxpr.invars, in_tags) if t is not None}
+        reads = collections.Counter(v for e in jaxpr.eqns for v in e.invars if _is_var(v))
+        reads.update(v for v in jaxpr.outvars if _is_var(v))
+        made_by = {}
         for eqn in jaxpr.eqns:
+            path = ctx + (id(eqn),)
+            made_by.update({o: path for o in eqn.outvars})
             ins = [tags.get(v) if _is_var(v) else None for v in eqn.invars]
             if all(t is None for t in ins):
                 continue
-            name, path = eqn.primitive.name, ctx + (id(eqn),)
-            if name in VIEWS and len(eqn.invars) == 1:
-                tags[eqn.outvars[0]] = ins[0]
+            name = eqn.primitive.name
+            if (name in VIEWS or name in BROADCASTS) and len(eqn.invars) == 1:
+                tags[eqn.outvars[0]] = (ins[0][0], ins[0][1] + (eqn,))
                 continue
             if name in CALLS and isinstance(eqn.params.get("jaxpr"), jcore.ClosedJaxpr):
                 inline.add(path)
-                outs = walk(eqn.params["jaxpr"].jaxpr, ins, path)
-                tags.update({o: t for o, t in zip(eqn.outvars, outs) if t is not None})
+                inner = walk(eqn.params["jaxpr"].jaxpr, [t and t[0] for t in ins], path)
+                tags.update({o: t for o, t in zip(eqn.outvars, inner) if t is not None})
                 continue
             for pos, t in enumerate(ins):
                 if t is not None:
-                    uses[t].append((path, eqn, pos, ins))
+                    other = eqn.invars[1 - pos] if len(eqn.invars) == 2 else None
+                    source = (made_by.get(other), reads[other]) if _is_var(other) else (None, 0)
+                    uses[t[0]].append((path, eqn, pos, [u and u[0] for u in ins], t[1], source))
         return [tags.get(v) if _is_var(v) else None for v in jaxpr.outvars]
 
     top = [i if inexact(a) else None for i, a in enumerate(leaf_avals)]
     outs = walk(closed.jaxpr, top + [None] * (len(closed.jaxpr.invars) - n_leaves), ())
     for t in outs:  # a parameter returned as an output
         if t is not None:
-            uses[t].append(((), None, None, None))
+            uses[t[0]].append(((), None, None, None, (), (None, 0)))
 
     targets, by_path, leftover = [], {}, []
     for leaf in range(n_leaves):
@@ -147,15 +176,53 @@ def discover(closed, n_leaves: int, leaf_avals) -> Plan:
             continue
         rule = None
         if len(uses[leaf]) == 1 and uses[leaf][0][1] is not None:
-            path, eqn, pos, ins = uses[leaf][0]
-            rule = _rule(eqn, pos, ins) if path not in by_path else None
+            path, eqn, pos, ins, chain, _ = uses[leaf][0]
+            pure_view = not any(e.primitive.name in BROADCASTS for e in chain)
+            rule = _rule(eqn, pos, ins) if path not in by_path and pure_view else None
         if rule is None:
             leftover.append(leaf)
             continue
         t = Target(len(targets), rule, leaf, pos, eqn)
         targets.append(t)
         by_path[path] = t
+    for leaf in list(leftover):
+        t = _bias_of(leaf, uses[leaf], by_path, leaf_avals[leaf])
+        if t is not None:
+            targets[t.index] = by_path[next(p for p, u in by_path.items() if u is t)] = (
+                    dataclasses.replace(t, bias=leaf))
+            leftover.remove(leaf)
     return Plan(closed, n_leaves, targets, by_path, inline, tuple(leftover))
+
+
+def _bias_of(leaf, leaf_uses, by_path, aval) -> Target | None:
+    """The target whose output this leaf is added to as a bias, if it is one.
+
+    The add must be the only reader of the target's output, and the broadcast
+    bias must vary along the output features only, as a bijection: checked by
+    pushing ``arange`` through the leaf's view chain.
+    """
+    if len(leaf_uses) != 1 or leaf_uses[0][1] is None:
+        return None
+    path, eqn, pos, _, chain, (source, reads) = leaf_uses[0]
+    t = by_path.get(source)
+    if (eqn.primitive.name != "add" or t is None or reads != 1 or t.bias is not None
+            or t.kind not in ("dense", "conv") or eqn.outvars[0].aval.shape != t.eqn.outvars[0].aval.shape):
+        return None
+    if t.kind == "dense" and pt.dense_dims(t.eqn, t.operand)[0]:
+        return None  # weights shared over batch dims: a per-h bias would be needed
+    size = int(np.prod(aval.shape))
+    val = np.arange(size, dtype=np.float32).reshape(aval.shape)
+    for e in chain:
+        val = bind_eqn(e, [val])[0]
+    try:  # lax.add also broadcasts size-1 dimensions
+        val = np.broadcast_to(np.asarray(val), eqn.outvars[0].aval.shape)
+    except ValueError:
+        return None
+    canon = np.asarray(pt.dense_cotangents(t.eqn, t.operand, val, 0) if t.kind == "dense"
+                       else pt.conv_cotangents(t.eqn, val, 0))[0]  # (S, C)
+    if canon.shape[1] != size or not np.all(canon == canon[:1]):
+        return None
+    return t if np.array_equal(np.sort(canon[0]), np.arange(size)) else None
 
 
 def trace(fn, params, state, x_one) -> tuple[Plan, Any]:

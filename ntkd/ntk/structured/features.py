@@ -19,18 +19,7 @@ from jax.extend import core as jcore
 
 from ntkd.ntk.modes import HIGHEST
 from ntkd.ntk.structured import patches as pt
-from ntkd.ntk.structured.discovery import Plan, Target
-
-
-def _bind(eqn, invals: list) -> list:
-    """Evaluates one equation through a one-equation ``ClosedJaxpr`` (public API)."""
-    ins = list(dict.fromkeys(v for v in eqn.invars if not isinstance(v, jcore.Literal)))
-    outs = [jcore.Var(v.aval) if isinstance(v, jcore.DropVar) else v for v in eqn.outvars]
-    info = jcore.DebugInfo("ntkd structured", eqn.primitive.name, ("",) * len(ins), ("",) * len(outs))
-    sub = jcore.Jaxpr([], ins, outs, [eqn.replace(outvars=outs)], eqn.effects, info)
-    env = {v: a for v, a in zip([v for v in eqn.invars if not isinstance(v, jcore.Literal)],
-                                [a for v, a in zip(eqn.invars, invals) if not isinstance(v, jcore.Literal)])}
-    return jcore.jaxpr_as_fun(jcore.ClosedJaxpr(sub, []))(*[env[v] for v in ins])
+from ntkd.ntk.structured.discovery import Plan, Target, bind_eqn
 
 
 def evaluate(plan: Plan, args: list, perts: list) -> tuple[list, list]:
@@ -48,7 +37,7 @@ def evaluate(plan: Plan, args: list, perts: list) -> tuple[list, list]:
                 inner = eqn.params["jaxpr"]
                 outs = run(inner.jaxpr, inner.consts, invals, path)
             else:
-                outs = _bind(eqn, invals)
+                outs = bind_eqn(eqn, invals)
             t = plan.by_path.get(path)
             if t is not None:
                 recorded[t.index] = invals[t.activation]
@@ -62,8 +51,14 @@ def evaluate(plan: Plan, args: list, perts: list) -> tuple[list, list]:
 def sizes(t: Target) -> tuple[int, int, int, int]:
     """(H, S, D, C) of a target: shared dims, positions, contracted size, output features.
 
-    For a lookup D is the number of table rows.
+    D counts the constant-1 column of a folded bias; for a lookup it is the
+    number of table rows.
     """
+    h, s, d, c = _op_sizes(t)
+    return h, s, d + (t.bias is not None), c
+
+
+def _op_sizes(t: Target) -> tuple[int, int, int, int]:
     eqn = t.eqn
     out = eqn.outvars[0].aval.shape
     if t.kind == "dense":
@@ -91,12 +86,17 @@ def cotangents(t: Target, g: jax.Array, lead: int) -> jax.Array:
 
 
 def inputs(t: Target, a: jax.Array, dtype):
-    """Patches (b, H, S, D), or for a lookup (tokens, valid) each (b, S)."""
-    if t.kind == "dense":
-        return pt.dense_patches(t.eqn, t.operand, a)
-    if t.kind == "conv":
-        return pt.conv_patches(t.eqn, a)
-    return pt.embed_tokens(t.eqn, a, dtype)
+    """Patches (b, H, S, D), or for a lookup (tokens, valid) each (b, S).
+
+    A folded bias is a constant-1 input column: its gradient Σ_s g_s joins the
+    weight's (a dense layer's block becomes ((a1·a2ᵀ) + 1) ⊙ (g1·g2ᵀ)).
+    """
+    if t.kind == "embed":
+        return pt.embed_tokens(t.eqn, a, dtype)
+    x = pt.dense_patches(t.eqn, t.operand, a) if t.kind == "dense" else pt.conv_patches(t.eqn, a)
+    if t.bias is not None:
+        x = jnp.concatenate([x, jnp.ones(x.shape[:-1] + (1,), x.dtype)], axis=-1)
+    return x
 
 
 def weight_grads(t: Target, x, g: jax.Array, rows: int) -> jax.Array:
