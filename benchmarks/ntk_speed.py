@@ -200,14 +200,7 @@ def generic_rows(args, python) -> list:
                 for impl in filter(None, args.generic_impls.split(",")):
                     entries["plain " + impl] = (lambda impl=impl: empirical_ntk(
                             plain, params, x, mode=mode, implementation=impl))
-                found = {}
-                for key, call in entries.items():
-                    try:
-                        found[key] = _time(call, args.repeats)
-                        print(f"  {wname} n={n} {mode} {key}: {found[key][0]:.4f}s "
-                              f"(compile {found[key][1]:.1f}s)", flush=True)
-                    except Exception as e:  # e.g. out of memory: report and go on
-                        print(f"  {wname} n={n} {mode} {key}: {type(e).__name__}: {str(e)[:200]}")
+                found = _time_round_robin(entries, args.repeats, f"  {wname} n={n} {mode}")
                 if python:
                     inp = os.path.join(WORK, f"g_{wname}_{n}_{mode}_in.npz")
                     out = os.path.join(WORK, f"g_{wname}_{n}_{mode}_out.npz")
@@ -227,6 +220,35 @@ def generic_rows(args, python) -> list:
                     rows.append(dict(workload=wname, n=n, mode=mode, entry=key, seconds=sec, compile=comp,
                                      vs_nt_best=(nt_best / sec) if nt_best else None, rel_err=err))
     return rows
+
+
+def _time_round_robin(entries: dict, repeats: int, label: str) -> dict:
+    """{key: (median s, compile s, kernel)}: a warm-up call each, then repeats taken in turn.
+
+    Taking the entries in turn spreads the load of a shared machine over all
+    of them instead of penalising whichever ran while another job was busy.
+    """
+    first, out, runs = {}, {}, {}
+    for key, call in entries.items():
+        try:
+            t0 = time.perf_counter()
+            out[key] = np.asarray(call())
+            first[key] = time.perf_counter() - t0
+            runs[key] = []
+        except Exception as e:  # e.g. out of memory: report and go on
+            print(f"{label} {key}: {type(e).__name__}: {str(e)[:200]}")
+    for _ in range(repeats):
+        for key in runs:
+            t0 = time.perf_counter()
+            jax.block_until_ready(entries[key]())
+            runs[key].append(time.perf_counter() - t0)
+    found = {}
+    for key, ts in runs.items():
+        med = statistics.median(ts)
+        found[key] = (med, max(first[key] - med, 0.0), out[key])
+        print(f"{label} {key}: {med:.4f}s (compile {found[key][1]:.1f}s; runs "
+              f"{', '.join(f'{t:.4f}' for t in ts)})", flush=True)
+    return found
 
 
 def print_generic(rows) -> None:
