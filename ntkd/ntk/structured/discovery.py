@@ -13,7 +13,7 @@ exactly one of
 
 A bias — a leaf broadcast (reshape / ``broadcast_in_dim``) over everything
 but the output features of such a dense or convolution op and added to its
-output, which nothing else reads — joins that op's rule as a constant-1
+output (possibly transposed or reshaped), which nothing else reads — joins that op's rule as a constant-1
 input column. Every other inexact leaf (normalisation scales, shared weights,
 grouped convolutions, parameters inside ``scan``/``custom_jvp`` bodies) is
 *left over* and gets its exact per-example gradient through the same
@@ -144,7 +144,7 @@ def discover(closed, n_leaves: int, leaf_avals) -> Plan:
         made_by = {}
         for eqn in jaxpr.eqns:
             path = ctx + (id(eqn),)
-            made_by.update({o: path for o in eqn.outvars})
+            made_by.update({o: (path, eqn) for o in eqn.outvars})
             ins = [tags.get(v) if _is_var(v) else None for v in eqn.invars]
             if all(t is None for t in ins):
                 continue
@@ -160,7 +160,7 @@ def discover(closed, n_leaves: int, leaf_avals) -> Plan:
             for pos, t in enumerate(ins):
                 if t is not None:
                     other = eqn.invars[1 - pos] if len(eqn.invars) == 2 else None
-                    source = (made_by.get(other), reads[other]) if _is_var(other) else (None, 0)
+                    source = (other, made_by, reads) if _is_var(other) else None
                     uses[t[0]].append((path, eqn, pos, [u and u[0] for u in ins], t[1], source))
         return [tags.get(v) if _is_var(v) else None for v in jaxpr.outvars]
 
@@ -168,7 +168,7 @@ def discover(closed, n_leaves: int, leaf_avals) -> Plan:
     outs = walk(closed.jaxpr, top + [None] * (len(closed.jaxpr.invars) - n_leaves), ())
     for t in outs:  # a parameter returned as an output
         if t is not None:
-            uses[t[0]].append(((), None, None, None, (), (None, 0)))
+            uses[t[0]].append(((), None, None, None, (), None))
 
     targets, by_path, leftover = [], {}, []
     for leaf in range(n_leaves):
@@ -197,16 +197,24 @@ def discover(closed, n_leaves: int, leaf_avals) -> Plan:
 def _bias_of(leaf, leaf_uses, by_path, aval) -> Target | None:
     """The target whose output this leaf is added to as a bias, if it is one.
 
-    The add must be the only reader of the target's output, and the broadcast
-    bias must vary along the output features only, as a bijection: checked by
-    pushing ``arange`` through the leaf's view chain.
+    The add's other operand must be the target's output, possibly through
+    transposes / reshapes (Equinox: ``W @ x`` under vmap), each read only
+    there; the broadcast bias must vary along the output features only, as a
+    bijection: checked by pushing ``arange`` through the leaf's view chain and
+    pulling it back through the output's views.
     """
-    if len(leaf_uses) != 1 or leaf_uses[0][1] is None:
+    if len(leaf_uses) != 1 or leaf_uses[0][1] is None or leaf_uses[0][5] is None:
         return None
-    path, eqn, pos, _, chain, (source, reads) = leaf_uses[0]
-    t = by_path.get(source)
-    if (eqn.primitive.name != "add" or t is None or reads != 1 or t.bias is not None
-            or t.kind not in ("dense", "conv") or eqn.outvars[0].aval.shape != t.eqn.outvars[0].aval.shape):
+    path, eqn, pos, _, chain, (var, made_by, reads) = leaf_uses[0]
+    views = []
+    while (reads[var] == 1 and var in made_by and made_by[var][0] not in by_path
+           and made_by[var][1].primitive.name in ("transpose", "reshape", "squeeze", "expand_dims")
+           and len(made_by[var][1].invars) == 1):
+        views.append(made_by[var][1])
+        var = made_by[var][1].invars[0]
+    t = by_path.get(made_by[var][0]) if var in made_by else None
+    if (eqn.primitive.name != "add" or t is None or reads[var] != 1 or t.bias is not None
+            or t.kind not in ("dense", "conv")):
         return None
     if t.kind == "dense" and pt.dense_dims(t.eqn, t.operand)[0]:
         return None  # weights shared over batch dims: a per-h bias would be needed
@@ -217,6 +225,12 @@ def _bias_of(leaf, leaf_uses, by_path, aval) -> Target | None:
     try:  # lax.add also broadcasts size-1 dimensions
         val = np.broadcast_to(np.asarray(val), eqn.outvars[0].aval.shape)
     except ValueError:
+        return None
+    for e in views:  # back to the target's output layout
+        shape = e.invars[0].aval.shape
+        val = (np.transpose(val, np.argsort(e.params["permutation"])) if e.primitive.name == "transpose"
+               else val.reshape(shape))
+    if val.shape != t.eqn.outvars[0].aval.shape:
         return None
     canon = np.asarray(pt.dense_cotangents(t.eqn, t.operand, val, 0) if t.kind == "dense"
                        else pt.conv_cotangents(t.eqn, val, 0))[0]  # (S, C)
