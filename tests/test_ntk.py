@@ -63,6 +63,12 @@ def test_structured_finds_the_layers_of_every_model_kind(kind):
     want = {"linen_bn": ["conv", "dense"], "nnx_bn": ["dense"], "equinox": ["conv", "dense"],
             "function": ["conv", "dense"], "transformer": ["dense", "embed"]}[kind]
     assert kinds == want
+    # biases are folded into their layer's rule; left over: BatchNorm / LayerNorm scales and
+    # shifts, and the plain function's weight used twice
+    assert len(plan.leftover) == {"linen_bn": 2, "nnx_bn": 2, "equinox": 0, "function": 1,
+                                  "transformer": 6}[kind]
+    assert sum(t.bias is not None for t in plan.targets) == {
+            "linen_bn": 2, "nnx_bn": 2, "equinox": 3, "function": 2, "transformer": 7}[kind]
     if kind == "function":  # the weight used twice is left to the exact fallback
         names = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(p)]
         assert names.index("['shared']") in plan.leftover
@@ -563,3 +569,22 @@ def test_clear_errors_for_model_kinds():
 def test_public_facade():
     assert ntkd.empirical_ntk is empirical_ntk and ntkd.as_apply_fn is as_apply_fn
     assert ntkd.flax_apply_fn is flax_apply_fn and ntkd.ntk_vp_fn is ntk_vp_fn
+
+
+def test_by_layer_keeps_a_bias_of_another_group_apart():
+    """A bias folded into its layer's rule is split out again when it is its own group."""
+    with jax.enable_x64(True):
+        p = {"b": jnp.arange(3.0) / 3, "w": jax.random.normal(jax.random.PRNGKey(0), (4, 3), jnp.float64)}
+        f = lambda p, x: jnp.tanh(x @ p["w"] + p["b"])
+        x1 = jax.random.normal(jax.random.PRNGKey(1), (3, 4), jnp.float64)
+        x2 = jax.random.normal(jax.random.PRNGKey(2), (2, 4), jnp.float64)
+        j1, j2 = jacobian_leaves(f, p, x1), jacobian_leaves(f, p, x2)
+        for mode in ("full", "trace"):
+            parts = empirical_ntk(f, p, x1, x2, mode=mode, implementation="structured", by_layer=True)
+            assert sorted(parts) == ["b", "w"]
+            for i, g in enumerate(("b", "w")):
+                want = jnp.einsum("iap,jbp->ijab", j1[i], j2[i])
+                want = want if mode == "full" else jnp.einsum("ijaa->ij", want)
+                assert rel(parts[g], want) <= 1e-12, (mode, g)
+            whole = empirical_ntk(f, p, x1, x2, mode=mode, implementation="structured")
+            assert rel(parts["b"] + parts["w"], whole) <= 1e-12

@@ -113,7 +113,7 @@ def _nnx_fn(graphdef, params, state, x):
 
 
 def _equinox_fn(treedef, static, params, state, x):
-    model = jax.tree.unflatten(treedef, _combine(static, params, state))
+    model = jax.tree.unflatten(treedef, _combine(static, jax.tree.leaves(params), state))
     return jax.vmap(model)(x)
 
 
@@ -138,6 +138,10 @@ def _equinox_split(model):
         else:
             static.append(("v", leaf))
     static = tuple(static)
+    # params keep the module's shape (non-parameters None, as eqx.partition does), so their
+    # paths name the layers (by_layer groups)
+    params = jax.tree.unflatten(treedef, [l if kind == "p" else None
+                                          for (kind, _), l in zip(static, leaves)])
     try:
         hash(static)
     except TypeError as e:
@@ -176,7 +180,8 @@ def as_apply_fn(model, variables: PyTree | None = None) -> tuple[ApplyFn, PyTree
     Returns:
         ``(apply_fn, params)``: ``apply_fn(params, x) -> (batch, k)`` and the
         differentiated parameters (NNX: an ``nnx.State`` of the ``nnx.Param``s;
-        Equinox: the list of inexact array leaves).
+        Equinox: the module with every non-parameter leaf None, as
+        ``eqx.partition(model, eqx.is_inexact_array)[0]``).
 
     Raises:
         ValueError: params given for a module that owns them, missing for one

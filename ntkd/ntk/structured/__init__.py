@@ -31,6 +31,9 @@ class Structured:
     shares_features = True
 
     def __init__(self, problem: Problem, plan: Plan, leaf_sizes: list):
+        if problem.by_layer:  # a bias folded into a layer of another group: keep it apart
+            plan = plan.unfold([t.index for t in plan.targets
+                                if t.bias is not None and problem.groups[t.bias] != problem.groups[t.leaf]])
         self.p, self.plan = problem, plan
         opts, m = problem.options, problem.m
         self.fact, self.grad = [], []

@@ -100,6 +100,18 @@ class Plan:
     inline: set
     leftover: tuple
 
+    def unfold(self, indices) -> "Plan":
+        """This plan with the biases of the given targets left over instead of folded."""
+        indices = set(indices)
+        if not indices:
+            return self
+        swap = {id(t): dataclasses.replace(t, bias=None) for t in self.targets if t.index in indices}
+        targets = [swap.get(id(t), t) for t in self.targets]
+        by_path = {p: swap.get(id(t), t) for p, t in self.by_path.items()}
+        freed = tuple(self.targets[i].bias for i in indices)
+        return Plan(self.closed, self.n_leaves, targets, by_path, self.inline,
+                    tuple(sorted(self.leftover + freed)))
+
 
 def _is_var(v) -> bool:
     return isinstance(v, jcore.Var) and not isinstance(v, jcore.Literal)
