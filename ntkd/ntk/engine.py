@@ -10,7 +10,6 @@ reuse them: nothing is recompiled.
 from __future__ import annotations
 
 import collections
-import math
 from typing import Any, Callable
 
 import jax
