@@ -5,10 +5,13 @@ neural-tangents 0.6.5), never in the main environment:
 
     benchmarks/.nt_venv/bin/python benchmarks/nt_reference.py IN.npz OUT.npz --repeats 3
 
-IN.npz holds ``x``, ``meta`` (JSON: model name/kwargs, mode, k) and the
-variables as flattened leaves named by their path (``params/dense0/kernel``).
-The model is rebuilt from ``ntkd/models.py`` (imported by file path, so the
-rest of ntkd, which needs current JAX, is not imported). OUT.npz receives
+IN.npz holds ``x``, ``meta`` (JSON: model name/kwargs, mode, k, or ``plain``:
+a network of ``benchmarks/plain_models.py``) and the variables as flattened
+leaves named by their path (``params/dense0/kernel``). The model is rebuilt
+from ``ntkd/models.py`` or ``benchmarks/plain_models.py`` (imported by file
+path, so the rest of ntkd, which needs current JAX, is not imported); a plain
+network is the very function ntkd's benchmark times, with all of its params
+differentiated. OUT.npz receives
 each implementation's kernel (``trace`` is neural-tangents' MEAN over logits)
 and a JSON ``timings`` record.
 """
@@ -33,9 +36,9 @@ IMPLEMENTATIONS = {
 }
 
 
-def _load_models():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "ntkd", "models.py")
-    spec = importlib.util.spec_from_file_location("ntkd_models", path)
+def _load_models(*parts):
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), *parts)
+    spec = importlib.util.spec_from_file_location("ntkd_" + parts[-1][:-3], path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # Flax dataclasses look their module up
     spec.loader.exec_module(module)
@@ -65,12 +68,16 @@ def main() -> None:
     meta = json.loads(str(data["meta"]))
     variables = _unflatten({k[len("var:"):]: data[k] for k in data.files if k.startswith("var:")})
     x = jax.numpy.asarray(data["x"])
-    models = _load_models()
-    model = models.get_model(meta["model"], meta["k"], **meta["model_kwargs"])
-    rest = {c: v for c, v in variables.items() if c != "params"}
+    if meta.get("plain"):
+        apply_fn = _load_models("plain_models.py").PLAIN[meta["plain"]][1]
+        variables = {"params": variables}
+    else:
+        models = _load_models("..", "ntkd", "models.py")
+        model = models.get_model(meta["model"], meta["k"], **meta["model_kwargs"])
+        rest = {c: v for c, v in variables.items() if c != "params"}
 
-    def apply_fn(params, xx):
-        return model.apply({"params": params, **rest}, xx, train=False)
+        def apply_fn(params, xx):
+            return model.apply({"params": params, **rest}, xx, train=False)
 
     trace_axes = () if meta["mode"] == "full" else (-1,)
     results, timings = {}, {}

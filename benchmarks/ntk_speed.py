@@ -28,6 +28,23 @@ by the time) and that as a fraction of a float32 matmul peak measured in the
 same run, and the max relative deviation from ntkd ``jacobian`` (NT's trace
 is multiplied by k: it is a mean).
 
+Generic entry points (``--generic``): the networks of ``plain_models.py``
+(MLP 784-256-256-10 and a small 2-D CNN on 28×28×1) at a small n (128 / 64)
+and, with ``--generic-sizes small,full``, at n = 1000 / 500, each through
+
+- ``flax_apply_fn``: ``empirical_ntk_fn(apply_fn)`` built once (Linen);
+- ``linen``: ``empirical_ntk(model, variables, x)`` every call;
+- ``model.apply``: ``empirical_ntk(model.apply, variables, x)``, the bound
+  method taken fresh every call, as in a notebook;
+- ``plain``: ``empirical_ntk(f, params, x)`` of the plain-``jnp`` function,
+  with every fixed implementation too (to check ``auto``);
+- ``nnx`` / ``equinox``: ``empirical_ntk(module, None, x)``;
+
+and neural-tangents (``--reference``) runs the same plain function, jitted
+once, on the same params and inputs. Quick generic run:
+
+    PYTHONPATH=. python benchmarks/ntk_speed.py --generic --reference --workloads ""
+
 ``import ntkd`` makes glibc keep freed host memory (ntkd/_hostmem.py; off
 with ``NTKD_TUNE_MALLOC=0``); ``--nt-tuned-malloc`` runs neural-tangents'
 process with the same allocator settings (``GLIBC_TUNABLES``), to separate
@@ -48,9 +65,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import plain_models  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from ntkd import _hostmem
 from ntkd.models import get_model, init_variables
-from ntkd.ntk import empirical_ntk_fn, flax_apply_fn
+from ntkd.ntk import empirical_ntk, empirical_ntk_fn, flax_apply_fn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORK = os.path.join(HERE, "_work")
@@ -131,11 +149,12 @@ def ensure_venv() -> str:
     return python
 
 
-def export(path: str, name: str, kwargs: dict, variables: dict, x, mode: str, k: int) -> None:
+def export(path: str, name: str, kwargs: dict, variables: dict, x, mode: str, k: int,
+           plain: str | None = None) -> None:
     flat = {}
     for keypath, leaf in jax.tree_util.tree_leaves_with_path(variables):
         flat["var:" + "/".join(str(getattr(q, "key", q)) for q in keypath)] = np.asarray(leaf)
-    meta = {"model": name, "model_kwargs": kwargs, "mode": mode, "k": k}
+    meta = {"model": name, "model_kwargs": kwargs, "mode": mode, "k": k, "plain": plain}
     np.savez(path, x=np.asarray(x), meta=json.dumps(meta), **flat)
 
 
@@ -152,6 +171,97 @@ def run_reference(python: str, inp: str, out: str, repeats: int, impls: str,
     return timings, kernels
 
 
+GENERIC_N = {"mlp784": (128, 1000), "cnn2d": (64, 500)}
+"""Generic workloads: (small n, full n)."""
+
+
+def generic_rows(args, python) -> list:
+    """Every generic entry point on the plain_models networks, NT on the same plain function."""
+    rows = []
+    for wname in filter(None, args.generic_workloads.split(",")):
+        shape = plain_models.SHAPES[wname]
+        init, plain = plain_models.PLAIN[wname]
+        params = init(jax.random.PRNGKey(0))
+        model, variables = plain_models.linen(wname)
+        apply_fn, lparams = flax_apply_fn(model, variables)
+        nnx_model, eqx_model = plain_models.nnx(wname), plain_models.equinox(wname)
+        for size in args.generic_sizes.split(","):
+            n = GENERIC_N[wname][0 if size == "small" else 1]
+            x = jax.random.normal(jax.random.PRNGKey(1), (n,) + shape, jnp.float32)
+            for mode in args.modes.split(","):
+                ntk_fn = empirical_ntk_fn(apply_fn, mode=mode)
+                entries = {
+                        "flax_apply_fn": lambda: ntk_fn(x, None, lparams),
+                        "linen": lambda: empirical_ntk(model, variables, x, mode=mode),
+                        "model.apply": lambda: empirical_ntk(model.apply, variables, x, mode=mode),
+                        "nnx": lambda: empirical_ntk(nnx_model, None, x, mode=mode),
+                        "equinox": lambda: empirical_ntk(eqx_model, None, x, mode=mode),
+                }
+                for impl in filter(None, args.generic_impls.split(",")):
+                    entries["plain " + impl] = (lambda impl=impl: empirical_ntk(
+                            plain, params, x, mode=mode, implementation=impl))
+                found = _time_round_robin(entries, args.repeats, f"  {wname} n={n} {mode}")
+                if python:
+                    inp = os.path.join(WORK, f"g_{wname}_{n}_{mode}_in.npz")
+                    out = os.path.join(WORK, f"g_{wname}_{n}_{mode}_out.npz")
+                    export(inp, wname, {}, params, x, mode, 10, plain=wname)
+                    timings, kernels = run_reference(python, inp, out, args.repeats, args.nt_impls,
+                                                     args.nt_tuned_malloc)
+                    for key, t in timings.items():
+                        if "error" in t:
+                            print(f"  {wname} {mode} {key}: {t['error']}")
+                            continue
+                        found[key] = (t["seconds"], t["compile"], kernels[key] * (10 if mode == "trace" else 1))
+                ref = found.get("plain jacobian", next(iter(found.values())))[2]
+                nt_best = min((v[0] for k, v in found.items() if k.startswith("nt-")), default=None)
+                for key, (sec, comp, kern) in found.items():
+                    same_fn = key.startswith(("plain", "nt-"))  # other entries have their own init
+                    err = float(np.max(np.abs(kern - ref)) / np.max(np.abs(ref))) if same_fn else None
+                    rows.append(dict(workload=wname, n=n, mode=mode, entry=key, seconds=sec, compile=comp,
+                                     vs_nt_best=(nt_best / sec) if nt_best else None, rel_err=err))
+    return rows
+
+
+def _time_round_robin(entries: dict, repeats: int, label: str) -> dict:
+    """{key: (median s, compile s, kernel)}: a warm-up call each, then repeats taken in turn.
+
+    Taking the entries in turn spreads the load of a shared machine over all
+    of them instead of penalising whichever ran while another job was busy.
+    """
+    first, out, runs = {}, {}, {}
+    for key, call in entries.items():
+        try:
+            t0 = time.perf_counter()
+            out[key] = np.asarray(call())
+            first[key] = time.perf_counter() - t0
+            runs[key] = []
+        except Exception as e:  # e.g. out of memory: report and go on
+            print(f"{label} {key}: {type(e).__name__}: {str(e)[:200]}")
+    for _ in range(repeats):
+        for key in runs:
+            t0 = time.perf_counter()
+            jax.block_until_ready(entries[key]())
+            runs[key].append(time.perf_counter() - t0)
+    found = {}
+    for key, ts in runs.items():
+        med = statistics.median(ts)
+        found[key] = (med, max(first[key] - med, 0.0), out[key])
+        print(f"{label} {key}: {med:.4f}s (compile {found[key][1]:.1f}s; runs "
+              f"{', '.join(f'{t:.4f}' for t in ts)})", flush=True)
+    return found
+
+
+def print_generic(rows) -> None:
+    print()
+    print("| workload | n | mode | entry point | seconds | compile s | speed-up vs NT best | rel. err |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        ratio = f"{r['vs_nt_best']:.2f}x" if r["vs_nt_best"] else "-"
+        err = f"{r['rel_err']:.1e}" if r["rel_err"] is not None else "-"
+        print(f"| {r['workload']} | {r['n']} | {r['mode']} | {r['entry']} | {r['seconds']:.4f} | "
+              f"{r['compile']:.1f} | {ratio} | {err} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -165,6 +275,12 @@ def main() -> None:
     parser.add_argument("--nt-impls", default="nt-jacobian,nt-ntvp,nt-structured")
     parser.add_argument("--nt-tuned-malloc", action="store_true",
                         help="run neural-tangents with the allocator settings `import ntkd` applies")
+    parser.add_argument("--generic", action="store_true",
+                        help="also time the generic entry points on plain_models.py networks")
+    parser.add_argument("--generic-workloads", default=",".join(plain_models.PLAIN))
+    parser.add_argument("--generic-sizes", default="small", help="small and/or full")
+    parser.add_argument("--generic-impls", default=",".join(NTKD_IMPLS),
+                        help="fixed implementations timed on the plain function")
     parser.add_argument("--json", default=os.path.join(WORK, "ntk_speed.json"))
     args = parser.parse_args()
     if args.quick:
@@ -178,7 +294,7 @@ def main() -> None:
           f"ntkd host-malloc tuning {'on' if _hostmem.TUNED else 'off'}, "
           f"neural-tangents' {'same' if args.nt_tuned_malloc else 'glibc defaults'}", flush=True)
     rows = []
-    for wname in args.workloads.split(","):
+    for wname in filter(None, args.workloads.split(",")):
         name, kwargs, shape, n = WORKLOADS[wname]
         n = max(8, int(round(n * args.n_scale)))
         model = get_model(name, 10, **kwargs)
@@ -223,8 +339,11 @@ def main() -> None:
                                  vs_nt_best=(nt_best / sec) if nt_best else None,
                                  gflops=flops / sec / 1e9, peak_frac=flops / sec / 1e9 / peak,
                                  rel_err=err))
+    generic = generic_rows(args, python) if args.generic else []
     with open(args.json, "w") as f:
-        json.dump({"peak_gflops": peak, "rows": rows, "argv": sys.argv}, f, indent=1)
+        json.dump({"peak_gflops": peak, "rows": rows, "generic": generic, "argv": sys.argv}, f, indent=1)
+    if generic:
+        print_generic(generic)
     print()
     print(f"| workload | n | mode | contender | seconds | compile s | speed-up vs NT best | "
           f"JC-equiv GFLOP/s | of peak | rel. err |")

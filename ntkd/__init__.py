@@ -50,5 +50,5 @@ from ntkd.matfree import (  # noqa: E402
     supervision_complexity_bounds,
     top_eigenpairs,
 )
-from ntkd.ntk import empirical_ntk, empirical_ntk_fn, flax_apply_fn, ntk_vp_fn  # noqa: E402
+from ntkd.ntk import as_apply_fn, empirical_ntk, empirical_ntk_fn, flax_apply_fn, ntk_vp_fn  # noqa: E402
 from ntkd.targets import label_smoothing, matched_label_smoothing, one_hot, random_labels, softmax_targets  # noqa: E402

@@ -32,3 +32,52 @@ def test_four_devices_match_one(tmp_path):
     assert len(one) == len(four)
     for a, b in zip(one, four):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+
+
+NTK_SCRIPT = textwrap.dedent("""
+    import sys, jax, jax.numpy as jnp, numpy as np, flax.linen as nn
+    rank, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    if rank >= 0:
+        jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=rank)
+        assert jax.process_count() == 2
+    from ntkd.ntk import empirical_ntk_fn
+    class M(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            x = nn.BatchNorm(use_running_average=not train)(nn.relu(nn.Conv(3, (3,))(x)))
+            return nn.Dense(3)(x.reshape(x.shape[0], -1))
+    x = jax.random.normal(jax.random.PRNGKey(1), (11, 6, 1))
+    m = M(); v = m.init(jax.random.PRNGKey(0), x)
+    result = {}
+    for mode in ("full", "trace"):
+        for impl in ("structured", "jacobian", "ntvp"):
+            fn = empirical_ntk_fn(m, mode=mode, implementation=impl, block_size=3)
+            result[mode + impl] = np.asarray(fn(x, None, v))
+            result[mode + impl + "x2"] = np.asarray(fn(x, x[:5], v))
+        parts = empirical_ntk_fn(m, mode=mode, block_size=3, by_layer=True)(x, None, v)
+        result.update({mode + "layer" + g: np.asarray(k) for g, k in parts.items()})
+    if rank <= 0:
+        np.savez(out, **result)
+""")
+
+
+def test_two_processes_match_one_process(tmp_path):
+    """jax.distributed with 2 local CPU processes: block rows dealt out, the same kernel as 1 process."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    one, two = tmp_path / "one.npz", tmp_path / "two.npz"
+    procs = [subprocess.Popen([sys.executable, "-c", NTK_SCRIPT, str(r), port, str(two)], env=env)
+             for r in (0, 1)]
+    subprocess.run([sys.executable, "-c", NTK_SCRIPT, "-1", port, str(one)], check=True, env=env, timeout=600)
+    for p in procs:
+        assert p.wait(timeout=600) == 0
+    with np.load(one) as a, np.load(two) as b:
+        assert sorted(a.files) == sorted(b.files)
+        for key in a.files:
+            np.testing.assert_allclose(b[key], a[key], rtol=1e-6, atol=1e-7, err_msg=key)

@@ -1,24 +1,80 @@
-"""Tests for ntkd.ntk against independent oracles (float64 jacrev + einsum)."""
+"""Tests for ntkd.ntk against independent oracles (float64 jacrev + einsum, tests/oracles.py)."""
 
+import logging
 import os
 import subprocess
 import sys
 import textwrap
+import types
 
 import flax.linen as nn
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import ntkd
 from ntkd.models import get_model, init_variables
-from ntkd.ntk import empirical_ntk, empirical_ntk_fn, flax_apply_fn, ntk_vp_fn
+from ntkd.ntk import (BlockOptions, ContractionOptions, as_apply_fn, empirical_ntk, empirical_ntk_fn,
+                      flax_apply_fn, ntk_vp_fn)
+from ntkd.ntk import blocking
+from ntkd.ntk.engine import _engine, _options
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from oracles import KINDS, jacobian_leaves, jitter, ntk_oracle_modes, rel  # noqa: E402
 
 IMPLS = ("jacobian", "ntvp", "structured", "auto")
 MODES = ("full", "trace", "logit", "sum")
 
 
-# ---------------------------------------------------------------- tiny models
+# ---------------------------------------------------------------- every model kind
+# The default suite runs every kind with `structured` and every implementation on the plain
+# function and the NNX module; the rest of the grid is marked slow (compile-bound on 2 cores).
+_KIND_FAST = {(k, "structured") for k in KINDS} | {("function", i) for i in IMPLS} | {
+        ("nnx_bn", "jacobian"), ("nnx_bn", "ntvp"), ("equinox", "jacobian"), ("linen_bn", "ntvp")}
+_KIND_GRID = [pytest.param(k, i, marks=[] if (k, i) in _KIND_FAST else [pytest.mark.slow])
+              for k in KINDS for i in IMPLS]
+
+
+@pytest.mark.parametrize("kind,impl", _KIND_GRID)
+def test_every_implementation_mode_and_model_kind_matches_oracle_float64(kind, impl):
+    with jax.enable_x64(True):
+        model, params, f, oracle_params, x1, x2 = KINDS[kind]()
+        oracle = ntk_oracle_modes(f, oracle_params, x1, x2, logit=1)
+        for mode in MODES:
+            want = oracle[mode]
+            got = empirical_ntk(model, params, x1, x2, mode=mode, logit=1, implementation=impl)
+            assert got.dtype == jnp.float64
+            assert got.shape == want.shape, (kind, impl, mode)
+            assert rel(got, want) <= 1e-6, (kind, impl, mode, rel(got, want))
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_structured_finds_the_layers_of_every_model_kind(kind):
+    """The jaxpr discovery gives dense/conv/embedding rules, not only the exact fallback."""
+    from ntkd.ntk.structured import trace
+
+    with jax.enable_x64(True):
+        model, params, *_, x1, _ = KINDS[kind]()
+        apply_fn, p = as_apply_fn(model, params)
+        plan, _ = trace(apply_fn.fn, p, apply_fn.state, jax.ShapeDtypeStruct((1,) + x1.shape[1:], x1.dtype))
+    kinds = sorted({t.kind for t in plan.targets})
+    want = {"linen_bn": ["conv", "dense"], "nnx_bn": ["dense"], "equinox": ["conv", "dense"],
+            "function": ["conv", "dense"], "transformer": ["dense", "embed"]}[kind]
+    assert kinds == want
+    # biases are folded into their layer's rule; left over: BatchNorm / LayerNorm scales and
+    # shifts, and the plain function's weight used twice
+    assert len(plan.leftover) == {"linen_bn": 2, "nnx_bn": 2, "equinox": 0, "function": 1,
+                                  "transformer": 6}[kind]
+    assert sum(t.bias is not None for t in plan.targets) == {
+            "linen_bn": 2, "nnx_bn": 2, "equinox": 3, "function": 2, "transformer": 7}[kind]
+    if kind == "function":  # the weight used twice is left to the exact fallback
+        names = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(p)]
+        assert names.index("['shared']") in plan.leftover
+
+
+# ---------------------------------------------------------------- ntkd's model families
 FAMILIES = {  # name -> (get_model kwargs, per-example input shape)
     "mlp": (dict(name="mlp", widths=(7, 5)), (12, 1)),
     "cnn1d": (dict(name="cnn1d", features=(4, 3), kernel_size=3, strides=(2, 1)), (12, 1)),
@@ -34,67 +90,44 @@ def _make(family, n1=3, n2=2, seed=0):
     k0, k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 4)
     x1 = jax.random.normal(k1, (n1,) + shape)
     x2 = jax.random.normal(k2, (n2,) + shape)
-    variables = init_variables(model, k0, shape)
-    leaves, tree = jax.tree.flatten(variables)
-    keys = jax.random.split(k3, len(leaves))
-    # Zero-initialised BatchNorm scales would hide whole branches from the oracle.
-    variables = jax.tree.unflatten(
-        tree, [l + 0.3 * jnp.abs(jax.random.normal(kk, l.shape)) for l, kk in zip(leaves, keys)])
+    variables = jitter(init_variables(model, k0, shape), k3)
     return model, variables, x1, x2
 
 
-def _oracle(apply_fn, params, x1, x2, mode, logit=0):
-    """Brute force: full Jacobians of the batched network, einsum per leaf."""
-    j1 = jax.jacrev(apply_fn)(params, x1)  # leaves (n1, k, *leaf)
-    j2 = jax.jacrev(apply_fn)(params, x2)
-    full = sum(
-            jnp.einsum("iap,jbp->ijab", a.reshape(a.shape[:2] + (-1,)), b.reshape(b.shape[:2] + (-1,)))
-            for a, b in zip(jax.tree.leaves(j1), jax.tree.leaves(j2)))
-    if mode == "full":
-        return full
-    if mode == "trace":
-        return jnp.einsum("ijaa->ij", full)
-    if mode == "logit":
-        return full[:, :, logit, logit]
-    return full.sum((2, 3))
+def _f64(*trees):
+    return [jax.tree.map(lambda l: jnp.asarray(l, jnp.float64), t) for t in trees]
 
 
-def _rel(a, b):
-    a, b = np.asarray(a), np.asarray(b)
-    return np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30)
-
-
-# ---------------------------------------------------------------- oracle tests
-_SLOW = {("lenet5", "ntvp"), ("lenet5", "jacobian"), ("resnet", "ntvp"), ("resnet", "jacobian")}
+_SLOW = {("lenet5", "ntvp"), ("lenet5", "jacobian"), ("resnet", "ntvp"), ("resnet", "jacobian"),
+         ("lenet5", "structured")}
 _GRID = [pytest.param(f, i, marks=[pytest.mark.slow] if (f, i) in _SLOW else [])
          for f in FAMILIES for i in ("jacobian", "ntvp", "structured")] + [("mlp", "auto")]
 
 
 @pytest.mark.parametrize("family,impl", _GRID)
-def test_every_implementation_and_mode_matches_oracle_float64(family, impl):
+def test_model_families_through_flax_apply_fn_match_oracle_float64(family, impl):
     with jax.enable_x64(True):
         model, variables, x1, x2 = _make(family, n1=3, n2=3)
-        variables = jax.tree.map(lambda l: jnp.asarray(l, jnp.float64), variables)
-        x1, x2 = jnp.asarray(x1, jnp.float64), jnp.asarray(x2, jnp.float64)
+        variables, x1, x2 = _f64(variables, x1, x2)
         apply_fn, params = flax_apply_fn(model, variables)
+        oracle = ntk_oracle_modes(apply_fn, params, x1, x2, logit=1)
         for mode in MODES:
-            want = _oracle(apply_fn, params, x1, x2, mode, logit=1)
+            want = oracle[mode]
             got = empirical_ntk_fn(apply_fn, mode=mode, logit=1, implementation=impl)(x1, x2, params)
             assert got.dtype == jnp.float64
-            assert got.shape == want.shape, (impl, mode)
-            assert _rel(got, want) <= 1e-6, (family, impl, mode, _rel(got, want))
+            assert rel(got, want) <= 1e-6, (family, impl, mode, rel(got, want))
 
 
-def test_plain_apply_fn_falls_back_to_exact_method():
+def test_model_apply_as_a_plain_function_matches_oracle():
+    """``model.apply`` with the whole variables dict: everything passed is differentiated."""
     with jax.enable_x64(True):
         model, variables, x1, x2 = _make("cnn1d")
-        variables = jax.tree.map(lambda l: jnp.asarray(l, jnp.float64), variables)
-        x1, x2 = jnp.asarray(x1, jnp.float64), jnp.asarray(x2, jnp.float64)
-        plain = lambda p, x: model.apply({"params": p}, x)
-        for impl in IMPLS:
+        variables, x1, x2 = _f64(variables, x1, x2)
+        oracle = ntk_oracle_modes(model.apply, variables, x1, x2)
+        for impl in ("structured", "auto"):
             for mode in ("full", "trace"):
-                got = empirical_ntk(plain, variables["params"], x1, x2, mode=mode, implementation=impl)
-                assert _rel(got, _oracle(plain, variables["params"], x1, x2, mode)) <= 1e-6
+                got = empirical_ntk(model.apply, variables, x1, x2, mode=mode, implementation=impl)
+                assert rel(got, oracle[mode]) <= 1e-6, (impl, mode)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -104,12 +137,11 @@ def test_linear_model_closed_form(impl):
         model = nn.Dense(4)
         x1 = jax.random.normal(jax.random.PRNGKey(1), (5, 3), jnp.float64)
         x2 = jax.random.normal(jax.random.PRNGKey(2), (2, 3), jnp.float64)
-        variables = model.init(jax.random.PRNGKey(0), x1)
-        apply_fn, params = flax_apply_fn(model, jax.tree.map(lambda l: l.astype(jnp.float64), variables))
+        variables = _f64(model.init(jax.random.PRNGKey(0), x1))[0]
         gram = np.asarray(x1) @ np.asarray(x2).T + 1.0
-        full = empirical_ntk(apply_fn, params, x1, x2, mode="full", implementation=impl)
+        full = empirical_ntk(model, variables, x1, x2, mode="full", implementation=impl)
         np.testing.assert_allclose(full, gram[:, :, None, None] * np.eye(4), rtol=1e-12, atol=1e-12)
-        trace = empirical_ntk(apply_fn, params, x1, x2, mode="trace", implementation=impl)
+        trace = empirical_ntk(model, variables, x1, x2, mode="trace", implementation=impl)
         np.testing.assert_allclose(trace, 4 * gram, rtol=1e-12)
 
 
@@ -121,6 +153,7 @@ class _OddConvs(nn.Module):
         x = nn.tanh(nn.Conv(3, (3,), strides=2, padding=((2, 1),), kernel_dilation=2)(x))
         x = nn.tanh(nn.Conv(3, (2,), padding="CAUSAL")(x))
         x = nn.tanh(nn.Conv(2, (3,), padding="REFLECT", use_bias=False)(x))
+        x = nn.tanh(nn.Conv(3, (3,), padding="CIRCULAR")(x))
         x = nn.tanh(nn.Conv(4, (3,), strides=2, padding="SAME", kernel_dilation=2)(x))
         return nn.Dense(3)(x.reshape(x.shape[0], -1))
 
@@ -130,133 +163,214 @@ def test_structured_on_every_conv_padding_matches_oracle():
         model = _OddConvs()
         x1 = jax.random.normal(jax.random.PRNGKey(1), (3, 11, 2), jnp.float64)
         x2 = jax.random.normal(jax.random.PRNGKey(2), (2, 11, 2), jnp.float64)
-        variables = jax.tree.map(lambda l: l.astype(jnp.float64), model.init(jax.random.PRNGKey(0), x1))
+        variables = _f64(model.init(jax.random.PRNGKey(0), x1))[0]
         apply_fn, params = flax_apply_fn(model, variables)
+        oracle = ntk_oracle_modes(apply_fn, params, x1, x2)
         for mode in MODES:
             got = empirical_ntk(apply_fn, params, x1, x2, mode=mode, implementation="structured")
-            want = _oracle(apply_fn, params, x1, x2, mode)
-            assert _rel(got, want) <= 1e-10, (mode, _rel(got, want))
+            assert rel(got, oracle[mode]) <= 1e-10, mode
 
 
-@pytest.mark.parametrize("padding", ["SAME", "VALID", 2, ((2, 0), (1, 3))])
-@pytest.mark.parametrize("strides,dilation", [(1, 1), (2, 1), (1, 2), ((2, 1), (1, 2))])
-def test_sliced_patches_equal_identity_kernel_convolution(padding, strides, dilation):
-    """Patches by slicing == the same nn.Conv applied with an identity kernel (lax's conventions)."""
-    from ntkd.ntk import _sliced_patches
+@pytest.mark.parametrize("layout", [("NCHW", "OIHW", "NCHW"), ("NHWC", "HWIO", "NHWC")])
+def test_structured_lax_convolutions_with_dilations_and_layouts(layout):
+    """lax-level convs: input (transposed-conv) and kernel dilation, strides, explicit pads, layouts."""
+    with jax.enable_x64(True):
+        lhs, rhs, _ = layout
+        ws = {"HWIO": (3, 2, 2, 4), "OIHW": (4, 2, 3, 2)}
+        p = {"w1": jax.random.normal(jax.random.PRNGKey(0), ws[rhs], jnp.float64),
+             "w2": jax.random.normal(jax.random.PRNGKey(1), ws[rhs], jnp.float64)[..., :1]
+             if rhs == "HWIO" else jax.random.normal(jax.random.PRNGKey(1), (1, 4, 3, 2), jnp.float64)}
+        if rhs == "HWIO":
+            p["w2"] = jax.random.normal(jax.random.PRNGKey(1), (3, 2, 4, 1), jnp.float64)
 
-    conv = nn.Conv(5, (3, 2), strides=strides, padding=padding, kernel_dilation=dilation)
-    a = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 8, 3))
-    d = 3 * 2 * 3
-    eye = jnp.eye(d).reshape(3, 2, 3, d)
-    want = conv.clone(features=d, use_bias=False).apply({"params": {"kernel": eye}}, a)
-    got = _sliced_patches(conv, a)
-    np.testing.assert_array_equal(got, want.reshape(2, -1, d))
+        def f(p, x):
+            h = jax.lax.conv_general_dilated(x, p["w1"], (2, 1), ((1, 2), (0, 1)), lhs_dilation=(1, 2),
+                                             rhs_dilation=(2, 1), dimension_numbers=layout)
+            h = jax.lax.conv_general_dilated(jnp.tanh(h), p["w2"], (1, 2), "SAME", dimension_numbers=layout)
+            return h.reshape(x.shape[0], -1)[:, :3]
+
+        shape = (2, 7, 5) if lhs == "NCHW" else (7, 5, 2)
+        x1 = jax.random.normal(jax.random.PRNGKey(2), (3,) + shape, jnp.float64)
+        x2 = jax.random.normal(jax.random.PRNGKey(3), (2,) + shape, jnp.float64)
+        oracle = ntk_oracle_modes(f, p, x1, x2)
+        for mode in MODES:
+            got = empirical_ntk(f, p, x1, x2, mode=mode, implementation="structured")
+            assert rel(got, oracle[mode]) <= 1e-10, mode
 
 
-def test_gram_in_chunks_equals_one_matmul(monkeypatch):
+def test_structured_dense_with_shared_axes_and_weight_on_the_left():
+    """einsum with a weight batch axis (per-head weights) and W @ x (weight as lhs)."""
+    with jax.enable_x64(True):
+        p = {"heads": jax.random.normal(jax.random.PRNGKey(0), (2, 4, 3), jnp.float64),
+             "left": jax.random.normal(jax.random.PRNGKey(1), (3, 6), jnp.float64)}
+
+        def f(p, x):  # x: (n, 2 heads, 4)
+            h = jnp.tanh(jnp.einsum("nhd,hde->nhe", x, p["heads"])).reshape(x.shape[0], -1)
+            return (p["left"] @ h.T).T
+
+        x1 = jax.random.normal(jax.random.PRNGKey(2), (3, 2, 4), jnp.float64)
+        x2 = jax.random.normal(jax.random.PRNGKey(3), (2, 2, 4), jnp.float64)
+        oracle = ntk_oracle_modes(f, p, x1, x2)
+        for mode in MODES:
+            got = empirical_ntk(f, p, x1, x2, mode=mode, implementation="structured")
+            assert rel(got, oracle[mode]) <= 1e-10, mode
+
+
+def test_structured_embedding_lookups_out_of_range_and_repeated_tokens():
+    """jnp.take (fill: out-of-range rows get no gradient), clip mode, E[ids]; repeated ids."""
+    with jax.enable_x64(True):
+        p = {"e": jax.random.normal(jax.random.PRNGKey(0), (6, 3), jnp.float64),
+             "c": jax.random.normal(jax.random.PRNGKey(1), (6, 3), jnp.float64),
+             "i": jax.random.normal(jax.random.PRNGKey(2), (6, 3), jnp.float64)}
+
+        def f(p, ids):
+            h = jnp.take(p["e"], ids, axis=0, fill_value=0.0) + jnp.take(p["c"], ids + 2, axis=0, mode="clip") + p["i"][ids % 6]
+            return jnp.tanh(h).sum(1)
+
+        x1 = jnp.array([[0, 1, 1, 7], [5, 5, 2, 0], [3, 3, 3, 3]])
+        x2 = jnp.array([[1, 1, 0, 9], [2, 4, 5, 5]])
+        oracle = ntk_oracle_modes(f, p, x1, x2)
+        for mode in MODES:
+            got = empirical_ntk(f, p, x1, x2, mode=mode, implementation="structured")
+            assert rel(got, oracle[mode]) <= 1e-10, mode
+
+
+def test_gram_in_chunks_equals_one_matmul():
     """The cache-blocked Gram (K split into chunks plus a remainder) == NumPy's a @ b.T."""
-    from ntkd import ntk
+    from ntkd.ntk._util import gram
 
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(5, 7001)), rng.normal(size=(3, 7001))
-    monkeypatch.setattr(ntk, "GRAM_CHUNK_BYTES", 8 * 8 * 600)  # 600 columns per step: 11 steps + 401
     with jax.enable_x64(True):
-        got = ntk._gram(jnp.asarray(a), jnp.asarray(b))
+        got = gram(jnp.asarray(a), jnp.asarray(b), 8 * 8 * 600)  # 600 columns per step: 11 steps + 401
     np.testing.assert_allclose(got, a @ b.T, rtol=1e-12, atol=1e-10)
 
 
-def test_structured_vmapped_cotangents_match_oracle(monkeypatch):
-    """k above COTANGENT_LOOP_MAX takes the vmapped-VJP path (max-pooling LeNet, BatchNorm ResNet)."""
-    from ntkd import ntk
-
-    monkeypatch.setattr(ntk, "COTANGENT_LOOP_MAX", 1)
+@pytest.mark.parametrize("family", [pytest.param("lenet5", marks=pytest.mark.slow), "resnet"])
+def test_structured_vmapped_cotangents_match_oracle(family):
+    """k above cotangent_loop_max takes the vmapped-VJP path (max-pooling LeNet, BatchNorm ResNet)."""
+    opts = ContractionOptions(cotangent_loop_max=1, gram_chunk_bytes=4096)
     with jax.enable_x64(True):
-        for family in ("lenet5", "resnet"):
+        for family in (family,):
             model, variables, x1, x2 = _make(family)
-            variables = jax.tree.map(lambda l: jnp.asarray(l, jnp.float64), variables)
-            x1, x2 = jnp.asarray(x1, jnp.float64), jnp.asarray(x2, jnp.float64)
+            variables, x1, x2 = _f64(variables, x1, x2)
             apply_fn, params = flax_apply_fn(model, variables)
+            oracle = ntk_oracle_modes(apply_fn, params, x1, x2)
             for mode in ("full", "trace"):
-                got = empirical_ntk(apply_fn, params, x1, x2, mode=mode, implementation="structured")
-                assert _rel(got, _oracle(apply_fn, params, x1, x2, mode)) <= 1e-6, (family, mode)
+                got = empirical_ntk(apply_fn, params, x1, x2, mode=mode, implementation="structured",
+                                    contraction=opts)
+                assert rel(got, oracle[mode]) <= 1e-6, (family, mode)
 
 
-# ---------------------------------------------------------------- invariances
+# ---------------------------------------------------------------- per-layer kernels
+@pytest.mark.parametrize("kind", ["linen_bn", pytest.param("transformer", marks=pytest.mark.slow), "equinox"])
+def test_by_layer_kernels_match_oracle_per_group_and_sum_to_whole(kind):
+    from ntkd.ntk._util import leaf_groups
+
+    with jax.enable_x64(True):
+        model, params, f, oracle_params, x1, x2 = KINDS[kind]()
+        groups = leaf_groups(as_apply_fn(model, params)[1])
+        j1, j2 = jacobian_leaves(f, oracle_params, x1), jacobian_leaves(f, oracle_params, x2)
+        per_group = {}
+        for i, g in enumerate(groups):
+            term = jnp.einsum("iap,jbp->ijab", j1[i], j2[i])
+            per_group[g] = per_group.get(g, 0) + term
+        reduce = {"full": lambda k: k, "trace": lambda k: jnp.einsum("ijaa->ij", k),
+                  "sum": lambda k: k.sum((2, 3))}
+        for impl in ("structured", "jacobian", "ntvp"):
+            for mode in ("full", "trace", "sum"):
+                parts = empirical_ntk(model, params, x1, x2, mode=mode, implementation=impl, by_layer=True)
+                assert sorted(parts) == sorted(per_group)
+                whole = reduce[mode](sum(per_group.values()))
+                assert rel(sum(parts.values()), whole) <= 1e-10, (impl, mode)
+                for g, kern in parts.items():
+                    err = np.max(np.abs(kern - reduce[mode](per_group[g])))
+                    assert err <= 1e-10 * np.max(np.abs(whole)), (impl, mode, g)
+
+
+def test_by_layer_groups_are_module_paths():
+    model, variables, x1, _ = _make("mlp")
+    parts = empirical_ntk(model, variables, x1, by_layer=True)
+    assert sorted(parts) == ["dense0", "dense1", "head"]
+    np.testing.assert_allclose(sum(parts.values()), empirical_ntk(model, variables, x1), rtol=1e-5)
+
+
+# ---------------------------------------------------------------- blocking invariances
+@pytest.mark.parametrize("impl", ["structured", "jacobian", "ntvp"])
 @pytest.mark.parametrize("mode", ["full", "trace"])
-def test_blocked_equals_unblocked_and_symmetric_equals_explicit(mode, monkeypatch):
+def test_blocked_equals_unblocked_and_symmetric_equals_explicit(mode, impl):
     model, variables, x1, _ = _make("cnn1d", n1=7)
     apply_fn, params = flax_apply_fn(model, variables)
-    ref = empirical_ntk_fn(apply_fn, mode=mode)(x1, x1, params)
-    blocked = empirical_ntk_fn(apply_fn, mode=mode, block_size=3)
-    np.testing.assert_allclose(blocked(x1, None, params), ref, rtol=2e-5, atol=1e-5)
-    np.testing.assert_allclose(blocked(x1, x1, params), ref, rtol=2e-5, atol=1e-5)
-    np.testing.assert_allclose(empirical_ntk_fn(apply_fn, mode=mode)(x1, None, params), ref,
-                                                          rtol=2e-5, atol=1e-5)
-    # host streaming (as_numpy=True, or kernels above DEVICE_KERNEL_BYTES) == device assembly
+    ref = empirical_ntk_fn(apply_fn, mode=mode, implementation=impl, block_size=7)(x1, x1, params)
+    blocked = empirical_ntk_fn(apply_fn, mode=mode, implementation=impl, block_size=3)
+    tol = dict(rtol=2e-5, atol=1e-5)
+    np.testing.assert_allclose(blocked(x1, None, params), ref, **tol)
+    np.testing.assert_allclose(blocked(x1, x1, params), ref, **tol)
+    np.testing.assert_allclose(empirical_ntk_fn(apply_fn, mode=mode, implementation=impl)(x1, None, params),
+                               ref, **tol)
+    # host streaming (as_numpy=True, or kernels above device_kernel_bytes) == device assembly
     for x2 in (None, x1[:5]):
         host = blocked(x1, x2, params, as_numpy=True)
         assert isinstance(host, np.ndarray)
-        np.testing.assert_allclose(host, ref[:, :5] if x2 is not None else ref, rtol=2e-5, atol=1e-5)
-    import ntkd.ntk as ntk_mod
-
-    monkeypatch.setattr(ntk_mod, "DEVICE_KERNEL_BYTES", 0)
-    streamed = blocked(x1, None, params)
+        np.testing.assert_allclose(host, ref[:, :5] if x2 is not None else ref, **tol)
+    streamed = empirical_ntk_fn(apply_fn, mode=mode, implementation=impl,
+                                blocks=BlockOptions(block_size=3, device_kernel_bytes=0))(x1, None, params)
     assert isinstance(streamed, jax.Array)
-    np.testing.assert_allclose(streamed, ref, rtol=2e-5, atol=1e-5)
+    np.testing.assert_allclose(streamed, ref, **tol)
 
 
-def test_default_splits_into_even_blocks(monkeypatch):
-    """Default blocking: ≥ MIN_BLOCKS even blocks, upper pairs mirrored, same kernel."""
-    import ntkd.ntk as ntk_mod
+def _compiled(model, variables, x, mode, impl="structured", blocks=None):
+    apply_fn, params = as_apply_fn(model, variables)
+    options = _options(mode, 0, impl, False, None, None, blocks, None)
+    engine = _engine(apply_fn.key, options, apply_fn.fn)
+    sig_params = (params, apply_fn.state)
+    from ntkd.ntk.engine import _spec, output_width
 
+    k, dt = output_width(apply_fn, params, x, options[0])
+    sig = (_spec(params), _spec(apply_fn.state), x.shape[1:], str(x.dtype))
+    c = engine.compiled(impl, sig, engine.problem(params, k, dt), *sig_params, x)
+    return c, options[0], k, params, apply_fn.state
+
+
+def test_planned_blocks_are_even_and_at_least_min_blocks():
+    """11 examples: `full` wants ≥ 8 blocks → 6 blocks of 2; this tiny net's `trace` factorises no
+    layer over several positions → ≥ 4 blocks → 4 blocks of 3."""
     model, variables, x1, _ = _make("cnn1d", n1=11)
-    apply_fn, params = flax_apply_fn(model, variables)
-    ref = {m: empirical_ntk_fn(apply_fn, mode=m)(x1, x1, params) for m in ("full", "trace")}
-    monkeypatch.setattr(ntk_mod, "MIN_BLOCK_SIZE", 2)
-    seen = {}
-    orig = ntk_mod._pad_to
-    for m in ("full", "trace"):
-        seen[m] = set()
-        monkeypatch.setattr(ntk_mod, "_pad_to", lambda x, n, m=m: seen[m].add(n) or orig(x, n))
-        got = empirical_ntk_fn(apply_fn, mode=m)(x1, None, params)
-        np.testing.assert_allclose(got, ref[m], rtol=2e-5, atol=1e-5)
-    # 11 examples: `full` wants ≥ 8 blocks → 6 blocks of 2 (the last padded by 1); this tiny
-    # net's `trace` factorises no layer over several positions → ≥ 4 blocks → 4 blocks of 3
-    assert seen == {"full": {2}, "trace": {3}}
+    opts = BlockOptions(min_block_size=2)
+    for mode, want in (("full", 2), ("trace", 3)):
+        c, m, k, params, state = _compiled(model, variables, x1, mode, blocks=opts)
+        assert blocking.plan_block(c, m, k, params, state, x1, 11, opts) == want
+        got = empirical_ntk(model, variables, x1, mode=mode, blocks=opts, implementation="structured")
+        ref = empirical_ntk(model, variables, x1, mode=mode, block_size=11, implementation="structured")
+        np.testing.assert_allclose(got, ref, rtol=2e-5, atol=1e-5)
 
 
-def test_default_block_fits_xla_memory_plan(monkeypatch):
-    """The default block also budgets the pair's temporaries (block² patch products), not only features."""
-    import ntkd.ntk as ntk_mod
-
+def test_planned_block_fits_xla_memory_plan():
+    """The planned block also budgets the pair's temporaries (block² patch products), not only features."""
     model = get_model("cnn1d", 10)
     variables = init_variables(model, jax.random.PRNGKey(0), (40, 1))
-    apply_fn, params = flax_apply_fn(model, variables)
     x = jax.random.normal(jax.random.PRNGKey(1), (64, 40, 1))
-    engine = ntk_mod._Engine(apply_fn, "trace", 0, "structured", None, None)
-    _, row, _, pair, k = engine.algo(params, x)
-    at_n = ntk_mod._planned_bytes(row, pair, params, jax.ShapeDtypeStruct(x.shape, x.dtype))
-    feat = jax.eval_shape(row, params, jax.ShapeDtypeStruct((1, 40, 1), x.dtype))
+    c, m, k, params, state = _compiled(model, variables, x, "trace")
+    at_n = blocking.planned_bytes(c, params, state, jax.ShapeDtypeStruct(x.shape, x.dtype))
+    feat = jax.eval_shape(c.row, params, state, jax.ShapeDtypeStruct((1, 40, 1), x.dtype))
     per_ex = sum(l.size * l.dtype.itemsize for l in jax.tree.leaves(feat))
-    budget = int(at_n * 0.7)  # features alone would still allow one block of all 64 examples
-    monkeypatch.setattr(ntk_mod, "BLOCK_MEMORY_BYTES", budget)
-    assert ntk_mod._block_default(per_ex, k, "trace") >= 64
-    b, spatial = engine._default_block(row, pair, k, params, x, 1, 64)
-    assert spatial  # the 1-D CNN's convolutions are factorised over S > 1 positions in `trace`
+    opts = BlockOptions(memory_bytes=int(at_n * 0.7), min_blocks=1)
+    assert blocking.block_from_features(per_ex, k, m, opts) >= 64  # features alone would allow 64
+    assert c.algo.spatial  # the 1-D CNN's convolutions are factorised over S > 1 positions in `trace`
+    b = blocking.plan_block(c, m, k, params, state, x, 64, opts)
     assert 8 <= b < 64
-    assert ntk_mod._planned_bytes(row, pair, params, jax.ShapeDtypeStruct((b, 40, 1), x.dtype)) <= budget
-    kernel = empirical_ntk(apply_fn, params, x, mode="trace", implementation="structured")
-    ref = empirical_ntk(apply_fn, params, x, mode="trace", implementation="jacobian", block_size=64)
+    assert blocking.planned_bytes(c, params, state, jax.ShapeDtypeStruct((b, 40, 1), x.dtype)) <= opts.memory_bytes
+    kernel = empirical_ntk(model, variables, x, implementation="structured", blocks=opts)
+    ref = empirical_ntk(model, variables, x, implementation="jacobian", block_size=64)
     np.testing.assert_allclose(kernel, ref, rtol=2e-5, atol=1e-5 * float(np.max(np.abs(ref))))
 
 
 def test_permuting_inputs_permutes_kernel():
     model, variables, x1, x2 = _make("cnn1d", n1=6, n2=4)
-    apply_fn, params = flax_apply_fn(model, variables)
-    fn = empirical_ntk_fn(apply_fn, mode="full", block_size=4)
-    k = np.asarray(fn(x1, x2, params))
+    fn = empirical_ntk_fn(model, mode="full", block_size=4)
+    k = np.asarray(fn(x1, x2, variables))
     p1, p2 = np.array([3, 0, 5, 1, 4, 2]), np.array([2, 3, 1, 0])
-    np.testing.assert_allclose(fn(x1[p1], x2[p2], params), k[p1][:, p2], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(fn(x1[p1], x2[p2], variables), k[p1][:, p2], rtol=1e-5, atol=1e-6)
 
 
 def test_jit_of_ntk_fn_matches_eager():
@@ -266,27 +380,92 @@ def test_jit_of_ntk_fn_matches_eager():
     np.testing.assert_allclose(jax.jit(fn)(x1, x2, params), fn(x1, x2, params), rtol=1e-5)
 
 
-def test_second_call_does_not_recompile():
+# ---------------------------------------------------------------- no recompiles
+class _CompileLog:
+    """Collects JAX's "Compiling ..." log records."""
+
+    def __enter__(self):
+        self.records, self.handler = [], logging.Handler()
+        self.handler.emit = self.records.append
+        self.ctx = jax.log_compiles()
+        self.ctx.__enter__()
+        logging.getLogger("jax").addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger("jax").removeHandler(self.handler)
+        self.ctx.__exit__(*exc)
+
+    @property
+    def compiles(self):
+        return [r.getMessage() for r in self.records if "Compiling" in r.getMessage()]
+
+
+def _new_values(tree, seed):
+    return jitter(tree, jax.random.PRNGKey(seed), 0.1)
+
+
+@pytest.mark.parametrize("kind", ["linen", "model_apply", "nnx", "equinox", "function"])
+def test_second_call_with_new_params_compiles_nothing(kind):
+    """A loop over checkpoints: new params (and state) of the same structure, fresh wrappers."""
     model, variables, x1, x2 = _make("lenet5")
-    apply_fn, params = flax_apply_fn(model, variables)
-    fn = empirical_ntk_fn(apply_fn, mode="trace")
-    fn(x1, x2, params).block_until_ready()
-    x1b, x2b = x1 + 1.0, x2 - 1.0
-    with jax.log_compiles():
-        import logging
-        records = []
-        handler = logging.Handler()
-        handler.emit = records.append
-        logger = logging.getLogger("jax")
-        logger.addHandler(handler)
-        try:
-            fn(x1b, x2b, params).block_until_ready()
-        finally:
-            logger.removeHandler(handler)
-    compiles = [r for r in records if "Compiling" in r.getMessage()]
-    assert not compiles, [r.getMessage() for r in compiles]
+    calls = {
+            "linen": lambda v: empirical_ntk(model, v, x1, x2),
+            "model_apply": lambda v: empirical_ntk(model.apply, v, x1, x2),
+            "function": lambda v: empirical_ntk(_plain_lenet, v, x1, x2),
+    }
+    if kind in calls:
+        calls[kind](variables).block_until_ready()
+        fresh = _new_values(variables, 1)
+        with _CompileLog() as log:
+            calls[kind](fresh).block_until_ready()
+            empirical_ntk_fn(*flax_apply_fn(model, fresh)[:1])(x1, x2, flax_apply_fn(model, fresh)[1])
+        assert not log.compiles, log.compiles
+        return
+    if kind == "nnx":
+        from flax import nnx
+
+        net = _nnx_net(0)
+        x = jnp.ones((4, 4))
+        empirical_ntk(net, None, x).block_until_ready()
+        _, params, rest = nnx.split(net, nnx.Param, ...)
+        nnx.update(net, _new_values(params, 2), _new_values(rest, 3))
+        other = _nnx_net(5)  # another instance of the same structure
+        with _CompileLog() as log:
+            empirical_ntk(net, None, x).block_until_ready()
+            empirical_ntk_fn(other)(x).block_until_ready()
+        assert not log.compiles, log.compiles
+        return
+    import equinox as eqx
+
+    x = jnp.ones((4, 2, 6))
+    mlp = lambda key: eqx.nn.Sequential([eqx.nn.Conv1d(2, 3, 3, key=key), eqx.nn.Lambda(jnp.ravel),
+                                         eqx.nn.Linear(12, 3, key=key)])
+    empirical_ntk(mlp(jax.random.PRNGKey(0)), None, x).block_until_ready()
+    with _CompileLog() as log:
+        empirical_ntk(mlp(jax.random.PRNGKey(1)), None, x).block_until_ready()
+    assert not log.compiles, log.compiles
 
 
+def _plain_lenet(v, x):
+    return get_model("lenet5", 3, width=1, padding="SAME").apply(v, x)
+
+
+class _NnxNet(nnx.Module):
+    def __init__(self, rngs):
+        self.l1 = nnx.Linear(4, 5, rngs=rngs)
+        self.bn = nnx.BatchNorm(5, rngs=rngs)
+        self.l2 = nnx.Linear(5, 3, rngs=rngs)
+
+    def __call__(self, x):
+        return self.l2(nnx.relu(self.bn(self.l1(x))))
+
+
+def _nnx_net(seed):
+    return _NnxNet(nnx.Rngs(seed))
+
+
+# ---------------------------------------------------------------- matrix-free products
 def test_ntk_vp_matches_materialised_kernel():
     model, variables, x, _ = _make("cnn1d", n1=5)
     apply_fn, params = flax_apply_fn(model, variables)
@@ -298,24 +477,32 @@ def test_ntk_vp_matches_materialised_kernel():
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+# ---------------------------------------------------------------- devices
 def test_four_fake_devices_match_one_device():
     code = textwrap.dedent("""
-            import jax, numpy as np, flax.linen as nn
+            import jax, jax.numpy as jnp, numpy as np, flax.linen as nn
             from ntkd.ntk import empirical_ntk_fn, flax_apply_fn
             assert len(jax.devices()) == 4, jax.devices()
             class M(nn.Module):
                 @nn.compact
                 def __call__(self, x, train=False):
                     x = nn.relu(nn.Conv(3, (3,))(x))
+                    x = nn.BatchNorm(use_running_average=not train)(x)
                     return nn.Dense(3)(x.reshape(x.shape[0], -1))
             x = jax.random.normal(jax.random.PRNGKey(1), (10, 6, 1))
             m = M(); v = m.init(jax.random.PRNGKey(0), x)
-            f, p = flax_apply_fn(m, v)
+            plain = lambda p, x: jnp.tanh(x.reshape(x.shape[0], -1) @ p["w"]) @ p["v"]
+            pp = {"w": jnp.ones((6, 4)) / 3, "v": jnp.arange(12.0).reshape(4, 3) / 10}
             out = {}
             for mode in ("full", "trace"):
                 for impl in ("jacobian", "structured", "ntvp"):
-                    out[mode + impl] = np.asarray(empirical_ntk_fn(f, mode=mode, implementation=impl,
-                                                                                                                  block_size=4)(x, None, p))
+                    for by_layer in (False, True):
+                        k = empirical_ntk_fn(m, mode=mode, implementation=impl, block_size=4,
+                                             by_layer=by_layer)(x, None, v)
+                        for g, kk in (k.items() if by_layer else [("", k)]):
+                            out[mode + impl + g] = np.asarray(kk)
+                    out[mode + impl + "plain"] = np.asarray(empirical_ntk_fn(
+                            plain, mode=mode, implementation=impl, block_size=4)(x, x[:7], pp))
             np.savez(OUT, **out)
     """)
     env = dict(os.environ)
@@ -329,6 +516,7 @@ def test_four_fake_devices_match_one_device():
         subprocess.run([sys.executable, "-c", src], check=True, env=env, timeout=300)
         results[count] = dict(np.load(path))
         os.remove(path)
+    assert results[1].keys() == results[4].keys()
     for key in results[1]:
         np.testing.assert_allclose(results[4][key], results[1][key], rtol=1e-5, atol=1e-6)
 
@@ -353,3 +541,50 @@ def test_clear_errors():
         empirical_ntk(apply_fn, bad, x1)
     with pytest.raises(ValueError, match=r"shape \(batch, k\).*returned \(2, 3, 1\)"):
         empirical_ntk(lambda p, x: apply_fn(p, x)[..., None], params, x1)
+    with pytest.raises(ValueError, match="block_size=0"):
+        empirical_ntk_fn(apply_fn, block_size=0)
+
+
+def test_clear_errors_for_model_kinds():
+    import equinox as eqx
+
+    x = jnp.ones((3, 4))
+    net = _nnx_net(0)
+    with pytest.raises(ValueError, match="NNX module _NnxNet owns its parameters; pass params=None"):
+        empirical_ntk(net, {"w": 1.0}, x)
+    lin = eqx.nn.Linear(4, 3, key=jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="Equinox module Linear owns its parameters"):
+        empirical_ntk(lin, lin.weight, x)
+    with pytest.raises(ValueError, match=r"shape \(batch, k\).*returned \(2,\).*Equinox"):
+        empirical_ntk(eqx.nn.Linear(4, "scalar", key=jax.random.PRNGKey(0)), None, x)
+    with pytest.raises(ValueError, match="Linen module Dense holds no parameters; pass its variables"):
+        empirical_ntk(nn.Dense(3), None, x)
+    haiku_like = types.SimpleNamespace(init=lambda *a: None, apply=lambda *a: None)
+    with pytest.raises(ValueError, match="cannot split a types.SimpleNamespace"):
+        empirical_ntk(haiku_like, {}, x)
+    with pytest.raises(ValueError, match="needs its params"):
+        empirical_ntk(lambda p, x: x, None, x)
+
+
+def test_public_facade():
+    assert ntkd.empirical_ntk is empirical_ntk and ntkd.as_apply_fn is as_apply_fn
+    assert ntkd.flax_apply_fn is flax_apply_fn and ntkd.ntk_vp_fn is ntk_vp_fn
+
+
+def test_by_layer_keeps_a_bias_of_another_group_apart():
+    """A bias folded into its layer's rule is split out again when it is its own group."""
+    with jax.enable_x64(True):
+        p = {"b": jnp.arange(3.0) / 3, "w": jax.random.normal(jax.random.PRNGKey(0), (4, 3), jnp.float64)}
+        f = lambda p, x: jnp.tanh(x @ p["w"] + p["b"])
+        x1 = jax.random.normal(jax.random.PRNGKey(1), (3, 4), jnp.float64)
+        x2 = jax.random.normal(jax.random.PRNGKey(2), (2, 4), jnp.float64)
+        j1, j2 = jacobian_leaves(f, p, x1), jacobian_leaves(f, p, x2)
+        for mode in ("full", "trace"):
+            parts = empirical_ntk(f, p, x1, x2, mode=mode, implementation="structured", by_layer=True)
+            assert sorted(parts) == ["b", "w"]
+            for i, g in enumerate(("b", "w")):
+                want = jnp.einsum("iap,jbp->ijab", j1[i], j2[i])
+                want = want if mode == "full" else jnp.einsum("ijaa->ij", want)
+                assert rel(parts[g], want) <= 1e-12, (mode, g)
+            whole = empirical_ntk(f, p, x1, x2, mode=mode, implementation="structured")
+            assert rel(parts["b"] + parts["w"], whole) <= 1e-12

@@ -1,0 +1,94 @@
+"""Small helpers shared by the algorithms: the chunked Gram product, flattening, checks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ntkd.ntk.modes import HIGHEST
+
+PyTree = Any
+
+
+def gram(a: jax.Array, b: jax.Array, chunk_bytes: int) -> jax.Array:
+    """``a @ b.T`` for (r1, K) and (r2, K), accumulated over cache-sized K chunks.
+
+    A block pair contracts few rows over very many parameters (ResNet-20
+    ``trace``: 128 × 2.7 M); one matmul of that shape streams its operands at
+    a fraction of peak (96 → 145 GFLOP/s at 128 rows on a 2-core CPU).
+    """
+    (r1, kdim), r2 = a.shape, b.shape[0]
+    ch = max(512, chunk_bytes // ((r1 + r2) * a.dtype.itemsize))
+    steps = kdim // ch
+    if steps < 4:
+        return jnp.matmul(a, b.T, precision=HIGHEST)
+
+    def step(s, acc):
+        x = jax.lax.dynamic_slice_in_dim(a, s * ch, ch, axis=1)
+        y = jax.lax.dynamic_slice_in_dim(b, s * ch, ch, axis=1)
+        return acc + jnp.matmul(x, y.T, precision=HIGHEST)
+
+    acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((r1, r2), jnp.result_type(a, b)))
+    if steps * ch < kdim:
+        acc = acc + jnp.matmul(a[:, steps * ch:], b[:, steps * ch:].T, precision=HIGHEST)
+    return acc
+
+
+def flatten(leaves, lead: int) -> jax.Array:
+    """Concatenates leaves (lead axes, *leaf) into (lead axes, P)."""
+    return jnp.concatenate([l.reshape(l.shape[:lead] + (-1,)) for l in leaves], axis=-1)
+
+
+def nbytes(tree) -> int:
+    return sum(l.size * l.dtype.itemsize for l in jax.tree.leaves(tree))
+
+
+def is_tracer(*trees) -> bool:
+    return any(isinstance(l, jax.core.Tracer) for l in jax.tree.leaves(trees))
+
+
+def inexact(leaf) -> bool:
+    return jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
+
+
+def check_finite(name: str, tree: PyTree) -> None:
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        arr = np.asarray(leaf)
+        if np.issubdtype(arr.dtype, np.inexact) and not np.all(np.isfinite(arr)):
+            where = jax.tree_util.keystr(path) or "(array)"
+            bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+            raise ValueError(
+                    f"{name}{where} has {bad} non-finite value(s) (NaN/inf); the NTK "
+                    "would be meaningless. Clean the inputs or restore finite params.")
+
+
+def cast(tree: PyTree, dtype) -> PyTree:
+    if dtype is None:
+        return tree
+    return jax.tree.map(lambda l: jnp.asarray(l, dtype) if inexact(l) else l, tree)
+
+
+def key_name(k) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def leaf_groups(params: PyTree) -> list[str]:
+    """Per leaf, the path of its parameter group: the leaf's path minus its last key.
+
+    Linen ``{"Dense_0": {"kernel", "bias"}}`` → ``"Dense_0"``; NNX
+    ``l.kernel.value`` → ``"l"``; Equinox ``layers[0].weight`` → ``"layers/0"``.
+    A leaf directly at the top of the tree is its own group.
+    """
+    out = []
+    for path, _ in jax.tree_util.tree_leaves_with_path(params):
+        names = [key_name(k) for k in path]
+        if names and names[-1] == "value":  # NNX Variable boxes: the name is one level up
+            names = names[:-1]
+        out.append("/".join(names[:-1] if len(names) > 1 else names))
+    return out

@@ -1,0 +1,273 @@
+"""Entry points: ``empirical_ntk_fn`` / ``empirical_ntk`` for every model kind, with a cache.
+
+Compiled pieces live in an :class:`Engine`, cached per (model structure,
+options); inside it per (implementation, params/state/input shapes and
+dtypes). New params or state of the same structure, a fresh ``model.apply``
+bound method of the same module, or a new ``ntk_fn`` for the same model
+reuse them: nothing is recompiled.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ntkd.ntk import auto, blocking
+from ntkd.ntk._util import cast, check_finite, is_tracer, leaf_groups
+from ntkd.ntk.algorithm import Problem
+from ntkd.ntk.jacobian import Jacobian
+from ntkd.ntk.models import ApplyFn, as_apply_fn
+from ntkd.ntk.modes import Mode
+from ntkd.ntk.ntvp import NtkVectorProducts
+from ntkd.ntk.options import BlockOptions, ContractionOptions
+from ntkd.ntk.structured import Structured
+
+PyTree = Any
+
+IMPLEMENTATIONS = ("auto", "jacobian", "ntvp", "structured")
+"""Exact algorithms; ``auto`` measures the candidates on the actual shapes."""
+
+ENGINE_CACHE_SIZE = 64
+
+
+def output_width(apply_fn: ApplyFn, params, x: jax.Array, mode: Mode) -> tuple[int, Any]:
+    """(k, dtype) of the logits; checks that the model maps (b, ...) to (b, k)."""
+    spec = jax.ShapeDtypeStruct((2,) + x.shape[1:], x.dtype)
+    try:
+        out = jax.eval_shape(apply_fn.fn, params, apply_fn.state, spec)
+    except Exception as e:
+        raise ValueError(f"calling the {apply_fn.kind} model on a batch of 2 inputs of per-example shape "
+                         f"{x.shape[1:]} failed: {type(e).__name__}: {e}") from e
+    if not isinstance(out, jax.ShapeDtypeStruct) or out.ndim != 2 or out.shape[0] != 2:
+        shape = getattr(out, "shape", type(out).__name__)
+        hint = ("an Equinox module must map one example to (k,) logits"
+                if apply_fn.kind == "equinox" else
+                "wrap it, e.g. `lambda p, x: f(p, x).reshape(x.shape[0], -1)`")
+        raise ValueError(f"the model must return logits of shape (batch, k); for a batch of 2 "
+                         f"inputs it returned {shape}: {hint}.")
+    k = out.shape[1]
+    if mode.name == "logit" and mode.logit >= k:
+        raise ValueError(f"logit={mode.logit} is out of range for k={k} logits; use 0..{k - 1}.")
+    return k, out.dtype
+
+
+def _spec(tree):
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple((jnp.shape(l), str(jnp.result_type(l))) for l in leaves)
+
+
+class Engine:
+    """Compiled pieces shared by every call with one model structure and options."""
+
+    def __init__(self, fn: Callable, mode: Mode, implementation: str, by_layer: bool, dtype,
+                 blocks: BlockOptions, contraction: ContractionOptions):
+        self.fn, self.mode, self.implementation, self.by_layer = fn, mode, implementation, by_layer
+        self.dtype, self.blocks, self.contraction = dtype, blocks, contraction
+        self._k: dict = {}
+        self._compiled: dict = {}
+        self._blocks: dict = {}
+        self._auto: dict = {}
+
+    def problem(self, params, k, dtype) -> Problem:
+        return Problem(self.fn, self.mode, k, dtype, tuple(leaf_groups(params)), self.by_layer,
+                       self.contraction)
+
+    def compiled(self, impl: str, sig, problem: Problem, params, state, x) -> blocking.Compiled:
+        key = (impl, sig)
+        if key not in self._compiled:
+            if impl == "structured":
+                one = jax.ShapeDtypeStruct((1,) + x.shape[1:], x.dtype)
+                algo = Structured.build(problem, params, state, one)
+            else:
+                algo = {"jacobian": Jacobian, "ntvp": NtkVectorProducts}[impl](problem)
+            self._compiled[key] = blocking.Compiled(algo, blocking.local_mesh())
+        return self._compiled[key]
+
+    def block(self, impl, sig, c, k, params, state, x, n) -> int:
+        if self.blocks.block_size is not None:
+            return self.blocks.block_size
+        key = (impl, sig, n, blocking.memory_budget(self.blocks))
+        if key not in self._blocks:
+            b = blocking.plan_block(c, self.mode, k, params, state, x, n, self.blocks)
+            self._blocks[key] = _agreed(range(1, n + 1), b)
+        return self._blocks[key]
+
+    def choose(self, sig, problem, params, state, x1, n1, n2, symmetric) -> str:
+        key = (sig, n1, n2, symmetric)
+        if key not in self._auto:
+            best = None
+            for impl in auto.candidates(self.fn, self.mode, problem.k, params, state, x1):
+                c = self.compiled(impl, sig, problem, params, state, x1)
+                b = self.block(impl, sig, c, problem.k, params, state, x1, max(n1, n2))
+                b = -(-min(b, max(n1, n2)) // c.ndev) * c.ndev
+                nb1, nb2 = -(-n1 // b), -(-n2 // b)
+                pairs = nb1 * (nb1 + 1) // 2 if symmetric else nb1 * nb2
+                xb = jax.device_put(blocking._pad_to(x1[:b], b), c.rows)
+                blocks = nb1 if symmetric and c.algo.shares_features else nb1 + nb2
+                seconds = auto.measure(c, params, state, xb, blocks, pairs)
+                if best is None or seconds < best[0]:
+                    best = (seconds, impl)
+            self._auto[key] = _agreed(IMPLEMENTATIONS, best[1])
+        return self._auto[key]
+
+    def __call__(self, apply_fn: ApplyFn, params, x1, x2, *, as_numpy=False):
+        params = cast(params, self.dtype)
+        state = cast(apply_fn.state, self.dtype)
+        x1 = cast(jnp.asarray(x1), self.dtype)
+        symmetric = x2 is None
+        x2 = x1 if symmetric else cast(jnp.asarray(x2), self.dtype)
+        if x1.ndim < 1 or x1.shape[0] == 0 or x2.ndim < 1 or x2.shape[0] == 0:
+            raise ValueError(f"x1 {x1.shape} / x2 {x2.shape} must have a non-empty batch axis.")
+        if x1.shape[1:] != x2.shape[1:]:
+            raise ValueError(
+                    f"x1 has per-example shape {x1.shape[1:]} but x2 has {x2.shape[1:]}; "
+                    "both must hold examples of the same shape (batch first).")
+        sig = (_spec(params), _spec(state), x1.shape[1:], str(x1.dtype))
+        if sig not in self._k:
+            self._k[sig] = output_width(ApplyFn(self.fn, state, None, apply_fn.kind), params, x1, self.mode)
+        k, out_dtype = self._k[sig]
+        problem = self.problem(params, k, out_dtype)
+        groups = sorted(set(problem.groups)) if self.by_layer else [""]
+        if is_tracer(x1, x2, params, state):
+            impl = "structured" if self.implementation == "auto" else self.implementation
+            algo = self.compiled(impl, sig, problem, params, state, x1).algo
+            col = algo.row if algo.shares_features else algo.col
+            return self._unwrap(algo.pair(params, state, algo.row(params, state, x1), col(params, state, x2)))
+        check_finite("params", params)
+        check_finite("x1", x1)
+        if not symmetric:
+            check_finite("x2", x2)
+        n1, n2 = x1.shape[0], x2.shape[0]
+        impl = self.implementation
+        if impl == "auto":
+            impl = self.choose(sig, problem, params, state, x1, n1, n2, symmetric)
+        c = self.compiled(impl, sig, problem, params, state, x1)
+        b = self.block(impl, sig, c, k, params, state, x1, max(n1, n2))
+        out = blocking.run(c, self.mode, k, params, state, x1, x2, symmetric, b, self.blocks, as_numpy,
+                           groups, out_dtype)
+        return self._unwrap(out)
+
+    def _unwrap(self, out: dict):
+        return dict(sorted(out.items())) if self.by_layer else out[""]
+
+
+def _agreed(choices, mine):
+    """Process 0's choice in every process (timings and memory may differ between hosts,
+    and every process must deal out the same blocks)."""
+    if jax.process_count() == 1:
+        return mine
+    from jax.experimental import multihost_utils
+
+    choices = list(choices)
+    index = multihost_utils.broadcast_one_to_all(np.array(choices.index(mine), np.int32))
+    return choices[int(index)]
+
+
+_ENGINES: collections.OrderedDict = collections.OrderedDict()
+
+
+def _engine(key, options: tuple, fn) -> Engine:
+    full = (key, options)
+    if full in _ENGINES:
+        _ENGINES.move_to_end(full)
+        return _ENGINES[full]
+    mode, implementation, by_layer, dtype, blocks, contraction = options
+    engine = Engine(fn, mode, implementation, by_layer, dtype, blocks, contraction)
+    _ENGINES[full] = engine
+    while len(_ENGINES) > ENGINE_CACHE_SIZE:
+        _ENGINES.popitem(last=False)
+    return engine
+
+
+def _options(mode, logit, implementation, by_layer, block_size, dtype, blocks, contraction) -> tuple:
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation={implementation!r} is unknown; use one of {IMPLEMENTATIONS}.")
+    if mode == "logit" and (not isinstance(logit, (int, np.integer)) or isinstance(logit, bool) or logit < 0):
+        raise ValueError(f"logit={logit!r} must be a non-negative int logit index.")
+    blocks = blocks or BlockOptions()
+    if block_size is not None:
+        if not isinstance(block_size, (int, np.integer)) or block_size < 1:
+            raise ValueError(f"block_size={block_size!r} must be a positive int or None.")
+        blocks = BlockOptions(**{**blocks.__dict__, "block_size": int(block_size)})
+    m = Mode(mode, int(logit) if mode == "logit" else 0)
+    return (m, implementation, bool(by_layer), None if dtype is None else jnp.dtype(dtype), blocks,
+            contraction or ContractionOptions())
+
+
+def empirical_ntk_fn(model, *, mode: str = "trace", logit: int = 0, implementation: str = "auto",
+                     by_layer: bool = False, block_size: int | None = None, dtype=None,
+                     blocks: BlockOptions | None = None,
+                     contraction: ContractionOptions | None = None) -> Callable:
+    """Returns ``ntk_fn(x1, x2=None, params=None)`` computing the empirical NTK of ``model``.
+
+    Θ(x, x')[a, b] = Σ_p ∂f_a(x)/∂θ_p · ∂f_b(x')/∂θ_p over the differentiated
+    parameters θ (Novak, Sohl-Dickstein, Schoenholz, "Fast Finite Width Neural
+    Tangent Kernel", ICML 2022, for the three algorithms).
+
+    Args:
+        model: a Flax Linen module (``params`` = its variables; only
+            ``"params"`` differentiated, other collections fixed, eval mode), a
+            Flax NNX module or an Equinox module (they own their parameters:
+            ``params=None``; NNX differentiates ``nnx.Param``s, Equinox its
+            inexact arrays, both in eval mode with other state fixed), an
+            ``apply_fn`` from :func:`as_apply_fn` / :func:`flax_apply_fn`, or any
+            ``f(params, x) -> (batch, k)`` (all of ``params`` differentiated).
+            Examples must be independent (eval mode).
+        mode: ``"full"`` (n1, n2, k, k); ``"trace"`` (n1, n2) = Σ_a Θ[a, a], the
+            SUM over logits (neural-tangents' ``trace_axes=(-1,)`` is this / k);
+            ``"logit"`` (n1, n2) = Θ[c, c], c = ``logit``; ``"sum"`` (n1, n2) =
+            NTK of Σ_a f_a.
+        logit: the logit c of ``mode="logit"``.
+        implementation: ``"structured"``, ``"jacobian"``, ``"ntvp"`` or ``"auto"``
+            (measures the candidates on the actual shapes once, then caches).
+        by_layer: return ``{group: kernel}`` per parameter group (a leaf's path
+            without its last key: a layer), summing to the whole kernel.
+        block_size: examples per block (shortcut for ``blocks.block_size``).
+        dtype: cast params, state and inputs to this dtype (e.g. ``jnp.float64``
+            inside ``jax.enable_x64(True)``); accumulation uses it with
+            ``Precision.HIGHEST``.
+        blocks: :class:`BlockOptions` of the blocking driver.
+        contraction: :class:`ContractionOptions` of the feature/pair computations.
+
+    Returns:
+        ``ntk_fn(x1, x2=None, params=None, *, as_numpy=False)``: x1 (n1, ...), x2
+        (n2, ...) or None (= x1; only the upper block triangle is computed).
+        Returns a ``jax.Array`` (NumPy with ``as_numpy=True``), or a dict of them
+        with ``by_layer``. Under ``jax.jit`` it computes one unblocked block.
+
+    Example:
+        >>> ntk_fn = empirical_ntk_fn(model, mode="trace")   # Linen
+        >>> k = ntk_fn(x, None, variables)                    # (n, n)
+        >>> k = empirical_ntk_fn(nnx_model)(x)                # NNX / Equinox
+    """
+    options = _options(mode, logit, implementation, by_layer, block_size, dtype, blocks, contraction)
+
+    def ntk_fn(x1, x2=None, params=None, *, as_numpy=False):
+        apply_fn, p = as_apply_fn(model, params)
+        return _engine(apply_fn.key, options, apply_fn.fn)(apply_fn, p, x1, x2, as_numpy=as_numpy)
+
+    return ntk_fn
+
+
+def empirical_ntk(model, params: PyTree = None, x1: jax.Array = None, x2: jax.Array | None = None, *,
+                  mode: str = "trace", logit: int = 0, implementation: str = "auto", by_layer: bool = False,
+                  block_size: int | None = None, dtype=None, blocks: BlockOptions | None = None,
+                  contraction: ContractionOptions | None = None, as_numpy: bool = False):
+    """One-shot ``empirical_ntk_fn(model, ...)(x1, x2, params)``; options as there.
+
+    Compiled functions are cached per (model structure, options, shapes,
+    dtypes): repeated calls, e.g. over checkpoints, compile nothing.
+
+    Example:
+        >>> k = empirical_ntk(model, variables, x, mode="full")   # (n, n, k, k)
+        >>> k = empirical_ntk(eqx_model, None, x)                 # (n, n)
+    """
+    if x1 is None:
+        raise ValueError("empirical_ntk(model, params, x1, x2=None): x1 is required.")
+    options = _options(mode, logit, implementation, by_layer, block_size, dtype, blocks, contraction)
+    apply_fn, p = as_apply_fn(model, params)
+    return _engine(apply_fn.key, options, apply_fn.fn)(apply_fn, p, x1, x2, as_numpy=as_numpy)

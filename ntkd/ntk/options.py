@@ -1,0 +1,66 @@
+"""Tuning options, as frozen dataclasses passed in (no mutable module globals).
+
+Every default below was measured on a 2-core x86-64 CPU; docs/ntk.md gives
+the numbers behind each one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockOptions:
+    """How the driver splits a kernel into blocks and where it assembles them.
+
+    Attributes:
+        block_size: examples per block (rounded up to a multiple of the local
+            device count); None: planned from ``memory_bytes`` and XLA's memory
+            plan, then split into at least ``min_blocks`` blocks.
+        memory_bytes: working-memory budget per block; None: a quarter of the
+            first device's memory (host RAM on CPU), clamped to 1–8 GiB.
+        feature_cache_bytes: per-block features up to this total are kept for reuse.
+        device_kernel_bytes: kernels up to this size are assembled on device;
+            larger ones (or ``as_numpy=True``) stream into a host buffer.
+        serial_feature_bytes: on CPU, blocks whose features reach this size run
+            one execution at a time (overlapping executions thrash the caches).
+        min_blocks: the planned block size splits n into at least this many
+            blocks (half as many when every pair is plain matmuls).
+        min_block_size: smallest planned block from that split (half in ``full``).
+        max_block_size: cap on the planned block size.
+    """
+
+    block_size: int | None = None
+    memory_bytes: int | None = None
+    feature_cache_bytes: int = 4 * 2**30
+    device_kernel_bytes: int = 2 * 2**30
+    serial_feature_bytes: int = 256 * 2**20
+    min_blocks: int = 8
+    min_block_size: int = 128
+    max_block_size: int = 2048
+
+    def __post_init__(self):
+        b = self.block_size
+        if b is not None and (not isinstance(b, int) or isinstance(b, bool) or b < 1):
+            raise ValueError(f"block_size={b!r} must be a positive int or None.")
+
+
+@dataclasses.dataclass(frozen=True)
+class ContractionOptions:
+    """Knobs of the feature and pair computations.
+
+    Attributes:
+        gram_chunk_bytes: bytes of both operands per step of a long Gram
+            contraction (about L2/L3 size).
+        cotangent_loop_max: up to this many cotangents per example, the
+            structured algorithm unrolls one VJP per cotangent in networks with
+            convolutions (vmapping them broadcasts some residuals m times).
+        separate_grad_size: per-example gradient blocks of at least this many
+            entries (m × parameters) stay separate feature arrays.
+        max_fact_positions: above this many positions a layer is never factorised.
+    """
+
+    gram_chunk_bytes: int = 3 * 2**20
+    cotangent_loop_max: int = 16
+    separate_grad_size: int = 4096
+    max_fact_positions: int = 256
