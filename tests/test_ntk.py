@@ -588,3 +588,17 @@ def test_by_layer_keeps_a_bias_of_another_group_apart():
                 assert rel(parts[g], want) <= 1e-12, (mode, g)
             whole = empirical_ntk(f, p, x1, x2, mode=mode, implementation="structured")
             assert rel(parts["b"] + parts["w"], whole) <= 1e-12
+
+
+def test_float64_without_x64_is_refused_not_silently_float32():
+    import subprocess
+    import sys
+
+    code = ("import jax, numpy as np, ntkd\n"
+            "f = lambda p, x: x @ p\n"
+            "try:\n"
+            "    ntkd.empirical_ntk(f, np.ones((3, 2), np.float32), np.ones((4, 3), np.float32), dtype='float64')\n"
+            "except ValueError as e:\n"
+            "    print('refused:', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "refused:" in out.stdout and "jax_enable_x64" in out.stdout, out.stdout + out.stderr

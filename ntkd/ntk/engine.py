@@ -194,6 +194,10 @@ def _options(mode, logit, implementation, by_layer, block_size, dtype, blocks, c
             raise ValueError(f"block_size={block_size!r} must be a positive int or None.")
         blocks = BlockOptions(**{**blocks.__dict__, "block_size": int(block_size)})
     m = Mode(mode, int(logit) if mode == "logit" else 0)
+    if dtype is not None and jnp.dtype(dtype).itemsize == 8 and not jax.config.jax_enable_x64:
+        # JAX would silently compute in 32 bits: refuse instead of returning a float32 kernel.
+        raise ValueError(f"dtype={jnp.dtype(dtype).name} needs 64-bit JAX; call "
+                         "jax.config.update('jax_enable_x64', True) before building the kernel, or use float32.")
     return (m, implementation, bool(by_layer), None if dtype is None else jnp.dtype(dtype), blocks,
             contraction or ContractionOptions())
 
