@@ -65,7 +65,7 @@ def _add_train_args(p: argparse.ArgumentParser, *, model: str, epochs: int, lr: 
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--warmup-epochs", type=int, default=0)
-    g.add_argument("--augment", action="store_true", help="random crop + flip (32x32 images)")
+    g.add_argument("--augment", action="store_true", help="random crop + flip (images) or random shift + noise (1-D signals)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--checkpoint-every", type=_positive_int, default=1,
                    help="save every N epochs (0 and last always)")
