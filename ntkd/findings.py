@@ -104,8 +104,8 @@ def _student_panels(res: dict) -> dict[int, list[list[dict]]]:
     return out
 
 
-def _at(rows: list[dict], fraction: float) -> dict:
-    """The checkpoint nearest to a fraction of training."""
+def checkpoint_at(rows: list[dict], fraction: float) -> dict:
+    """The checkpoint row nearest to a fraction of training (ties: the earlier epoch)."""
     return min(rows, key=lambda r: (abs(r["fraction"] - fraction), r["epoch"]))
 
 
@@ -126,7 +126,7 @@ def _stat_online_early_gap(res, params, measure):
     t = params["t"]
 
     def fn(rows):
-        r = _at(rows, params["fraction"])["targets"]
+        r = checkpoint_at(rows, params["fraction"])["targets"]
         return _value(r[f"offline_teacher_t{t:g}"], measure) - _value(r[f"online_teacher_t{t:g}"], measure)
     return _per_seed_mean(res, fn)
 
@@ -136,8 +136,8 @@ def _stat_online_rise(res, params, measure):
     key = f"online_teacher_t{params['t']:g}"
 
     def fn(rows):
-        return (_value(_at(rows, params["to"])["targets"][key], measure)
-                - _value(_at(rows, params["from"])["targets"][key], measure))
+        return (_value(checkpoint_at(rows, params["to"])["targets"][key], measure)
+                - _value(checkpoint_at(rows, params["from"])["targets"][key], measure))
     return _per_seed_mean(res, fn)
 
 
@@ -146,7 +146,7 @@ def _stat_relative_change(res, params, measure):
     sign = params.get("sign", 1)
 
     def fn(rows):
-        a, b = _at(rows, params["from"])["targets"], _at(rows, params["to"])["targets"]
+        a, b = checkpoint_at(rows, params["from"])["targets"], checkpoint_at(rows, params["to"])["targets"]
         return min(sign * (_value(b[k], measure) - _value(a[k], measure)) / _value(a[k], measure)
                    for k in params["keys"])
     return _per_seed_mean(res, fn)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ntkd._io import read_json, write_text
+from ntkd.findings import checkpoint_at
 
 # Harutyunyan et al. (ICLR 2023), Fig. of complexity along student training (CIFAR-100, ResNet-56 → LeNet-5x8):
 # online / offline teacher ratio of the adjusted complexity at fractions of student training.
@@ -86,10 +87,6 @@ def _criteria_list(findings: list[dict]) -> list[str]:
     return out
 
 
-def _at(rows: list[dict], fraction: float) -> dict:
-    return min(rows, key=lambda r: (abs(r["fraction"] - fraction), r["epoch"]))
-
-
 def _ratio_table(sc: dict) -> list[str]:
     """online/offline and offline/labels ratios at fractions of training, mean ± SE over panels and seeds."""
     out = []
@@ -104,7 +101,7 @@ def _ratio_table(sc: dict) -> list[str]:
             vals = {k: [] for k in ("oa", "oh", "la", "lh")}
             epochs = set()
             for p in sc["panels"]:
-                r = _at(p["rows"], frac)
+                r = checkpoint_at(p["rows"], frac)
                 epochs.add(r["epoch"])
                 tg = r["targets"]
                 vals["oa"].append(tg[on]["A"] / tg[off]["A"])

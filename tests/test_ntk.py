@@ -50,6 +50,15 @@ def test_every_implementation_mode_and_model_kind_matches_oracle_float64(kind, i
             assert rel(got, want) <= 1e-6, (kind, impl, mode, rel(got, want))
 
 
+
+def _assert_structured_matches_oracle(f, p, x1, x2):
+    """Every mode of the structured implementation against the float64 oracle (1e-10)."""
+    oracle = ntk_oracle_modes(f, p, x1, x2)
+    for mode in MODES:
+        got = empirical_ntk(f, p, x1, x2, mode=mode, implementation="structured")
+        assert rel(got, oracle[mode]) <= 1e-10, mode
+
+
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_structured_finds_the_layers_of_every_model_kind(kind):
     """The jaxpr discovery gives dense/conv/embedding rules, not only the exact fallback."""
@@ -192,10 +201,7 @@ def test_structured_lax_convolutions_with_dilations_and_layouts(layout):
         shape = (2, 7, 5) if lhs == "NCHW" else (7, 5, 2)
         x1 = jax.random.normal(jax.random.PRNGKey(2), (3,) + shape, jnp.float64)
         x2 = jax.random.normal(jax.random.PRNGKey(3), (2,) + shape, jnp.float64)
-        oracle = ntk_oracle_modes(f, p, x1, x2)
-        for mode in MODES:
-            got = empirical_ntk(f, p, x1, x2, mode=mode, implementation="structured")
-            assert rel(got, oracle[mode]) <= 1e-10, mode
+        _assert_structured_matches_oracle(f, p, x1, x2)
 
 
 def test_structured_dense_with_shared_axes_and_weight_on_the_left():
@@ -210,10 +216,7 @@ def test_structured_dense_with_shared_axes_and_weight_on_the_left():
 
         x1 = jax.random.normal(jax.random.PRNGKey(2), (3, 2, 4), jnp.float64)
         x2 = jax.random.normal(jax.random.PRNGKey(3), (2, 2, 4), jnp.float64)
-        oracle = ntk_oracle_modes(f, p, x1, x2)
-        for mode in MODES:
-            got = empirical_ntk(f, p, x1, x2, mode=mode, implementation="structured")
-            assert rel(got, oracle[mode]) <= 1e-10, mode
+        _assert_structured_matches_oracle(f, p, x1, x2)
 
 
 def test_structured_embedding_lookups_out_of_range_and_repeated_tokens():
@@ -229,10 +232,7 @@ def test_structured_embedding_lookups_out_of_range_and_repeated_tokens():
 
         x1 = jnp.array([[0, 1, 1, 7], [5, 5, 2, 0], [3, 3, 3, 3]])
         x2 = jnp.array([[1, 1, 0, 9], [2, 4, 5, 5]])
-        oracle = ntk_oracle_modes(f, p, x1, x2)
-        for mode in MODES:
-            got = empirical_ntk(f, p, x1, x2, mode=mode, implementation="structured")
-            assert rel(got, oracle[mode]) <= 1e-10, mode
+        _assert_structured_matches_oracle(f, p, x1, x2)
 
 
 def test_gram_in_chunks_equals_one_matmul():
