@@ -35,10 +35,20 @@ import numpy as np
 
 TRAIN = 50_000
 NUM_SAMPLES = 62_500  # mnist1d's 80/20 split gives 50,000 training examples
-TEACHER = {"model": "cnn1d", "model_options": {"features": [32, 32, 32]}, "epochs": 3,
-           "batch_size": 128, "learning_rate": 1e-2}
-STUDENT = {"model": "mlp", "model_options": {"widths": [256, 256]}, "epochs": 3,
-           "batch_size": 128, "learning_rate": 1e-2}
+TEACHER = {
+    "model": "cnn1d",
+    "model_options": {"features": [32, 32, 32]},
+    "epochs": 3,
+    "batch_size": 128,
+    "learning_rate": 1e-2,
+}
+STUDENT = {
+    "model": "mlp",
+    "model_options": {"widths": [256, 256]},
+    "epochs": 3,
+    "batch_size": 128,
+    "learning_rate": 1e-2,
+}
 
 
 def _peak_rss() -> int:
@@ -61,16 +71,32 @@ def prepare(cache: Path) -> None:
     assert len(ds.x_train) == TRAIN, ds
     info = {}
     t0 = time.perf_counter()
-    teacher = train(TrainConfig(dataset="mnist1d", dataset_options={"num_samples": NUM_SAMPLES},
-                                checkpoint_every=100, **TEACHER), cache / "teacher", dataset=ds,
-                    progress=False)
+    teacher = train(
+        TrainConfig(
+            dataset="mnist1d",
+            dataset_options={"num_samples": NUM_SAMPLES},
+            checkpoint_every=100,
+            **TEACHER,
+        ),
+        cache / "teacher",
+        dataset=ds,
+        progress=False,
+    )
     info["teacher_seconds"] = time.perf_counter() - t0
     info["teacher_test_acc"] = teacher["history"][-1]["test_acc"]
     logits = predict(teacher["model"], teacher["variables"], ds.x_train)
     t0 = time.perf_counter()
-    student = train(TrainConfig(dataset="mnist1d", dataset_options={"num_samples": NUM_SAMPLES},
-                                checkpoint_every=100, **STUDENT), cache / "student", dataset=ds,
-                    progress=False)
+    student = train(
+        TrainConfig(
+            dataset="mnist1d",
+            dataset_options={"num_samples": NUM_SAMPLES},
+            checkpoint_every=100,
+            **STUDENT,
+        ),
+        cache / "student",
+        dataset=ds,
+        progress=False,
+    )
     info["student_seconds"] = time.perf_counter() - t0
     info["student_test_acc"] = student["history"][-1]["test_acc"]
     model = get_model(STUDENT["model"], ds.num_classes, **STUDENT["model_options"])
@@ -93,17 +119,22 @@ def _load(cache: Path, student: str, n: int):
     x, y, z = d["x"][:n], d["y"][:n], d["teacher_logits"][:n]
     model = get_model(STUDENT["model"], 10, **STUDENT["model_options"])
     template = init_variables(model, jax.random.key(0), x.shape[1:])
-    variables = serialization.from_bytes(template, (cache / f"student_{student}.msgpack").read_bytes())
+    variables = serialization.from_bytes(
+        template, (cache / f"student_{student}.msgpack").read_bytes()
+    )
     variables = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), variables)
     apply_fn, params = ntk.flax_apply_fn(model, variables)
-    Y = {"labels": np.asarray(targets.one_hot(y, 10), np.float64),
-         "teacher τ=1": np.asarray(targets.softmax_targets(z, 1.0), np.float64),
-         "teacher τ=4": np.asarray(targets.softmax_targets(z, 4.0), np.float64)}
+    Y = {
+        "labels": np.asarray(targets.one_hot(y, 10), np.float64),
+        "teacher τ=1": np.asarray(targets.softmax_targets(z, 1.0), np.float64),
+        "teacher τ=4": np.asarray(targets.softmax_targets(z, 4.0), np.float64),
+    }
     return apply_fn, params, x.astype(np.float64), Y
 
 
 def worker(args) -> dict:
     import jax
+
     jax.config.update("jax_enable_x64", True)
     import jax.numpy as jnp
 
@@ -123,8 +154,9 @@ def worker(args) -> dict:
         row["condition_number"] = factor.info.condition_number
         row["complexity"] = {name: factor.complexity(v) for name, v in Y.items()}
     elif args.path == "probe":
-        mv = ntk_matvec(apply_fn, params, x, block_size=args.block_size, dtype=jnp.float64,
-                        cache="never")
+        mv = ntk_matvec(
+            apply_fn, params, x, block_size=args.block_size, dtype=jnp.float64, cache="never"
+        )
         V = np.random.default_rng(0).standard_normal((n, 10))
         t1 = time.perf_counter()
         mv(V)
@@ -137,36 +169,69 @@ def worker(args) -> dict:
         row["trace"] = mv.trace()
         row["trace_seconds"] = time.perf_counter() - t1
     else:
-        mv = ntk_matvec(apply_fn, params, x, block_size=args.block_size, dtype=jnp.float64,
-                        cache="never")
+        mv = ntk_matvec(
+            apply_fn, params, x, block_size=args.block_size, dtype=jnp.float64, cache="never"
+        )
         trace = mv.trace()
         row["trace_seconds"] = time.perf_counter() - t0
         row["trace"] = trace
         row["shift"] = shift_from_ridge(args.ridge, trace, n)
-        res = supervision_complexity_bounds(mv, Y, shift=row["shift"], rtol=args.rtol,
-                                            nystrom_rank=args.nystrom_rank)
+        res = supervision_complexity_bounds(
+            mv, Y, shift=row["shift"], rtol=args.rtol, nystrom_rank=args.nystrom_rank
+        )
         first = next(iter(res.values()))
-        row.update(iterations=first.iterations, matvecs=first.matvecs,
-                   preconditioner=first.preconditioner,
-                   preconditioner_matvecs=first.preconditioner_matvecs,
-                   eig_lower_source=first.eig_lower_source,
-                   bounds={name: {"lower": b.lower, "upper": b.upper, "relative_gap": b.relative_gap,
-                                  "converged": b.converged, "upper_certified": b.upper_certified,
-                                  "adjusted": b.adjusted(trace), "normalized": b.normalized(trace)}
-                           for name, b in res.items()})
+        row.update(
+            iterations=first.iterations,
+            matvecs=first.matvecs,
+            preconditioner=first.preconditioner,
+            preconditioner_matvecs=first.preconditioner_matvecs,
+            eig_lower_source=first.eig_lower_source,
+            bounds={
+                name: {
+                    "lower": b.lower,
+                    "upper": b.upper,
+                    "relative_gap": b.relative_gap,
+                    "converged": b.converged,
+                    "upper_certified": b.upper_certified,
+                    "adjusted": b.adjusted(trace),
+                    "normalized": b.normalized(trace),
+                }
+                for name, b in res.items()
+            },
+        )
     row["seconds"] = time.perf_counter() - t0
     row["peak_rss_bytes"] = _peak_rss()
     return row
 
 
 def run_worker(cache: Path, path: str, n: int, student: str, a, **extra) -> dict:
-    cmd = [sys.executable, __file__, "--worker", path, "--cache", str(cache), "--n", str(n),
-           "--student", student, "--ridge", str(a.ridge), "--rtol", str(a.rtol),
-           "--block-size", str(a.block_size)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        path,
+        "--cache",
+        str(cache),
+        "--n",
+        str(n),
+        "--student",
+        student,
+        "--ridge",
+        str(a.ridge),
+        "--rtol",
+        str(a.rtol),
+        "--block-size",
+        str(a.block_size),
+    ]
     for k, v in extra.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True,
-                         env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    out = subprocess.run(
+        cmd,
+        check=True,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])),
+    )
     row = json.loads(out.stdout.strip().splitlines()[-1])
     print(json.dumps({k: v for k, v in row.items() if k != "bounds"}), flush=True)
     return row
@@ -174,24 +239,38 @@ def run_worker(cache: Path, path: str, n: int, student: str, a, **extra) -> dict
 
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(8.5, 4.0))
     for p, marker in (("dense", "s"), ("matfree", "o")):
         for student, ls in (("init", "--"), ("trained", "-")):
-            rs = sorted((r for r in rows if r["path"] == p and r["student"] == student
-                         and not r.get("preconditioner")), key=lambda r: r["n"])
+            rs = sorted(
+                (
+                    r
+                    for r in rows
+                    if r["path"] == p and r["student"] == student and not r.get("preconditioner")
+                ),
+                key=lambda r: r["n"],
+            )
             if not rs:
                 continue
             label = f"{'dense Cholesky' if p == 'dense' else 'matrix-free'} · {student}"
             ns = [r["n"] for r in rs]
             axes[0].plot(ns, [r["seconds"] for r in rs], ls, marker=marker, label=label)
-            axes[1].plot(ns, [r["peak_rss_bytes"] / 2**30 for r in rs], ls, marker=marker, label=label)
+            axes[1].plot(
+                ns, [r["peak_rss_bytes"] / 2**30 for r in rs], ls, marker=marker, label=label
+            )
     probes = [r for r in rows if r["path"] == "probe"]
     for r in probes:
-        axes[1].plot([r["n"]], [r["peak_rss_bytes"] / 2**30], "k*", ms=9,
-                     label=f"matrix-free, one 10-column product only, n={r['n']}")
+        axes[1].plot(
+            [r["n"]],
+            [r["peak_rss_bytes"] / 2**30],
+            "k*",
+            ms=9,
+            label=f"matrix-free, one 10-column product only, n={r['n']}",
+        )
         axes[0].plot([r["n"]], [r["product_seconds"]], "k*", ms=9)
     axes[0].set(xscale="log", yscale="log", xlabel="n", ylabel="wall time [s] (3 targets)")
     axes[1].set(xscale="log", yscale="log", xlabel="n", ylabel="peak RSS [GiB]")
@@ -199,8 +278,9 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3, which="both")
     handles, labels = axes[1].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
-    fig.suptitle("MNIST-1D MLP trace eNTK, float64, certified rel. gap ≤ 1% (2 shared CPU cores)",
-                 fontsize=9)
+    fig.suptitle(
+        "MNIST-1D MLP trace eNTK, float64, certified rel. gap ≤ 1% (2 shared CPU cores)", fontsize=9
+    )
     fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=80)
 
@@ -208,10 +288,14 @@ def plot(rows: list[dict], path: Path) -> None:
 def table(rows: list[dict]) -> str:
     """Markdown table: per (n, student, target) the dense value and the certified interval."""
     dense = {(r["n"], r["student"]): r for r in rows if r["path"] == "dense"}
-    lines = ["| n | student | target | dense C | certified [lower, upper] | rel. gap | dense inside | "
-             "iterations / products | matrix-free s, GiB | dense s, GiB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted((r for r in rows if r["path"] == "matfree"), key=lambda r: (r["n"], r["student"])):
+    lines = [
+        "| n | student | target | dense C | certified [lower, upper] | rel. gap | dense inside | "
+        "iterations / products | matrix-free s, GiB | dense s, GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(
+        (r for r in rows if r["path"] == "matfree"), key=lambda r: (r["n"], r["student"])
+    ):
         d = dense.get((r["n"], r["student"]))
         pre = " (" + r["preconditioner"] + ")" if r.get("preconditioner") else ""
         cost = "%.0f, %.2f" % (r["seconds"], r["peak_rss_bytes"] / 2**30)
@@ -219,9 +303,24 @@ def table(rows: list[dict]) -> str:
         for name, b in r["bounds"].items():
             c = None if d is None else d["complexity"][name]
             inside = "" if c is None else ("yes" if b["lower"] <= c <= b["upper"] else "**no**")
-            lines.append("| %d | %s | %s | %s | [%.6g, %.6g] | %.2f%% | %s | %d / %d%s | %s | %s |" % (
-                r["n"], r["student"], name, "" if c is None else "%.6g" % c, b["lower"], b["upper"],
-                100 * b["relative_gap"], inside, r["iterations"], r["matvecs"], pre, cost, dcost))
+            lines.append(
+                "| %d | %s | %s | %s | [%.6g, %.6g] | %.2f%% | %s | %d / %d%s | %s | %s |"
+                % (
+                    r["n"],
+                    r["student"],
+                    name,
+                    "" if c is None else "%.6g" % c,
+                    b["lower"],
+                    b["upper"],
+                    100 * b["relative_gap"],
+                    inside,
+                    r["iterations"],
+                    r["matvecs"],
+                    pre,
+                    cost,
+                    dcost,
+                )
+            )
     return "\n".join(lines)
 
 
@@ -261,10 +360,18 @@ def main(argv=None):
         done = {(r["path"], r["n"], r["student"], r.get("preconditioner")) for r in rows}
 
     def save():
-        meta = {"commands": ["PYTHONPATH=. python3 benchmarks/complexity_scale.py " + " ".join(
-                    sys.argv[1:] if argv is None else argv)],
-                "ridge": a.ridge, "rtol": a.rtol, "teacher": TEACHER, "student": STUDENT,
-                "train_examples": TRAIN, "info": json.loads((cache / "info.json").read_text())}
+        meta = {
+            "commands": [
+                "PYTHONPATH=. python3 benchmarks/complexity_scale.py "
+                + " ".join(sys.argv[1:] if argv is None else argv)
+            ],
+            "ridge": a.ridge,
+            "rtol": a.rtol,
+            "teacher": TEACHER,
+            "student": STUDENT,
+            "train_examples": TRAIN,
+            "info": json.loads((cache / "info.json").read_text()),
+        }
         out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
         plot(rows, out.with_suffix(".png"))
 

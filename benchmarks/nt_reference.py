@@ -25,9 +25,8 @@ import sys
 import time
 
 import jax
-import numpy as np
-
 import neural_tangents as nt
+import numpy as np
 
 IMPLEMENTATIONS = {
     "nt-jacobian": nt.NtkImplementation.JACOBIAN_CONTRACTION,
@@ -66,7 +65,7 @@ def main() -> None:
 
     data = np.load(args.inp)
     meta = json.loads(str(data["meta"]))
-    variables = _unflatten({k[len("var:"):]: data[k] for k in data.files if k.startswith("var:")})
+    variables = _unflatten({k[len("var:") :]: data[k] for k in data.files if k.startswith("var:")})
     x = jax.numpy.asarray(data["x"])
     if meta.get("plain"):
         apply_fn = _load_models("plain_models.py").PLAIN[meta["plain"]][1]
@@ -82,8 +81,11 @@ def main() -> None:
     trace_axes = () if meta["mode"] == "full" else (-1,)
     results, timings = {}, {}
     for name in args.impls.split(","):
-        fn = jax.jit(nt.empirical_ntk_fn(apply_fn, trace_axes=trace_axes, vmap_axes=0,
-                                         implementation=IMPLEMENTATIONS[name]))
+        fn = jax.jit(
+            nt.empirical_ntk_fn(
+                apply_fn, trace_axes=trace_axes, vmap_axes=0, implementation=IMPLEMENTATIONS[name]
+            )
+        )
         try:
             t0 = time.perf_counter()
             kernel = np.asarray(fn(x, None, variables["params"]))
@@ -99,8 +101,13 @@ def main() -> None:
         except Exception as e:  # report, keep timing the others
             timings[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         print(name, timings[name], file=sys.stderr, flush=True)
-    np.savez(args.out, timings=json.dumps(timings), jax=jax.__version__,
-             nt=nt.__version__ if hasattr(nt, "__version__") else "0.6.5", **results)
+    np.savez(
+        args.out,
+        timings=json.dumps(timings),
+        jax=jax.__version__,
+        nt=nt.__version__ if hasattr(nt, "__version__") else "0.6.5",
+        **results,
+    )
 
 
 if __name__ == "__main__":

@@ -28,8 +28,9 @@ def main() -> None:
     variables = init_variables(model, jax.random.PRNGKey(0), (40, 1))
     apply_fn, params = flax_apply_fn(model, variables)
     x = jax.random.normal(jax.random.PRNGKey(1), (args.n, 40, 1))
-    fn = empirical_ntk_fn(apply_fn, mode="trace", implementation=args.impl,
-                          block_size=args.block_size)
+    fn = empirical_ntk_fn(
+        apply_fn, mode="trace", implementation=args.impl, block_size=args.block_size
+    )
     t0 = time.perf_counter()
     k = fn(x, None, params, as_numpy=True)
     first = time.perf_counter() - t0
@@ -40,12 +41,15 @@ def main() -> None:
         print(f"second call: {time.perf_counter() - t0:.1f} s")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     idx = np.random.default_rng(0).choice(args.n, 64, replace=False)
-    sub = np.asarray(empirical_ntk_fn(apply_fn, mode="trace", implementation="jacobian")(
-        x[idx], None, params))
+    sub = np.asarray(
+        empirical_ntk_fn(apply_fn, mode="trace", implementation="jacobian")(x[idx], None, params)
+    )
     err = np.max(np.abs(k[np.ix_(idx, idx)] - sub)) / np.max(np.abs(sub))
-    print(f"kernel {k.shape} {k.dtype}, symmetric: {np.array_equal(k, k.T)}, "
-          f"finite: {np.isfinite(k).all()}, peak RSS {rss:.1f} GiB, "
-          f"64x64 spot check vs unblocked jacobian rel err {err:.1e}")
+    print(
+        f"kernel {k.shape} {k.dtype}, symmetric: {np.array_equal(k, k.T)}, "
+        f"finite: {np.isfinite(k).all()}, peak RSS {rss:.1f} GiB, "
+        f"64x64 spot check vs unblocked jacobian rel err {err:.1e}"
+    )
 
 
 if __name__ == "__main__":

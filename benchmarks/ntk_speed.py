@@ -64,8 +64,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 import plain_models  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
 from ntkd import _hostmem
 from ntkd.models import get_model, init_variables
 from ntkd.ntk import empirical_ntk, empirical_ntk_fn, flax_apply_fn
@@ -73,8 +73,15 @@ from ntkd.ntk import empirical_ntk, empirical_ntk_fn, flax_apply_fn
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORK = os.path.join(HERE, "_work")
 VENV = os.path.join(HERE, ".nt_venv")
-NT_PINS = ["jax==0.4.23", "jaxlib==0.4.23", "flax==0.8.0", "optax==0.1.9",
-           "tensorflow-cpu==2.15.*", "neural-tangents==0.6.5", "numpy<2"]
+NT_PINS = [
+    "jax==0.4.23",
+    "jaxlib==0.4.23",
+    "flax==0.8.0",
+    "optax==0.1.9",
+    "tensorflow-cpu==2.15.*",
+    "neural-tangents==0.6.5",
+    "numpy<2",
+]
 
 WORKLOADS = {  # name -> (model, model kwargs, input shape, n)
     "mlp": ("mlp", {"widths": [256, 256]}, (40, 1), 1000),
@@ -149,8 +156,16 @@ def ensure_venv() -> str:
     return python
 
 
-def export(path: str, name: str, kwargs: dict, variables: dict, x, mode: str, k: int,
-           plain: str | None = None) -> None:
+def export(
+    path: str,
+    name: str,
+    kwargs: dict,
+    variables: dict,
+    x,
+    mode: str,
+    k: int,
+    plain: str | None = None,
+) -> None:
     flat = {}
     for keypath, leaf in jax.tree_util.tree_leaves_with_path(variables):
         flat["var:" + "/".join(str(getattr(q, "key", q)) for q in keypath)] = np.asarray(leaf)
@@ -158,13 +173,26 @@ def export(path: str, name: str, kwargs: dict, variables: dict, x, mode: str, k:
     np.savez(path, x=np.asarray(x), meta=json.dumps(meta), **flat)
 
 
-def run_reference(python: str, inp: str, out: str, repeats: int, impls: str,
-                  tuned_malloc: bool = False) -> tuple[dict, dict]:
+def run_reference(
+    python: str, inp: str, out: str, repeats: int, impls: str, tuned_malloc: bool = False
+) -> tuple[dict, dict]:
     env = dict(os.environ, PYTHONPATH="", TF_CPP_MIN_LOG_LEVEL="3")
     if tuned_malloc:
         env["GLIBC_TUNABLES"] = _hostmem.GLIBC_TUNABLES  # what `import ntkd` sets
-    subprocess.run([python, os.path.join(HERE, "nt_reference.py"), inp, out,
-                    "--repeats", str(repeats), "--impls", impls], check=True, env=env)
+    subprocess.run(
+        [
+            python,
+            os.path.join(HERE, "nt_reference.py"),
+            inp,
+            out,
+            "--repeats",
+            str(repeats),
+            "--impls",
+            impls,
+        ],
+        check=True,
+        env=env,
+    )
     data = np.load(out)
     timings = json.loads(str(data["timings"]))
     kernels = {n: data[n] for n in data.files if n.startswith("nt-")}
@@ -191,35 +219,54 @@ def generic_rows(args, python) -> list:
             for mode in args.modes.split(","):
                 ntk_fn = empirical_ntk_fn(apply_fn, mode=mode)
                 entries = {
-                        "flax_apply_fn": lambda: ntk_fn(x, None, lparams),
-                        "linen": lambda: empirical_ntk(model, variables, x, mode=mode),
-                        "model.apply": lambda: empirical_ntk(model.apply, variables, x, mode=mode),
-                        "nnx": lambda: empirical_ntk(nnx_model, None, x, mode=mode),
-                        "equinox": lambda: empirical_ntk(eqx_model, None, x, mode=mode),
+                    "flax_apply_fn": lambda: ntk_fn(x, None, lparams),
+                    "linen": lambda: empirical_ntk(model, variables, x, mode=mode),
+                    "model.apply": lambda: empirical_ntk(model.apply, variables, x, mode=mode),
+                    "nnx": lambda: empirical_ntk(nnx_model, None, x, mode=mode),
+                    "equinox": lambda: empirical_ntk(eqx_model, None, x, mode=mode),
                 }
                 for impl in filter(None, args.generic_impls.split(",")):
-                    entries["plain " + impl] = (lambda impl=impl: empirical_ntk(
-                            plain, params, x, mode=mode, implementation=impl))
+                    entries["plain " + impl] = lambda impl=impl: empirical_ntk(
+                        plain, params, x, mode=mode, implementation=impl
+                    )
                 found = _time_round_robin(entries, args.repeats, f"  {wname} n={n} {mode}")
                 if python:
                     inp = os.path.join(WORK, f"g_{wname}_{n}_{mode}_in.npz")
                     out = os.path.join(WORK, f"g_{wname}_{n}_{mode}_out.npz")
                     export(inp, wname, {}, params, x, mode, 10, plain=wname)
-                    timings, kernels = run_reference(python, inp, out, args.repeats, args.nt_impls,
-                                                     args.nt_tuned_malloc)
+                    timings, kernels = run_reference(
+                        python, inp, out, args.repeats, args.nt_impls, args.nt_tuned_malloc
+                    )
                     for key, t in timings.items():
                         if "error" in t:
                             print(f"  {wname} {mode} {key}: {t['error']}")
                             continue
-                        found[key] = (t["seconds"], t["compile"], kernels[key] * (10 if mode == "trace" else 1))
+                        found[key] = (
+                            t["seconds"],
+                            t["compile"],
+                            kernels[key] * (10 if mode == "trace" else 1),
+                        )
                 ref = found["plain jacobian"][2] if "plain jacobian" in found else None
                 nt_best = min((v[0] for k, v in found.items() if k.startswith("nt-")), default=None)
                 for key, (sec, comp, kern) in found.items():
                     same_fn = key.startswith(("plain", "nt-"))  # other entries have their own init
-                    err = (float(np.max(np.abs(kern - ref)) / np.max(np.abs(ref)))
-                           if same_fn and ref is not None else None)
-                    rows.append(dict(workload=wname, n=n, mode=mode, entry=key, seconds=sec, compile=comp,
-                                     vs_nt_best=(nt_best / sec) if nt_best else None, rel_err=err))
+                    err = (
+                        float(np.max(np.abs(kern - ref)) / np.max(np.abs(ref)))
+                        if same_fn and ref is not None
+                        else None
+                    )
+                    rows.append(
+                        dict(
+                            workload=wname,
+                            n=n,
+                            mode=mode,
+                            entry=key,
+                            seconds=sec,
+                            compile=comp,
+                            vs_nt_best=(nt_best / sec) if nt_best else None,
+                            rel_err=err,
+                        )
+                    )
     return rows
 
 
@@ -247,25 +294,33 @@ def _time_round_robin(entries: dict, repeats: int, label: str) -> dict:
     for key, ts in runs.items():
         med = statistics.median(ts)
         found[key] = (med, max(first[key] - med, 0.0), out[key])
-        print(f"{label} {key}: {med:.4f}s (compile {found[key][1]:.1f}s; runs "
-              f"{', '.join(f'{t:.4f}' for t in ts)})", flush=True)
+        print(
+            f"{label} {key}: {med:.4f}s (compile {found[key][1]:.1f}s; runs "
+            f"{', '.join(f'{t:.4f}' for t in ts)})",
+            flush=True,
+        )
     return found
 
 
 def print_generic(rows) -> None:
     print()
-    print("| workload | n | mode | entry point | seconds | compile s | speed-up vs NT best | rel. err |")
+    print(
+        "| workload | n | mode | entry point | seconds | compile s | speed-up vs NT best | rel. err |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = f"{r['vs_nt_best']:.2f}x" if r["vs_nt_best"] else "-"
         err = f"{r['rel_err']:.1e}" if r["rel_err"] is not None else "-"
-        print(f"| {r['workload']} | {r['n']} | {r['mode']} | {r['entry']} | {r['seconds']:.4f} | "
-              f"{r['compile']:.1f} | {ratio} | {err} |")
+        print(
+            f"| {r['workload']} | {r['n']} | {r['mode']} | {r['entry']} | {r['seconds']:.4f} | "
+            f"{r['compile']:.1f} | {ratio} | {err} |"
+        )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--n-scale", type=float, default=1.0, help="multiply every n by this")
     parser.add_argument("--quick", action="store_true", help="--n-scale 0.1 --repeats 1")
     parser.add_argument("--repeats", type=int, default=3)
@@ -274,14 +329,23 @@ def main() -> None:
     parser.add_argument("--impls", default=",".join(NTKD_IMPLS + ("naive",)))
     parser.add_argument("--reference", action="store_true", help="also time neural-tangents 0.6.5")
     parser.add_argument("--nt-impls", default="nt-jacobian,nt-ntvp,nt-structured")
-    parser.add_argument("--nt-tuned-malloc", action="store_true",
-                        help="run neural-tangents with the allocator settings `import ntkd` applies")
-    parser.add_argument("--generic", action="store_true",
-                        help="also time the generic entry points on plain_models.py networks")
+    parser.add_argument(
+        "--nt-tuned-malloc",
+        action="store_true",
+        help="run neural-tangents with the allocator settings `import ntkd` applies",
+    )
+    parser.add_argument(
+        "--generic",
+        action="store_true",
+        help="also time the generic entry points on plain_models.py networks",
+    )
     parser.add_argument("--generic-workloads", default=",".join(plain_models.PLAIN))
     parser.add_argument("--generic-sizes", default="small", help="small and/or full")
-    parser.add_argument("--generic-impls", default=",".join(NTKD_IMPLS),
-                        help="fixed implementations timed on the plain function")
+    parser.add_argument(
+        "--generic-impls",
+        default=",".join(NTKD_IMPLS),
+        help="fixed implementations timed on the plain function",
+    )
     parser.add_argument("--json", default=os.path.join(WORK, "ntk_speed.json"))
     args = parser.parse_args()
     if args.quick:
@@ -290,10 +354,13 @@ def main() -> None:
     python = ensure_venv() if args.reference else None
 
     peak = matmul_peak_gflops()
-    print(f"device: {jax.devices()[0].device_kind} x{len(jax.devices())}; "
-          f"float32 matmul peak {peak:.1f} GFLOP/s; jax {jax.__version__}; "
-          f"ntkd host-malloc tuning {'on' if _hostmem.TUNED else 'off'}, "
-          f"neural-tangents' {'same' if args.nt_tuned_malloc else 'glibc defaults'}", flush=True)
+    print(
+        f"device: {jax.devices()[0].device_kind} x{len(jax.devices())}; "
+        f"float32 matmul peak {peak:.1f} GFLOP/s; jax {jax.__version__}; "
+        f"ntkd host-malloc tuning {'on' if _hostmem.TUNED else 'off'}, "
+        f"neural-tangents' {'same' if args.nt_tuned_malloc else 'glibc defaults'}",
+        flush=True,
+    )
     rows = []
     for wname in filter(None, args.workloads.split(",")):
         name, kwargs, shape, n = WORKLOADS[wname]
@@ -307,22 +374,28 @@ def main() -> None:
             flops = jc_flops(apply_fn, params, x, 10, mode)
             found = {}
             for impl in filter(None, args.impls.split(",")):  # --impls "" times NT only
-                fn = (naive_ntk_fn(apply_fn, mode) if impl == "naive"
-                      else empirical_ntk_fn(apply_fn, mode=mode, implementation=impl))
+                fn = (
+                    naive_ntk_fn(apply_fn, mode)
+                    if impl == "naive"
+                    else empirical_ntk_fn(apply_fn, mode=mode, implementation=impl)
+                )
                 call = (lambda: fn(params, x)) if impl == "naive" else (lambda: fn(x, None, params))
                 try:
                     sec, comp, kern = _time(call, args.repeats)
                     found["ntkd-" + impl if impl != "naive" else "naive"] = (sec, comp, kern)
                 except Exception as e:  # e.g. out of memory: report and go on
                     print(f"  {wname} {mode} {impl}: {type(e).__name__}: {str(e)[:200]}")
-                print(f"  {wname} n={n} {mode} {impl}: {found.get('ntkd-' + impl, found.get(impl, (float('nan'),))) [0]:.3f}s",
-                      flush=True)
+                print(
+                    f"  {wname} n={n} {mode} {impl}: {found.get('ntkd-' + impl, found.get(impl, (float('nan'),)))[0]:.3f}s",
+                    flush=True,
+                )
             if python:
                 inp = os.path.join(WORK, f"{wname}_{mode}_in.npz")
                 out = os.path.join(WORK, f"{wname}_{mode}_out.npz")
                 export(inp, name, kwargs, variables, x, mode, 10)
-                timings, kernels = run_reference(python, inp, out, args.repeats, args.nt_impls,
-                                                 args.nt_tuned_malloc)
+                timings, kernels = run_reference(
+                    python, inp, out, args.repeats, args.nt_impls, args.nt_tuned_malloc
+                )
                 for key, t in timings.items():
                     if "error" in t:
                         print(f"  {wname} {mode} {key}: {t['error']}")
@@ -335,25 +408,41 @@ def main() -> None:
             nt_best = min((v[0] for k, v in found.items() if k.startswith("nt-")), default=None)
             for key, (sec, comp, kern) in found.items():
                 err = float(np.max(np.abs(kern - ref)) / np.max(np.abs(ref)))
-                rows.append(dict(workload=wname, n=n, params=nparams, mode=mode, contender=key,
-                                 seconds=sec, compile=comp,
-                                 vs_nt_best=(nt_best / sec) if nt_best else None,
-                                 gflops=flops / sec / 1e9, peak_frac=flops / sec / 1e9 / peak,
-                                 rel_err=err))
+                rows.append(
+                    dict(
+                        workload=wname,
+                        n=n,
+                        params=nparams,
+                        mode=mode,
+                        contender=key,
+                        seconds=sec,
+                        compile=comp,
+                        vs_nt_best=(nt_best / sec) if nt_best else None,
+                        gflops=flops / sec / 1e9,
+                        peak_frac=flops / sec / 1e9 / peak,
+                        rel_err=err,
+                    )
+                )
     generic = generic_rows(args, python) if args.generic else []
     with open(args.json, "w") as f:
-        json.dump({"peak_gflops": peak, "rows": rows, "generic": generic, "argv": sys.argv}, f, indent=1)
+        json.dump(
+            {"peak_gflops": peak, "rows": rows, "generic": generic, "argv": sys.argv}, f, indent=1
+        )
     if generic:
         print_generic(generic)
     print()
-    print(f"| workload | n | mode | contender | seconds | compile s | speed-up vs NT best | "
-          f"JC-equiv GFLOP/s | of peak | rel. err |")
+    print(
+        "| workload | n | mode | contender | seconds | compile s | speed-up vs NT best | "
+        "JC-equiv GFLOP/s | of peak | rel. err |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = f"{r['vs_nt_best']:.2f}x" if r["vs_nt_best"] else "-"
-        print(f"| {r['workload']} | {r['n']} | {r['mode']} | {r['contender']} | {r['seconds']:.3f} | "
-              f"{r['compile']:.1f} | {ratio} | {r['gflops']:.1f} | {100 * r['peak_frac']:.0f}% | "
-              f"{r['rel_err']:.1e} |")
+        print(
+            f"| {r['workload']} | {r['n']} | {r['mode']} | {r['contender']} | {r['seconds']:.3f} | "
+            f"{r['compile']:.1f} | {ratio} | {r['gflops']:.1f} | {100 * r['peak_frac']:.0f}% | "
+            f"{r['rel_err']:.1e} |"
+        )
 
 
 if __name__ == "__main__":

@@ -26,8 +26,11 @@ def _dense_init(key, d_in, d_out):
 
 def mlp_init(key):
     k = jax.random.split(key, 3)
-    return {"l0": _dense_init(k[0], 784, 256), "l1": _dense_init(k[1], 256, 256),
-            "head": _dense_init(k[2], 256, 10)}
+    return {
+        "l0": _dense_init(k[0], 784, 256),
+        "l1": _dense_init(k[1], 256, 256),
+        "head": _dense_init(k[2], 256, 10),
+    }
 
 
 def mlp_apply(p, x):
@@ -39,13 +42,17 @@ def mlp_apply(p, x):
 
 def cnn_init(key):
     k = jax.random.split(key, 3)
-    return {"c0": {"w": jax.random.normal(k[0], (3, 3, 1, 16)) / 3.0, "b": jnp.zeros(16)},
-            "c1": {"w": jax.random.normal(k[1], (3, 3, 16, 32)) / 12.0, "b": jnp.zeros(32)},
-            "head": _dense_init(k[2], 7 * 7 * 32, 10)}
+    return {
+        "c0": {"w": jax.random.normal(k[0], (3, 3, 1, 16)) / 3.0, "b": jnp.zeros(16)},
+        "c1": {"w": jax.random.normal(k[1], (3, 3, 16, 32)) / 12.0, "b": jnp.zeros(32)},
+        "head": _dense_init(k[2], 7 * 7 * 32, 10),
+    }
 
 
 def _conv(x, c):
-    y = jax.lax.conv_general_dilated(x, c["w"], (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = jax.lax.conv_general_dilated(
+        x, c["w"], (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
     return jax.nn.relu(y + c["b"])
 
 
@@ -116,8 +123,11 @@ def equinox(name):
         layers: list
 
         def __init__(self):
-            self.layers = [eqx.nn.Linear(784, 256, key=k[0]), eqx.nn.Linear(256, 256, key=k[1]),
-                           eqx.nn.Linear(256, 10, key=k[2])]
+            self.layers = [
+                eqx.nn.Linear(784, 256, key=k[0]),
+                eqx.nn.Linear(256, 256, key=k[1]),
+                eqx.nn.Linear(256, 10, key=k[2]),
+            ]
 
         def __call__(self, x):
             h = x.reshape(-1)

@@ -86,19 +86,30 @@ def main() -> None:
     def scipy_lu_solve():
         return float(np.sum(Y * scipy.linalg.solve(K, Y, check_finite=False)))
 
-    results = _interleaved_medians({"cholesky": chol, "cholesky+solve": chol_solve,
-                                    "supervision_complexity": library,
-                                    "numpy.linalg.solve": lu_solve,
-                                    "scipy.linalg.solve": scipy_lu_solve}, args.repeats)
+    results = _interleaved_medians(
+        {
+            "cholesky": chol,
+            "cholesky+solve": chol_solve,
+            "supervision_complexity": library,
+            "numpy.linalg.solve": lu_solve,
+            "scipy.linalg.solve": scipy_lu_solve,
+        },
+        args.repeats,
+    )
 
-    c_chol, c_lib, c_lu = (results[k][1] for k in
-                           ("cholesky+solve", "supervision_complexity", "numpy.linalg.solve"))
+    c_chol, c_lib, c_lu = (
+        results[k][1] for k in ("cholesky+solve", "supervision_complexity", "numpy.linalg.solve")
+    )
     threads = os.environ.get("OPENBLAS_NUM_THREADS", "default")
-    print(f"n={args.n} k={args.k} repeats={args.repeats} cpus={os.cpu_count()} "
-          f"OPENBLAS_NUM_THREADS={threads} load={os.getloadavg()[0]:.1f} "
-          f"numpy={np.__version__} scipy={scipy.__version__} {platform.machine()}")
-    print(f"C: cholesky {c_chol:.10g}  library {c_lib:.10g}  lu {c_lu:.10g}  "
-          f"(rel diff {abs(c_chol - c_lu) / abs(c_lu):.1e})")
+    print(
+        f"n={args.n} k={args.k} repeats={args.repeats} cpus={os.cpu_count()} "
+        f"OPENBLAS_NUM_THREADS={threads} load={os.getloadavg()[0]:.1f} "
+        f"numpy={np.__version__} scipy={scipy.__version__} {platform.machine()}"
+    )
+    print(
+        f"C: cholesky {c_chol:.10g}  library {c_lib:.10g}  lu {c_lu:.10g}  "
+        f"(rel diff {abs(c_chol - c_lu) / abs(c_lu):.1e})"
+    )
     gflops = args.n**3 / 3 / results["cholesky"][0] / 1e9
     for name, (t, _) in results.items():
         extra = f"  {gflops:.1f} GFLOP/s (n^3/3)" if name == "cholesky" else ""

@@ -51,4 +51,10 @@ from ntkd.matfree import (  # noqa: E402
     top_eigenpairs,
 )
 from ntkd.ntk import as_apply_fn, empirical_ntk, empirical_ntk_fn, flax_apply_fn, ntk_vp_fn  # noqa: E402
-from ntkd.targets import label_smoothing, matched_label_smoothing, one_hot, random_labels, softmax_targets  # noqa: E402
+from ntkd.targets import (  # noqa: E402
+    label_smoothing,
+    matched_label_smoothing,
+    one_hot,
+    random_labels,
+    softmax_targets,
+)

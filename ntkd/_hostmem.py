@@ -28,8 +28,10 @@ _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 _NEVER = -1  # M_TRIM_THRESHOLD = -1: never trim
 
-GLIBC_TUNABLES = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
-                  "glibc.malloc.trim_threshold=4611686018427387904")
+GLIBC_TUNABLES = (
+    "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
+    "glibc.malloc.trim_threshold=4611686018427387904"
+)
 """The same settings as a ``GLIBC_TUNABLES`` environment value, for a process
 that does not import ntkd (set before it starts; the threshold stands in for
 "never")."""
@@ -41,15 +43,21 @@ TUNED = False
 def tune() -> bool:
     """Apply the allocator settings once; returns whether they are in effect."""
     global TUNED
-    if TUNED or os.environ.get("NTKD_TUNE_MALLOC", "1") == "0" or not sys.platform.startswith("linux"):
+    if (
+        TUNED
+        or os.environ.get("NTKD_TUNE_MALLOC", "1") == "0"
+        or not sys.platform.startswith("linux")
+    ):
         return TUNED
     try:
         libc = ctypes.CDLL(None)
-        libc.gnu_get_libc_version  # glibc only: musl has no tunable mallopt
+        _ = libc.gnu_get_libc_version  # glibc only: musl has no tunable mallopt
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    TUNED = all(mallopt(opt, val) == 1 for opt, val in
-                ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NEVER)))
+    TUNED = all(
+        mallopt(opt, val) == 1
+        for opt, val in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NEVER))
+    )
     return TUNED

@@ -17,8 +17,9 @@ import io
 import json
 import os
 import tempfile
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -101,7 +102,9 @@ def read_json(path: str | os.PathLike) -> Any:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); delete it and rerun the step that writes it") from e
+        raise ValueError(
+            f"{path} is not valid JSON ({e}); delete it and rerun the step that writes it"
+        ) from e
 
 
 def write_csv(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> Path:
@@ -114,7 +117,9 @@ def write_csv(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> Pat
     writer = csv.DictWriter(buf, fieldnames=fields)
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: _to_builtin(v) if isinstance(v, np.generic) else v for k, v in row.items()})
+        writer.writerow(
+            {k: _to_builtin(v) if isinstance(v, np.generic) else v for k, v in row.items()}
+        )
     return write_text(path, buf.getvalue())
 
 

@@ -54,7 +54,7 @@ class FolderLock:
                 del _held[self._key]
                 os.close(entry[0])  # closing the descriptor drops the flock
 
-    def __enter__(self) -> "FolderLock":
+    def __enter__(self) -> FolderLock:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -103,7 +103,8 @@ def lock_folder(folder: str | os.PathLike, *, what: str = "run folder") -> Folde
                 os.close(fd)
                 raise FolderInUseError(
                     f"{what} {folder} is in use by PID {pid} (it holds {path}); wait for that process to "
-                    "finish or stop it, or use another folder") from None
+                    "finish or stop it, or use another folder"
+                ) from None
             except BaseException:
                 os.close(fd)
                 raise

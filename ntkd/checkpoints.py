@@ -100,9 +100,11 @@ def write_manifest(checkpoint: str | os.PathLike) -> Path:
 
 
 def _remedy(folder: Path) -> str:
-    return (f"Do not use this checkpoint: restore the folder {folder} from a copy, or delete it; a rerun of "
-            "its training command then resumes from the previous checkpoint (a teacher must be trained to its "
-            "end again before students distil from it).")
+    return (
+        f"Do not use this checkpoint: restore the folder {folder} from a copy, or delete it; a rerun of "
+        "its training command then resumes from the previous checkpoint (a teacher must be trained to its "
+        "end again before students distil from it)."
+    )
 
 
 def verify_checkpoint(checkpoint: str | os.PathLike, *, only: str | None = None) -> None:
@@ -122,7 +124,8 @@ def verify_checkpoint(checkpoint: str | os.PathLike, *, only: str | None = None)
         raise CheckpointError(
             f"checkpoint {folder} has no {MANIFEST}, so its files cannot be verified. A checkpoint of "
             f"this ntkd always has one; one written by an older ntkd can be adopted, once you trust it, "
-            f"with ntkd.checkpoints.write_manifest({str(folder)!r}).")
+            f"with ntkd.checkpoints.write_manifest({str(folder)!r})."
+        )
     expected = {}
     try:
         lines = manifest.read_text().splitlines()
@@ -133,7 +136,8 @@ def verify_checkpoint(checkpoint: str | os.PathLike, *, only: str | None = None)
         if len(digest) != 64 or not name or any(c not in "0123456789abcdef" for c in digest):
             raise CheckpointError(
                 f"checkpoint file {manifest} is corrupt (line {line[:80]!r} is not 'SHA-256  file'), so the "
-                "checkpoint cannot be verified. " + _remedy(folder))
+                "checkpoint cannot be verified. " + _remedy(folder)
+            )
         expected[name] = digest
     actual = _file_digests(folder)
     if only is not None:
@@ -150,12 +154,17 @@ def verify_checkpoint(checkpoint: str | os.PathLike, *, only: str | None = None)
             problem = "does not match its SHA-256 in the manifest (the file is corrupt)"
         else:
             continue
-        raise CheckpointError(
-            f"checkpoint file {folder / name} {problem}. " + _remedy(folder))
+        raise CheckpointError(f"checkpoint file {folder / name} {problem}. " + _remedy(folder))
 
 
-def save_checkpoint(run_dir: str | os.PathLike, epoch: int, variables: dict, *,
-                    opt_state: Any = None, metadata: dict | None = None) -> Path:
+def save_checkpoint(
+    run_dir: str | os.PathLike,
+    epoch: int,
+    variables: dict,
+    *,
+    opt_state: Any = None,
+    metadata: dict | None = None,
+) -> Path:
     """Saves one checkpoint atomically, with its manifest; overwrites one of the same epoch.
 
     Args:
@@ -169,8 +178,10 @@ def save_checkpoint(run_dir: str | os.PathLike, epoch: int, variables: dict, *,
         The checkpoint folder.
     """
     variables = jax.device_get(variables)
-    items = {"variables": ocp.args.StandardSave(variables),
-             "meta": ocp.args.JsonSave(dict(metadata or {}, epoch=int(epoch)))}
+    items = {
+        "variables": ocp.args.StandardSave(variables),
+        "meta": ocp.args.JsonSave(dict(metadata or {}, epoch=int(epoch))),
+    }
     if opt_state is not None:
         items["opt_state"] = ocp.args.StandardSave(jax.device_get(opt_state))
     final = checkpoint_dir(run_dir) / str(int(epoch))
@@ -219,16 +230,22 @@ def list_epochs(run_dir: str | os.PathLike) -> list[int]:
 
 def _check_epoch(run_dir: Path, epoch: int | None) -> int:
     if not run_dir.exists():
-        raise CheckpointError(f"run folder {run_dir} does not exist; pass the folder written by "
-                              "`ntkd train-teacher`/`ntkd distill` (its --out)")
+        raise CheckpointError(
+            f"run folder {run_dir} does not exist; pass the folder written by "
+            "`ntkd train-teacher`/`ntkd distill` (its --out)"
+        )
     epochs = list_epochs(run_dir)
     if not epochs:
-        raise CheckpointError(f"no checkpoints in {checkpoint_dir(run_dir)}; train the run first "
-                              "(`ntkd train-teacher --out ...`)")
+        raise CheckpointError(
+            f"no checkpoints in {checkpoint_dir(run_dir)}; train the run first "
+            "(`ntkd train-teacher --out ...`)"
+        )
     if epoch is None:
         return epochs[-1]
     if epoch not in epochs:
-        raise CheckpointError(f"no checkpoint for epoch {epoch} in {run_dir}; saved epochs: {epochs}")
+        raise CheckpointError(
+            f"no checkpoint for epoch {epoch} in {run_dir}; saved epochs: {epochs}"
+        )
     return int(epoch)
 
 
@@ -239,7 +256,8 @@ def _restore(path: Path, items: dict) -> dict:
         raise CheckpointError(
             f"checkpoint {path} is unreadable ({type(e).__name__}: {str(e)[:300]}) although its files match "
             "its manifest: it was probably written by another version of ntkd/Orbax or for another model "
-            "or optimiser.") from e
+            "or optimiser."
+        ) from e
 
 
 def read_metadata(run_dir: str | os.PathLike, epoch: int | None = None) -> dict:
@@ -251,8 +269,13 @@ def read_metadata(run_dir: str | os.PathLike, epoch: int | None = None) -> dict:
     return dict(_restore(path, {"meta": ocp.args.JsonRestore()})["meta"])
 
 
-def load_checkpoint(run_dir: str | os.PathLike, epoch: int | None = None, *,
-                    opt_state_target: Any = None, variables_target: Any = None) -> Checkpoint:
+def load_checkpoint(
+    run_dir: str | os.PathLike,
+    epoch: int | None = None,
+    *,
+    opt_state_target: Any = None,
+    variables_target: Any = None,
+) -> Checkpoint:
     """Restores a checkpoint after checking every file against its manifest.
 
     Args:
@@ -271,7 +294,10 @@ def load_checkpoint(run_dir: str | os.PathLike, epoch: int | None = None, *,
     """
     run_dir = Path(run_dir).expanduser()
     epoch = _check_epoch(run_dir, epoch)
-    items = {"variables": ocp.args.StandardRestore(variables_target), "meta": ocp.args.JsonRestore()}
+    items = {
+        "variables": ocp.args.StandardRestore(variables_target),
+        "meta": ocp.args.JsonRestore(),
+    }
     if opt_state_target is not None:
         items["opt_state"] = ocp.args.StandardRestore(jax.device_get(opt_state_target))
     path = checkpoint_dir(run_dir) / str(epoch)
@@ -296,6 +322,8 @@ def restore_model(run_dir: str | os.PathLike, epoch: int | None = None):
     try:
         model = get_model(meta["model"], meta["num_classes"], **meta.get("model_options", {}))
     except KeyError as e:
-        raise CheckpointError(f"checkpoint metadata in {run_dir} lacks {e}; it was not written by ntkd") from e
+        raise CheckpointError(
+            f"checkpoint metadata in {run_dir} lacks {e}; it was not written by ntkd"
+        ) from e
     variables = jax.tree_util.tree_map(np.asarray, ckpt.variables)
     return model, variables, meta

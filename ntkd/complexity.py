@@ -118,31 +118,36 @@ def _kernel_matrix(K: ArrayLike, name: str = "K") -> tuple[np.ndarray, int, int 
     then read only the lower triangle (LAPACK ``potrf``/``syevr`` convention).
     """
     K_in = np.asarray(K)
-    eps = (np.finfo(K_in.dtype).eps
-           if np.issubdtype(K_in.dtype, np.floating) else np.finfo(np.float64).eps)
+    eps = (
+        np.finfo(K_in.dtype).eps
+        if np.issubdtype(K_in.dtype, np.floating)
+        else np.finfo(np.float64).eps
+    )
     K_np = K_in.astype(np.float64, copy=False)
     if K_np.ndim == 2 and K_np.shape[0] == K_np.shape[1]:
         n, k, mat = K_np.shape[0], None, K_np
-    elif (K_np.ndim == 4 and K_np.shape[0] == K_np.shape[1]
-          and K_np.shape[2] == K_np.shape[3]):
+    elif K_np.ndim == 4 and K_np.shape[0] == K_np.shape[1] and K_np.shape[2] == K_np.shape[3]:
         n, k = K_np.shape[0], K_np.shape[2]
         mat = K_np.transpose(0, 2, 1, 3).reshape(n * k, n * k)
     else:
         raise ValueError(
             f"{name} must be a scalar kernel (n, n) or a full kernel (n, n, k, k), "
-            f"got shape {K_np.shape}.")
+            f"got shape {K_np.shape}."
+        )
     if not np.all(np.isfinite(K_np)):
         where = _locate(~np.isfinite(K_np))
         raise ValueError(
             f"{name} has a non-finite entry {name}{list(where)} = {K_np[where]}; "
-            "recompute the kernel (in float64 if it overflowed).")
+            "recompute the kernel (in float64 if it overflowed)."
+        )
     scale = float(np.max(np.abs(mat))) if mat.size else 0.0
     asym, (i, j) = _max_asymmetry(mat)
     if asym > SYMMETRY_RTOL * scale:
         raise ValueError(
             f"{name} is not symmetric: |K[{i}, {j}] - K[{j}, {i}]| = {asym:.3g} "
             f"(max |K| = {scale:.3g}, tolerance {SYMMETRY_RTOL:g} relative). Pass the "
-            "Gram matrix of one input set with itself, or symmetrise (K + K.T) / 2.")
+            "Gram matrix of one input set with itself, or symmetrise (K + K.T) / 2."
+        )
     return mat, n, k, float(eps)
 
 
@@ -152,7 +157,7 @@ def _max_asymmetry(mat: np.ndarray, block: int = 512) -> tuple[float, tuple[int,
     size = mat.shape[0]
     for r in range(0, size, block):
         for c in range(r, size, block):
-            diff = np.abs(mat[r:r + block, c:c + block] - mat[c:c + block, r:r + block].T)
+            diff = np.abs(mat[r : r + block, c : c + block] - mat[c : c + block, r : r + block].T)
             if diff.size and diff.max() > worst:
                 a, b = np.unravel_index(np.argmax(diff), diff.shape)
                 worst, where = float(diff[a, b]), (r + int(a), c + int(b))
@@ -167,11 +172,12 @@ def _target_matrix(Y: ArrayLike, n: int, k: int | None) -> np.ndarray:
     if Y_np.ndim != 2 or Y_np.shape[0] != n:
         raise ValueError(
             f"Y must have shape ({n}, k) or ({n},) to match K with n={n} "
-            f"examples, got {np.asarray(Y).shape}.")
+            f"examples, got {np.asarray(Y).shape}."
+        )
     if k is not None and Y_np.shape[1] != k:
         raise ValueError(
-            f"a full kernel with k={k} outputs needs Y of shape ({n}, {k}), "
-            f"got {Y_np.shape}.")
+            f"a full kernel with k={k} outputs needs Y of shape ({n}, {k}), got {Y_np.shape}."
+        )
     if not np.all(np.isfinite(Y_np)):
         where = _locate(~np.isfinite(Y_np))
         raise ValueError(f"Y has a non-finite entry Y{list(where)} = {Y_np[where]}.")
@@ -181,7 +187,7 @@ def _target_matrix(Y: ArrayLike, n: int, k: int | None) -> np.ndarray:
 def _float32_valued(mat: np.ndarray, block: int = 512) -> bool:
     """Whether every entry of a float64 matrix is exactly a float32 value (row blocks, no n² temporary)."""
     for r in range(0, mat.shape[0], block):
-        rows = mat[r:r + block]
+        rows = mat[r : r + block]
         if not np.array_equal(rows.astype(np.float32).astype(np.float64), rows):
             return False
     return True
@@ -210,7 +216,8 @@ class KernelFactor:
         if not mean_diag > 0:
             raise ValueError(
                 f"K has trace {self.trace:.3g} <= 0; a kernel matrix has a positive "
-                "diagonal. Check the kernel computation.")
+                "diagonal. Check the kernel computation."
+            )
         ridge_abs = ridge * mean_diag
         # Round-off in K (float32 kernels especially) can push the smallest
         # eigenvalues of a PSD kernel slightly below zero; up to this tolerance
@@ -219,14 +226,16 @@ class KernelFactor:
         jitter = 0.0
         for _ in range(4):
             chol = mat.copy()
-            chol.flat[::size + 1] += ridge_abs + jitter
+            chol.flat[:: size + 1] += ridge_abs + jitter
             try:
-                chol, _ = scipy.linalg.cho_factor(chol, lower=True, overwrite_a=True,
-                                                  check_finite=False)
+                chol, _ = scipy.linalg.cho_factor(
+                    chol, lower=True, overwrite_a=True, check_finite=False
+                )
                 break
             except np.linalg.LinAlgError:
-                lam_min = float(scipy.linalg.eigvalsh(
-                    mat, subset_by_index=[0, 0], check_finite=False)[0])
+                lam_min = float(
+                    scipy.linalg.eigvalsh(mat, subset_by_index=[0, 0], check_finite=False)[0]
+                )
                 if eps_in == np.finfo(np.float64).eps and _float32_valued(mat):
                     # A float32 kernel cast to float64 on its way here (the CLI and Study do)
                     # carries float32's round-off, not float64's.
@@ -240,27 +249,39 @@ class KernelFactor:
                         f"{mean_diag:.3g}), beyond the round-off tolerance "
                         f"{roundoff:.3g}. Check the kernel computation; a ridge of at "
                         f"least ridge={needed:.1e} (relative to tr K / N) would make it "
-                        "positive definite.") from None
-                jitter = max(2 * jitter, 2 * max(-lam_min - ridge_abs, 0.0)
-                             + size * np.finfo(np.float64).eps * mean_diag)
+                        "positive definite."
+                    ) from None
+                jitter = max(
+                    2 * jitter,
+                    2 * max(-lam_min - ridge_abs, 0.0)
+                    + size * np.finfo(np.float64).eps * mean_diag,
+                )
         else:
             raise ValueError(
                 f"Cholesky failed even with jitter {jitter:.3g}; K is numerically "
-                "singular. Add a ridge, e.g. ridge=1e-6.")
+                "singular. Add a ridge, e.g. ridge=1e-6."
+            )
         self._chol = chol
         # 1-norm of K + shift: the shift only adds to the (non-negative) diagonal.
         anorm = float(np.max(np.sum(np.abs(mat), axis=0))) + ridge_abs + jitter
         rcond, _ = scipy.linalg.lapack.dpocon(chol, anorm, uplo="L")
         cond = float(1.0 / rcond) if rcond > 0 else math.inf
-        self.info = SolveInfo(method="cholesky", relative_ridge=float(ridge),
-                              ridge=float(ridge_abs), jitter=float(jitter),
-                              condition_number=cond)
+        self.info = SolveInfo(
+            method="cholesky",
+            relative_ridge=float(ridge),
+            ridge=float(ridge_abs),
+            jitter=float(jitter),
+            condition_number=cond,
+        )
         if cond > COND_WARN:
             warnings.warn(
                 f"K is near singular: condition number ~{cond:.3g} (1-norm estimate, "
                 f"ridge={ridge:g}, jitter={jitter:.3g}); the supervision complexity is "
                 "dominated by the smallest eigenvalues and round-off. Consider "
-                "ridge=1e-6 or larger.", IllConditionedKernelWarning, stacklevel=3)
+                "ridge=1e-6 or larger.",
+                IllConditionedKernelWarning,
+                stacklevel=3,
+            )
 
     def complexity(self, Y: ArrayLike) -> float:
         """Supervision complexity ``tr(Yᵀ (K + ridge·I)⁻¹ Y)``.
@@ -272,8 +293,7 @@ class KernelFactor:
           C as a Python float.
         """
         rhs = _target_matrix(Y, self.n, self.k)
-        half = scipy.linalg.solve_triangular(self._chol, rhs, lower=True,
-                                             check_finite=False)
+        half = scipy.linalg.solve_triangular(self._chol, rhs, lower=True, check_finite=False)
         return float(np.sum(half * half))
 
     def adjusted_complexity(self, Y: ArrayLike) -> float:
@@ -285,7 +305,9 @@ class KernelFactor:
         rhs = _target_matrix(Y, self.n, self.k)
         norm2 = float(np.sum(rhs * rhs))
         if not norm2 > 0:
-            raise ValueError("the normalised complexity of all-zero targets is undefined (‖Y‖_F = 0)")
+            raise ValueError(
+                "the normalised complexity of all-zero targets is undefined (‖Y‖_F = 0)"
+            )
         return math.sqrt(self.complexity(Y) * self.trace / (rhs.shape[0] * norm2))
 
     def solve(self, Y: ArrayLike) -> np.ndarray:
@@ -334,8 +356,9 @@ def factor_kernel(K: ArrayLike, *, ridge: float = 0.0) -> KernelFactor:
     return KernelFactor(K, ridge=ridge)
 
 
-def supervision_complexity(K: ArrayLike, Y: ArrayLike, *, ridge: float = 0.0,
-                           return_info: bool = False):
+def supervision_complexity(
+    K: ArrayLike, Y: ArrayLike, *, ridge: float = 0.0, return_info: bool = False
+):
     """Supervision complexity ``C(Y; K) = tr(Yᵀ K⁻¹ Y)`` (SPEC §2).
 
     The squared RKHS norm of the minimum-norm interpolant of Y in the kernel K
@@ -361,8 +384,9 @@ def supervision_complexity(K: ArrayLike, Y: ArrayLike, *, ridge: float = 0.0,
     return (value, factor.info) if return_info else value
 
 
-def adjusted_supervision_complexity(K: ArrayLike, Y: ArrayLike, *, ridge: float = 0.0,
-                                    return_info: bool = False):
+def adjusted_supervision_complexity(
+    K: ArrayLike, Y: ArrayLike, *, ridge: float = 0.0, return_info: bool = False
+):
     """Adjusted supervision complexity ``A = sqrt(C(Y; K) · tr K) / n``.
 
     Invariant to rescaling K (ridge is relative, so it scales too); K ∝ I with
@@ -413,10 +437,17 @@ def normalized_adjusted_complexity(K: ArrayLike, Y: ArrayLike, *, ridge: float =
     return factor_kernel(K, ridge=ridge).normalized_complexity(Y)
 
 
-def supervision_complexity_cg(matvec: Callable[[Any], ArrayLike], Y: ArrayLike, *,
-                              full: bool = False, ridge: float = 0.0,
-                              trace: float | None = None, tol: float = 1e-6,
-                              maxiter: int | None = None, return_info: bool = False):
+def supervision_complexity_cg(
+    matvec: Callable[[Any], ArrayLike],
+    Y: ArrayLike,
+    *,
+    full: bool = False,
+    ridge: float = 0.0,
+    trace: float | None = None,
+    tol: float = 1e-6,
+    maxiter: int | None = None,
+    return_info: bool = False,
+):
     """Matrix-free supervision complexity by conjugate gradients.
 
     Solves ``(K + ρ I) X = Y`` for every column with CG on the host in float64,
@@ -465,22 +496,22 @@ def supervision_complexity_cg(matvec: Callable[[Any], ArrayLike], Y: ArrayLike, 
         rhs = Y_np.reshape(-1, 1)
 
         def op(V):
-            cols = [np.asarray(matvec(v.reshape(n, k)), np.float64).reshape(-1)
-                    for v in V.T]
+            cols = [np.asarray(matvec(v.reshape(n, k)), np.float64).reshape(-1) for v in V.T]
             return np.stack(cols, axis=1)
     else:
         rhs = Y_np
 
         def op(V):
-            return np.stack([np.asarray(matvec(v), np.float64).reshape(n) for v in V.T],
-                            axis=1)
+            return np.stack([np.asarray(matvec(v), np.float64).reshape(n) for v in V.T], axis=1)
+
     size = rhs.shape[0]
     if not ridge >= 0:
         raise ValueError(f"ridge must be >= 0, got {ridge}.")
     if ridge > 0 and trace is None:
         raise ValueError(
             f"ridge={ridge} is relative to tr K / N, so pass trace= (tr K exactly, or "
-            "ntkd.kernels.hutchpp_trace(matvec, shape).value).")
+            "ntkd.kernels.hutchpp_trace(matvec, shape).value)."
+        )
     rho = ridge * trace / size if ridge > 0 else 0.0
     maxiter = 10 * size if maxiter is None else maxiter
 
@@ -499,7 +530,8 @@ def supervision_complexity_cg(matvec: Callable[[Any], ArrayLike], Y: ArrayLike, 
             raise ValueError(
                 f"CG met non-positive curvature pᵀKp = {curvature.min():.3g} at "
                 f"iteration {it}: K is not positive definite. Add a ridge, e.g. "
-                "ridge=1e-6 with trace=.")
+                "ridge=1e-6 with trace=."
+            )
         alpha = rs[idx] / curvature
         X[:, idx] += alpha * P[:, idx]
         R[:, idx] -= alpha * AP
@@ -514,10 +546,18 @@ def supervision_complexity_cg(matvec: Callable[[Any], ArrayLike], Y: ArrayLike, 
         warnings.warn(
             f"CG stopped at maxiter={maxiter} with relative residual {rel.max():.3g} > "
             f"tol={tol:g}; K is probably ill-conditioned. Add a ridge or raise maxiter.",
-            IllConditionedKernelWarning, stacklevel=2)
+            IllConditionedKernelWarning,
+            stacklevel=2,
+        )
     value = float(np.sum(rhs * X))
-    info = SolveInfo(method="cg", relative_ridge=float(ridge), ridge=float(rho),
-                     iterations=it, residual=float(rel.max()), converged=converged)
+    info = SolveInfo(
+        method="cg",
+        relative_ridge=float(ridge),
+        ridge=float(rho),
+        iterations=it,
+        residual=float(rel.max()),
+        converged=converged,
+    )
     return (value, info) if return_info else value
 
 
@@ -552,9 +592,17 @@ def _margins(logits: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return np.asarray(metrics.margins(logits, reference), dtype=np.float64)
 
 
-def margin_bound(student_logits: ArrayLike, teacher_logits: ArrayLike, labels: ArrayLike,
-                 *, complexity: float, kernel_trace: float, gamma: float,
-                 delta: float = 0.05, multiclass_factor: float = 1.0) -> MarginBound:
+def margin_bound(
+    student_logits: ArrayLike,
+    teacher_logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    complexity: float,
+    kernel_trace: float,
+    gamma: float,
+    delta: float = 0.05,
+    multiclass_factor: float = 1.0,
+) -> MarginBound:
     """The margin bound of SPEC §2, split into its terms.
 
     ``P(error) <= teacher_error + margin_error
@@ -591,25 +639,33 @@ def margin_bound(student_logits: ArrayLike, teacher_logits: ArrayLike, labels: A
     if s.ndim != 2 or s.shape != t.shape or y.shape != (s.shape[0],):
         raise ValueError(
             f"need student_logits (n, k), teacher_logits (n, k) and labels (n,) with "
-            f"equal n and k; got {s.shape}, {t.shape}, {y.shape}.")
+            f"equal n and k; got {s.shape}, {t.shape}, {y.shape}."
+        )
     if not gamma > 0:
         raise ValueError(f"gamma must be > 0, got {gamma}.")
     if not 0 < delta < 1:
         raise ValueError(f"delta must be in (0, 1), got {delta}.")
     if complexity < 0 or kernel_trace <= 0:
         raise ValueError(
-            f"need complexity >= 0 and kernel_trace > 0, got {complexity}, {kernel_trace}.")
+            f"need complexity >= 0 and kernel_trace > 0, got {complexity}, {kernel_trace}."
+        )
     n = s.shape[0]
     teacher_pred = t.argmax(axis=1)
     teacher_error = float(np.mean(teacher_pred != y))
     margin_error = float(np.mean(_margins(s, teacher_pred) <= gamma))
-    complexity_term = multiclass_factor * 2.0 / (gamma * n) * math.sqrt(
-        complexity * kernel_trace)
+    complexity_term = multiclass_factor * 2.0 / (gamma * n) * math.sqrt(complexity * kernel_trace)
     confidence_term = 3.0 * math.sqrt(math.log(2.0 / delta) / (2.0 * n))
     total = teacher_error + margin_error + complexity_term + confidence_term
-    return MarginBound(teacher_error=teacher_error, margin_error=margin_error,
-                       complexity_term=complexity_term, confidence_term=confidence_term,
-                       total=total, gamma=float(gamma), delta=float(delta), n=n)
+    return MarginBound(
+        teacher_error=teacher_error,
+        margin_error=margin_error,
+        complexity_term=complexity_term,
+        confidence_term=confidence_term,
+        total=total,
+        gamma=float(gamma),
+        delta=float(delta),
+        n=n,
+    )
 
 
 # Radii 2^j, j ∈ [RADIUS_EXP_MIN, RADIUS_EXP_MAX], of the union bound in kernel_margin_bound.
@@ -666,8 +722,15 @@ class KernelMarginBound:
         return d
 
 
-def kernel_margin_bound(K: ArrayLike, Y: ArrayLike, labels: ArrayLike, *, gammas: Sequence[float],
-                        delta: float = 0.05, ridge: float = 0.0) -> KernelMarginBound:
+def kernel_margin_bound(
+    K: ArrayLike,
+    Y: ArrayLike,
+    labels: ArrayLike,
+    *,
+    gammas: Sequence[float],
+    delta: float = 0.05,
+    ridge: float = 0.0,
+) -> KernelMarginBound:
     """Margin bound on the test error of the kernel student fitted to targets Y.
 
     The function is ``f = K (K + λ·(tr K / n)·I)⁻¹ Y`` on the n training points
@@ -707,7 +770,9 @@ def kernel_margin_bound(K: ArrayLike, Y: ArrayLike, labels: ArrayLike, *, gammas
     Y = np.asarray(Y, dtype=np.float64)
     y = np.asarray(labels)
     if Y.ndim != 2 or Y.shape[1] < 2:
-        raise ValueError(f"kernel_margin_bound needs targets (n, k) with k >= 2, got shape {Y.shape}")
+        raise ValueError(
+            f"kernel_margin_bound needs targets (n, k) with k >= 2, got shape {Y.shape}"
+        )
     n, k = Y.shape
     if y.shape != (n,):
         raise ValueError(f"labels must have shape ({n},) like the targets' rows, got {y.shape}")
@@ -718,7 +783,9 @@ def kernel_margin_bound(K: ArrayLike, Y: ArrayLike, labels: ArrayLike, *, gammas
         raise ValueError(f"delta must be in (0, 1), got {delta}.")
     factor = factor_kernel(K, ridge=ridge)
     if factor.k is not None or factor.n != n:
-        raise ValueError(f"kernel_margin_bound needs a scalar kernel ({n}, {n}) on the targets' rows")
+        raise ValueError(
+            f"kernel_margin_bound needs a scalar kernel ({n}, {n}) on the targets' rows"
+        )
     alpha = factor.solve(Y)
     f = Y - factor.shift * alpha  # K α = Y − shift·α
     norms_sq = np.maximum(np.einsum("nc,nc->c", alpha, f), 0.0)
@@ -732,29 +799,58 @@ def kernel_margin_bound(K: ArrayLike, Y: ArrayLike, labels: ArrayLike, *, gammas
     for g in gammas:
         ratio = norm_max / g
         exp = max(RADIUS_EXP_MIN, math.ceil(math.log2(ratio))) if ratio > 0 else RADIUS_EXP_MIN
-        radius = 2.0 ** exp
+        radius = 2.0**exp
         complexity_term = 4.0 * k * radius * math.sqrt(factor.trace) / n
         err = float(np.mean(margins <= g))
         total = err + complexity_term + confidence if exp <= RADIUS_EXP_MAX else math.inf
-        rows.append({"gamma": g, "margin_error": err, "margin_error_vs_targets": float(np.mean(margins_vs_targets <= g)),
-                     "radius": radius, "complexity_term": complexity_term, "total": total})
+        rows.append(
+            {
+                "gamma": g,
+                "margin_error": err,
+                "margin_error_vs_targets": float(np.mean(margins_vs_targets <= g)),
+                "radius": radius,
+                "complexity_term": complexity_term,
+                "total": total,
+            }
+        )
     best = min(rows, key=lambda r: r["total"])
     return KernelMarginBound(
-        total=best["total"], vacuous=bool(best["total"] >= 1.0), gamma=best["gamma"], margin_error=best["margin_error"],
-        teacher_error=float(np.mean(target_pred != y)), margin_error_vs_targets=best["margin_error_vs_targets"],
-        complexity_term=best["complexity_term"], confidence_term=confidence, radius=best["radius"],
-        rkhs_norm_max=norm_max, rkhs_norm_sq=float(norms_sq.sum()), multiclass_constant=4.0 * k, n=n, k=k,
-        delta=float(delta), ridge=float(ridge), per_gamma=tuple(rows))
+        total=best["total"],
+        vacuous=bool(best["total"] >= 1.0),
+        gamma=best["gamma"],
+        margin_error=best["margin_error"],
+        teacher_error=float(np.mean(target_pred != y)),
+        margin_error_vs_targets=best["margin_error_vs_targets"],
+        complexity_term=best["complexity_term"],
+        confidence_term=confidence,
+        radius=best["radius"],
+        rkhs_norm_max=norm_max,
+        rkhs_norm_sq=float(norms_sq.sum()),
+        multiclass_constant=4.0 * k,
+        n=n,
+        k=k,
+        delta=float(delta),
+        ridge=float(ridge),
+        per_gamma=tuple(rows),
+    )
 
 
-def compare_teachers(student_apply_fn: Callable | None, student_params: Any,
-                     x: ArrayLike, labels: ArrayLike,
-                     teachers: Mapping[str, ArrayLike], *,
-                     temperatures: Sequence[float] = (1, 2, 4, 8),
-                     mode: str = "trace", ridge: float = 0.0, gamma: float = 0.0,
-                     center: bool = False, kernel: ArrayLike | None = None,
-                     student_logits: ArrayLike | None = None,
-                     seed: int = 0) -> list[dict[str, Any]]:
+def compare_teachers(
+    student_apply_fn: Callable | None,
+    student_params: Any,
+    x: ArrayLike,
+    labels: ArrayLike,
+    teachers: Mapping[str, ArrayLike],
+    *,
+    temperatures: Sequence[float] = (1, 2, 4, 8),
+    mode: str = "trace",
+    ridge: float = 0.0,
+    gamma: float = 0.0,
+    center: bool = False,
+    kernel: ArrayLike | None = None,
+    student_logits: ArrayLike | None = None,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
     """Supervision complexity of several teachers' targets in one student NTK.
 
     The student's eNTK on x is computed with :func:`ntkd.ntk.empirical_ntk`
@@ -814,26 +910,33 @@ def compare_teachers(student_apply_fn: Callable | None, student_params: Any,
     factor = factor_kernel(kernel, ridge=ridge)
     if factor.n != n:
         raise ValueError(f"kernel covers {factor.n} examples but labels has {n}.")
-    solve_cols = {"ridge": factor.info.ridge, "jitter": factor.info.jitter,
-                  "condition_number": factor.info.condition_number}
+    solve_cols = {
+        "ridge": factor.info.ridge,
+        "jitter": factor.info.jitter,
+        "condition_number": factor.info.condition_number,
+    }
 
     def row(name, temperature, Y, reference):
         margins = _margins(s_logits, reference)
-        return {"target": name, "temperature": temperature,
-                "complexity": factor.complexity(Y),
-                "adjusted_complexity": factor.adjusted_complexity(Y),
-                "teacher_accuracy": float(np.mean(reference == labels_np)),
-                "margin_mean": float(np.mean(margins)),
-                "margin_median": float(np.median(margins)),
-                "margin_error": float(np.mean(margins <= gamma)),
-                **solve_cols}
+        return {
+            "target": name,
+            "temperature": temperature,
+            "complexity": factor.complexity(Y),
+            "adjusted_complexity": factor.adjusted_complexity(Y),
+            "teacher_accuracy": float(np.mean(reference == labels_np)),
+            "margin_mean": float(np.mean(margins)),
+            "margin_median": float(np.median(margins)),
+            "margin_error": float(np.mean(margins <= gamma)),
+            **solve_cols,
+        }
 
     rows = []
     for name, logits in teachers.items():
         t_logits = np.asarray(logits, dtype=np.float64)
         if t_logits.shape != (n, k):
             raise ValueError(
-                f"teacher {name!r} logits must have shape ({n}, {k}), got {t_logits.shape}.")
+                f"teacher {name!r} logits must have shape ({n}, {k}), got {t_logits.shape}."
+            )
         reference = t_logits.argmax(axis=1)
         for tau in temperatures:
             Y = targets_lib.softmax_targets(t_logits, float(tau), center=center)

@@ -27,8 +27,9 @@ import functools
 import io
 import os
 import pickle
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -70,7 +71,7 @@ class Dataset:
         """Shape of one input, without the batch axis."""
         return tuple(self.x_train.shape[1:])
 
-    def subset(self, n_train: int | None = None, n_test: int | None = None) -> "Dataset":
+    def subset(self, n_train: int | None = None, n_test: int | None = None) -> Dataset:
         """The first ``n_train`` / ``n_test`` examples (the loaders already shuffle)."""
         return dataclasses.replace(
             self,
@@ -81,12 +82,20 @@ class Dataset:
         )
 
     def __repr__(self) -> str:
-        return (f"Dataset({self.name!r}, train={self.x_train.shape}, test={self.x_test.shape}, "
-                f"num_classes={self.num_classes})")
+        return (
+            f"Dataset({self.name!r}, train={self.x_train.shape}, test={self.x_test.shape}, "
+            f"num_classes={self.num_classes})"
+        )
 
 
-def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None, seed: int = 0,
-                 standardize: bool | None = None, **options: Any) -> Dataset:
+def load_dataset(
+    name: str,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    seed: int = 0,
+    standardize: bool | None = None,
+    **options: Any,
+) -> Dataset:
     """Loads a dataset by name; see the module docstring for the names.
 
     Args:
@@ -116,13 +125,17 @@ def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None, seed: 
     }
     if name not in loaders:
         raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    root = Path(data_dir or os.environ.get("NTKD_DATA", Path.home() / ".ntkd" / "data")).expanduser()
+    root = Path(
+        data_dir or os.environ.get("NTKD_DATA", Path.home() / ".ntkd" / "data")
+    ).expanduser()
     try:
         ds = loaders[name](root=root, seed=seed, **options)
     except TypeError as e:
         if "unexpected keyword" not in str(e):
             raise
-        raise DatasetError(f"dataset {name!r} does not take option(s) {sorted(options)}: {e}") from e
+        raise DatasetError(
+            f"dataset {name!r} does not take option(s) {sorted(options)}: {e}"
+        ) from e
     if standardize is None:
         standardize = name != "gaussian"
     return standardize_dataset(ds) if standardize else ds
@@ -144,13 +157,25 @@ def standardize_dataset(ds: Dataset) -> Dataset:
 
 
 def _finish(name, x_train, y_train, x_test, y_test, num_classes, meta=None) -> Dataset:
-    return Dataset(name, np.asarray(x_train, np.float32), np.asarray(y_train, np.int32),
-                   np.asarray(x_test, np.float32), np.asarray(y_test, np.int32), int(num_classes),
-                   meta or {})
+    return Dataset(
+        name,
+        np.asarray(x_train, np.float32),
+        np.asarray(y_train, np.int32),
+        np.asarray(x_test, np.float32),
+        np.asarray(y_test, np.int32),
+        int(num_classes),
+        meta or {},
+    )
 
 
-def _load_mnist1d(*, root: Path, seed: int, num_samples: int = 5000, train_split: float = 0.8,
-                  **generator_args: Any) -> Dataset:
+def _load_mnist1d(
+    *,
+    root: Path,
+    seed: int,
+    num_samples: int = 5000,
+    train_split: float = 0.8,
+    **generator_args: Any,
+) -> Dataset:
     """MNIST-1D generated in memory (never downloaded).
 
     Args:
@@ -160,17 +185,32 @@ def _load_mnist1d(*, root: Path, seed: int, num_samples: int = 5000, train_split
             ``corr_noise_scale``, ``shear_scale``, ...).
     """
     del root
-    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 20:
-        raise DatasetError(f"mnist1d num_samples must be an integer >= 20 (10 classes, each in both "
-                           f"splits), got {num_samples!r}")
+    if (
+        isinstance(num_samples, bool)
+        or not isinstance(num_samples, (int, np.integer))
+        or num_samples < 20
+    ):
+        raise DatasetError(
+            f"mnist1d num_samples must be an integer >= 20 (10 classes, each in both "
+            f"splits), got {num_samples!r}"
+        )
     used = num_samples // 10 * 10  # the generator makes num_samples // 10 examples per class
-    number = isinstance(train_split, (int, float, np.floating)) and not isinstance(train_split, bool)
+    number = isinstance(train_split, (int, float, np.floating)) and not isinstance(
+        train_split, bool
+    )
     if not (number and 0.0 < train_split < 1.0 and 1 <= int(used * float(train_split)) < used):
-        raise DatasetError(f"mnist1d train_split must be in (0, 1) and leave at least one training and one "
-                           f"test example, got {train_split!r} with num_samples={num_samples}")
-    x, y, x_test, y_test = _generate_mnist1d(int(seed), int(num_samples), float(train_split),
-                                             tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
-                                                   for k, v in generator_args.items())))
+        raise DatasetError(
+            f"mnist1d train_split must be in (0, 1) and leave at least one training and one "
+            f"test example, got {train_split!r} with num_samples={num_samples}"
+        )
+    x, y, x_test, y_test = _generate_mnist1d(
+        int(seed),
+        int(num_samples),
+        float(train_split),
+        tuple(
+            sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in generator_args.items())
+        ),
+    )
     return _finish("mnist1d", x, y, x_test, y_test, 10)
 
 
@@ -183,7 +223,9 @@ def _generate_mnist1d(seed: int, num_samples: int, train_split: float, generator
     args = get_dataset_args()
     unknown = set(generator_args) - set(vars(args))
     if unknown:
-        raise DatasetError(f"unknown mnist1d option(s) {sorted(unknown)}; known: {sorted(vars(args))}")
+        raise DatasetError(
+            f"unknown mnist1d option(s) {sorted(unknown)}; known: {sorted(vars(args))}"
+        )
     args.num_samples, args.train_split, args.seed = num_samples, train_split, seed
     for k, v in generator_args.items():
         setattr(args, k, v)
@@ -202,8 +244,9 @@ def _load_digits(*, root: Path, seed: int, test_fraction: float = 0.25) -> Datas
 
     d = load_digits()
     x = (d.images / 16.0)[..., None]
-    xtr, xte, ytr, yte = train_test_split(x, d.target, test_size=test_fraction,
-                                          stratify=d.target, random_state=seed)
+    xtr, xte, ytr, yte = train_test_split(
+        x, d.target, test_size=test_fraction, stratify=d.target, random_state=seed
+    )
     return _finish("digits", xtr, ytr, xte, yte, 10)
 
 
@@ -214,8 +257,9 @@ def _unpickle(path: Path) -> dict:
         with open(path, "rb") as f:
             return pickle.load(f, encoding="bytes")
     except Exception as e:  # any unpickling failure means a corrupt archive member
-        raise DatasetError(f"{path} is not a valid CIFAR pickle ({type(e).__name__}: {e}); "
-                           "re-extract the archive") from e
+        raise DatasetError(
+            f"{path} is not a valid CIFAR pickle ({type(e).__name__}: {e}); re-extract the archive"
+        ) from e
 
 
 def _cifar_images(batch: dict, path: Path) -> np.ndarray:
@@ -234,11 +278,21 @@ def _load_cifar(num_classes: int, *, root: Path, seed: int, label_type: str = "f
     """
     del seed
     if num_classes == 10:
-        folder, train_files, test_files, key = "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels"
+        folder, train_files, test_files, key = (
+            "cifar-10-batches-py",
+            [f"data_batch_{i}" for i in range(1, 6)],
+            ["test_batch"],
+            b"labels",
+        )
     else:
         if label_type not in ("fine", "coarse"):
             raise DatasetError(f"label_type must be 'fine' or 'coarse', got {label_type!r}")
-        folder, train_files, test_files, key = "cifar-100-python", ["train"], ["test"], f"{label_type}_labels".encode()
+        folder, train_files, test_files, key = (
+            "cifar-100-python",
+            ["train"],
+            ["test"],
+            f"{label_type}_labels".encode(),
+        )
         num_classes = 100 if label_type == "fine" else 20
     base = root / folder
     missing = [f for f in train_files + test_files if not (base / f).is_file()]
@@ -247,7 +301,8 @@ def _load_cifar(num_classes: int, *, root: Path, seed: int, label_type: str = "f
             f"CIFAR-{10 if folder.startswith('cifar-10-') else 100} not found: expected files "
             f"{', '.join(missing)} in {base}. Extract the python version of the archive "
             f"({folder.replace('-batches-py', '').replace('-python', '')}-python.tar.gz) into {root} "
-            "or pass --data-dir / set NTKD_DATA to the folder that holds it.")
+            "or pass --data-dir / set NTKD_DATA to the folder that holds it."
+        )
 
     def read(files):
         xs, ys = [], []
@@ -261,8 +316,9 @@ def _load_cifar(num_classes: int, *, root: Path, seed: int, label_type: str = "f
 
     xtr, ytr = read(train_files)
     xte, yte = read(test_files)
-    return _finish("cifar10" if folder.startswith("cifar-10-") else "cifar100", xtr, ytr, xte, yte,
-                   num_classes)
+    return _finish(
+        "cifar10" if folder.startswith("cifar-10-") else "cifar100", xtr, ytr, xte, yte, num_classes
+    )
 
 
 def _load_tinyimagenet(*, root: Path, seed: int) -> Dataset:
@@ -276,8 +332,10 @@ def _load_tinyimagenet(*, root: Path, seed: int) -> Dataset:
     base = root / "tiny-imagenet-200"
     wnids_file = base / "wnids.txt"
     if not wnids_file.is_file() or not (base / "val" / "val_annotations.txt").is_file():
-        raise DatasetError(f"Tiny-ImageNet not found: expected {wnids_file}, {base}/train/<wnid>/images/*.JPEG "
-                           f"and {base}/val/val_annotations.txt. Unzip tiny-imagenet-200.zip into {root}.")
+        raise DatasetError(
+            f"Tiny-ImageNet not found: expected {wnids_file}, {base}/train/<wnid>/images/*.JPEG "
+            f"and {base}/val/val_annotations.txt. Unzip tiny-imagenet-200.zip into {root}."
+        )
     cache = base / "ntkd_cache"
     names = ["x_train", "y_train", "x_test", "y_test"]
     if all((cache / f"{n}.npy").is_file() for n in names):
@@ -291,17 +349,25 @@ def _load_tinyimagenet(*, root: Path, seed: int) -> Dataset:
     def decode(paths):
         return np.stack([np.asarray(Image.open(p).convert("RGB"), np.uint8) for p in paths])
 
-    train = [(p, index[w]) for w in wnids for p in sorted((base / "train" / w / "images").glob("*.JPEG"))]
+    train = [
+        (p, index[w]) for w in wnids for p in sorted((base / "train" / w / "images").glob("*.JPEG"))
+    ]
     val = []
     for line in (base / "val" / "val_annotations.txt").read_text().splitlines():
         parts = line.split("\t")
         if len(parts) >= 2 and parts[1] in index:
             val.append((base / "val" / "images" / parts[0], index[parts[1]]))
     if not train or not val:
-        raise DatasetError(f"Tiny-ImageNet at {base} has {len(train)} train and {len(val)} val images; "
-                           "expected the full folder layout")
-    arrays = [decode([p for p, _ in train]), np.array([y for _, y in train]),
-              decode([p for p, _ in val]), np.array([y for _, y in val])]
+        raise DatasetError(
+            f"Tiny-ImageNet at {base} has {len(train)} train and {len(val)} val images; "
+            "expected the full folder layout"
+        )
+    arrays = [
+        decode([p for p, _ in train]),
+        np.array([y for _, y in train]),
+        decode([p for p, _ in val]),
+        np.array([y for _, y in val]),
+    ]
     for n, a in zip(names, arrays):
         buf = io.BytesIO()
         np.save(buf, a)
@@ -309,8 +375,9 @@ def _load_tinyimagenet(*, root: Path, seed: int) -> Dataset:
     return _finish("tinyimagenet", arrays[0] / 255.0, arrays[1], arrays[2] / 255.0, arrays[3], 200)
 
 
-def gaussian_class_means(*, num_classes: int, dim: int, similarity: float,
-                         num_superclasses: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def gaussian_class_means(
+    *, num_classes: int, dim: int, similarity: float, num_superclasses: int | None, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Unit class-mean directions with a controlled similarity structure.
 
     Classes are split round-robin into ``num_superclasses`` groups, each with an
@@ -326,7 +393,9 @@ def gaussian_class_means(*, num_classes: int, dim: int, similarity: float,
     if not 0.0 <= similarity < 1.0:
         raise DatasetError(f"similarity must be in [0, 1), got {similarity}")
     if dim < num_classes + s:
-        raise DatasetError(f"dim={dim} too small: need at least num_classes + num_superclasses = {num_classes + s}")
+        raise DatasetError(
+            f"dim={dim} too small: need at least num_classes + num_superclasses = {num_classes + s}"
+        )
     rng = np.random.default_rng(seed)
     basis, _ = np.linalg.qr(rng.standard_normal((dim, num_classes + s)))
     u, e = basis[:, :s].T, basis[:, s:].T
@@ -335,10 +404,19 @@ def gaussian_class_means(*, num_classes: int, dim: int, similarity: float,
     return means, superclass
 
 
-def _load_gaussian(*, root: Path, seed: int, num_classes: int = 10, dim: int = 32,
-                   similarity: float = 0.5, num_superclasses: int | None = None,
-                   separation: float = 3.0, noise: float = 1.0,
-                   n_train: int = 2000, n_test: int = 1000) -> Dataset:
+def _load_gaussian(
+    *,
+    root: Path,
+    seed: int,
+    num_classes: int = 10,
+    dim: int = 32,
+    similarity: float = 0.5,
+    num_superclasses: int | None = None,
+    separation: float = 3.0,
+    noise: float = 1.0,
+    n_train: int = 2000,
+    n_test: int = 1000,
+) -> Dataset:
     """Gaussian mixture x = separation·μ_y + noise·ε, uniform class prior.
 
     ``meta`` holds ``class_means`` (k, dim) (the μ_k, unit norm), ``superclass``
@@ -350,8 +428,13 @@ def _load_gaussian(*, root: Path, seed: int, num_classes: int = 10, dim: int = 3
     for name, value in (("n_train", n_train), ("n_test", n_test)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise DatasetError(f"gaussian {name} must be an integer >= 1, got {value!r}")
-    means, superclass = gaussian_class_means(num_classes=num_classes, dim=dim, similarity=similarity,
-                                             num_superclasses=num_superclasses, seed=seed)
+    means, superclass = gaussian_class_means(
+        num_classes=num_classes,
+        dim=dim,
+        similarity=similarity,
+        num_superclasses=num_superclasses,
+        seed=seed,
+    )
     rng = np.random.default_rng([seed, 1])
 
     def sample(n):
@@ -360,14 +443,21 @@ def _load_gaussian(*, root: Path, seed: int, num_classes: int = 10, dim: int = 3
 
     xtr, ytr = sample(n_train)
     xte, yte = sample(n_test)
-    meta = {"class_means": means, "superclass": superclass, "separation": separation, "noise": noise}
+    meta = {
+        "class_means": means,
+        "superclass": superclass,
+        "separation": separation,
+        "noise": noise,
+    }
     return _finish("gaussian", xtr, ytr, xte, yte, num_classes, meta)
 
 
 def gaussian_bayes_logits(ds: Dataset, x: np.ndarray) -> np.ndarray:
     """Bayes-optimal logits (n, k) for an unstandardised ``gaussian`` dataset."""
     if "class_means" not in ds.meta or "standardize_mean" in ds.meta:
-        raise DatasetError("gaussian_bayes_logits needs a gaussian dataset loaded with standardize=False")
+        raise DatasetError(
+            "gaussian_bayes_logits needs a gaussian dataset loaded with standardize=False"
+        )
     m, sep, noise = ds.meta["class_means"], ds.meta["separation"], ds.meta["noise"]
     return (sep * np.asarray(x).reshape(len(x), -1) @ m.T / noise**2).astype(np.float32)
 
@@ -378,8 +468,9 @@ def epoch_permutation(n: int, *, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch, 0x6E746B64]).permutation(n)
 
 
-def iterate_batches(n: int, batch_size: int, *, seed: int, epoch: int, shuffle: bool = True,
-                    drop_last: bool = True) -> Iterator[np.ndarray]:
+def iterate_batches(
+    n: int, batch_size: int, *, seed: int, epoch: int, shuffle: bool = True, drop_last: bool = True
+) -> Iterator[np.ndarray]:
     """Yields index arrays of each batch of one epoch (deterministic).
 
     Args:
@@ -395,7 +486,7 @@ def iterate_batches(n: int, batch_size: int, *, seed: int, epoch: int, shuffle: 
     batch_size = min(batch_size, n)
     stop = n - n % batch_size if drop_last else n
     for i in range(0, stop, batch_size):
-        yield order[i:i + batch_size]
+        yield order[i : i + batch_size]
 
 
 def augment(key: jax.Array, x: jax.Array) -> jax.Array:
@@ -406,11 +497,15 @@ def augment(key: jax.Array, x: jax.Array) -> jax.Array:
         return augment_images(key, x)
     if x.ndim == 3:
         return augment_signals(key, x)
-    raise ValueError(f"no augmentation for inputs of shape {x.shape}; augment needs (batch, H, W, C) images "
-                     "or (batch, length, C) signals — set augment=False")
+    raise ValueError(
+        f"no augmentation for inputs of shape {x.shape}; augment needs (batch, H, W, C) images "
+        "or (batch, length, C) signals — set augment=False"
+    )
 
 
-def augment_signals(key: jax.Array, x: jax.Array, *, max_shift: int = 4, noise: float = 0.1) -> jax.Array:
+def augment_signals(
+    key: jax.Array, x: jax.Array, *, max_shift: int = 4, noise: float = 0.1
+) -> jax.Array:
     """Random translation by up to ``max_shift`` positions (zero-filled) and
     additive Gaussian noise of standard deviation ``noise`` (in the units of
     the standardised inputs).
@@ -428,7 +523,9 @@ def augment_signals(key: jax.Array, x: jax.Array, *, max_shift: int = 4, noise: 
     k_shift, k_noise = jax.random.split(key)
     padded = jnp.pad(x, ((0, 0), (max_shift, max_shift), (0, 0)))
     offsets = jax.random.randint(k_shift, (b,), 0, 2 * max_shift + 1)
-    out = jax.vmap(lambda sig, off: jax.lax.dynamic_slice(sig, (off, 0), (length, c)))(padded, offsets)
+    out = jax.vmap(lambda sig, off: jax.lax.dynamic_slice(sig, (off, 0), (length, c)))(
+        padded, offsets
+    )
     return out + noise * jax.random.normal(k_noise, out.shape, out.dtype)
 
 

@@ -44,15 +44,27 @@ from scipy.stats import spearmanr
 from ntkd._io import read_json, write_json
 from ntkd.stats import PairedResult, bootstrap_statistic, holm, paired_test, verdict
 
-__all__ = ["STATISTICS", "NotTestable", "compare_findings", "evaluate_findings", "paper_criteria", "write_findings"]
+__all__ = [
+    "STATISTICS",
+    "NotTestable",
+    "compare_findings",
+    "evaluate_findings",
+    "paper_criteria",
+    "write_findings",
+]
 
 
 class NotTestable(ValueError):
     """The study lacks what a criterion needs (e.g. fewer than 3 students for a slope)."""
 
+
 # Measures of a complexity statistic: the verdict's (A_hat) and its controls.
-MEASURES = {"A_hat": "normalised Â", "A": "adjusted A", "identity": "A under the identity kernel",
-            "ls": "Â with teacher targets replaced by equal-norm label smoothing"}
+MEASURES = {
+    "A_hat": "normalised Â",
+    "A": "adjusted A",
+    "identity": "A under the identity kernel",
+    "ls": "Â with teacher targets replaced by equal-norm label smoothing",
+}
 CONTROL_NAMES = {"A": "A", "identity": "identity_kernel", "ls": "label_smoothing_matched"}
 
 
@@ -60,18 +72,23 @@ def _value(entry: dict, measure: str) -> float:
     if measure == "identity":
         return entry["A_identity"]
     if measure == "ls":
-        return entry.get("ls_A_hat", entry["A_hat"])  # labels and random labels are their own control
+        return entry.get(
+            "ls_A_hat", entry["A_hat"]
+        )  # labels and random labels are their own control
     return entry[measure]
 
 
 # ----------------------------------------------------------------------------- statistics on results
+
 
 def _teacher_panels(res: dict) -> dict[int, list[dict]]:
     return {p["seed"]: p["rows"] for p in res["teacher_checkpoints"]["panels"]}
 
 
 def _teacher_value(rows: list[dict], epoch: int, temperature: float, measure: str) -> float:
-    row = next(r for r in rows if r.get("teacher_epoch") == epoch and r["temperature"] == temperature)
+    row = next(
+        r for r in rows if r.get("teacher_epoch") == epoch and r["temperature"] == temperature
+    )
     return _value(row, measure)
 
 
@@ -80,8 +97,9 @@ def _stat_temperature(res, params, measure):
     out = {}
     for seed, rows in _teacher_panels(res).items():
         final = max(r["teacher_epoch"] for r in rows if r.get("teacher_epoch") is not None)
-        out[seed] = (_teacher_value(rows, final, params["t_low"], measure)
-                     - _teacher_value(rows, final, params["t_high"], measure))
+        out[seed] = _teacher_value(rows, final, params["t_low"], measure) - _teacher_value(
+            rows, final, params["t_high"], measure
+        )
     return out
 
 
@@ -91,8 +109,9 @@ def _stat_checkpoint_growth(res, params, measure):
     for seed, rows in _teacher_panels(res).items():
         epochs = sorted({r["teacher_epoch"] for r in rows if r.get("teacher_epoch") is not None})
         first = min(e for e in epochs if e > 0)
-        out[seed] = (_teacher_value(rows, epochs[-1], params["t"], measure)
-                     - _teacher_value(rows, first, params["t"], measure))
+        out[seed] = _teacher_value(rows, epochs[-1], params["t"], measure) - _teacher_value(
+            rows, first, params["t"], measure
+        )
     return out
 
 
@@ -110,14 +129,25 @@ def checkpoint_at(rows: list[dict], fraction: float) -> dict:
 
 
 def _per_seed_mean(res, fn) -> dict[int, float]:
-    return {seed: float(np.mean([fn(rows) for rows in panels])) for seed, panels in _student_panels(res).items()}
+    return {
+        seed: float(np.mean([fn(rows) for rows in panels]))
+        for seed, panels in _student_panels(res).items()
+    }
 
 
 def _stat_target_gap(res, params, measure):
     """Mean over student checkpoints after init of Q(high) − Q(low), averaged over panels."""
+
     def fn(rows):
-        return np.mean([_value(r["targets"][params["high"]], measure) - _value(r["targets"][params["low"]], measure)
-                        for r in rows if r["epoch"] > 0])
+        return np.mean(
+            [
+                _value(r["targets"][params["high"]], measure)
+                - _value(r["targets"][params["low"]], measure)
+                for r in rows
+                if r["epoch"] > 0
+            ]
+        )
+
     return _per_seed_mean(res, fn)
 
 
@@ -127,7 +157,10 @@ def _stat_online_early_gap(res, params, measure):
 
     def fn(rows):
         r = checkpoint_at(rows, params["fraction"])["targets"]
-        return _value(r[f"offline_teacher_t{t:g}"], measure) - _value(r[f"online_teacher_t{t:g}"], measure)
+        return _value(r[f"offline_teacher_t{t:g}"], measure) - _value(
+            r[f"online_teacher_t{t:g}"], measure
+        )
+
     return _per_seed_mean(res, fn)
 
 
@@ -136,8 +169,10 @@ def _stat_online_rise(res, params, measure):
     key = f"online_teacher_t{params['t']:g}"
 
     def fn(rows):
-        return (_value(checkpoint_at(rows, params["to"])["targets"][key], measure)
-                - _value(checkpoint_at(rows, params["from"])["targets"][key], measure))
+        return _value(checkpoint_at(rows, params["to"])["targets"][key], measure) - _value(
+            checkpoint_at(rows, params["from"])["targets"][key], measure
+        )
+
     return _per_seed_mean(res, fn)
 
 
@@ -146,9 +181,15 @@ def _stat_relative_change(res, params, measure):
     sign = params.get("sign", 1)
 
     def fn(rows):
-        a, b = checkpoint_at(rows, params["from"])["targets"], checkpoint_at(rows, params["to"])["targets"]
-        return min(sign * (_value(b[k], measure) - _value(a[k], measure)) / _value(a[k], measure)
-                   for k in params["keys"])
+        a, b = (
+            checkpoint_at(rows, params["from"])["targets"],
+            checkpoint_at(rows, params["to"])["targets"],
+        )
+        return min(
+            sign * (_value(b[k], measure) - _value(a[k], measure)) / _value(a[k], measure)
+            for k in params["keys"]
+        )
+
     return _per_seed_mean(res, fn)
 
 
@@ -160,10 +201,16 @@ def _stat_paired_metric(res, params, measure):
     """metric(regime a) − metric(regime b), per seed both share."""
     del measure
     runs = _runs(res)
-    seeds = sorted({s for (name, s) in runs if name == params["a"]} & {s for (name, s) in runs if name == params["b"]})
+    seeds = sorted(
+        {s for (name, s) in runs if name == params["a"]}
+        & {s for (name, s) in runs if name == params["b"]}
+    )
     if not seeds:
         raise NotTestable(f"no seed has runs of both '{params['a']}' and '{params['b']}'")
-    return {s: runs[params["a"], s][params["metric"]] - runs[params["b"], s][params["metric"]] for s in seeds}
+    return {
+        s: runs[params["a"], s][params["metric"]] - runs[params["b"], s][params["metric"]]
+        for s in seeds
+    }
 
 
 def _capacity_table(res, params):
@@ -179,10 +226,18 @@ def _capacity_table(res, params):
     for student, names in by_student.items():
         if not {"none", "offline", "online"} <= set(names):
             continue
-        seeds = sorted({s for (n, s) in runs if n == names["online"]} & {s for (n, s) in runs if n == names["offline"]}
-                       & {s for (n, s) in runs if n == names["none"]})
-        table[student] = {s: (res["distillation"]["teacher_test_acc"] - runs[names["none"], s][metric],
-                              runs[names["online"], s][metric] - runs[names["offline"], s][metric]) for s in seeds}
+        seeds = sorted(
+            {s for (n, s) in runs if n == names["online"]}
+            & {s for (n, s) in runs if n == names["offline"]}
+            & {s for (n, s) in runs if n == names["none"]}
+        )
+        table[student] = {
+            s: (
+                res["distillation"]["teacher_test_acc"] - runs[names["none"], s][metric],
+                runs[names["online"], s][metric] - runs[names["offline"], s][metric],
+            )
+            for s in seeds
+        }
     return table
 
 
@@ -191,8 +246,10 @@ def _stat_capacity_slope(res, params, measure) -> PairedResult:
     del measure
     table = _capacity_table(res, params)
     if len(table) < 3:
-        raise NotTestable(f"the capacity-gap regression needs at least 3 students with no-KD, offline and online "
-                         f"runs at τ={params['temperature']:g}; this study has {sorted(table)}")
+        raise NotTestable(
+            f"the capacity-gap regression needs at least 3 students with no-KD, offline and online "
+            f"runs at τ={params['temperature']:g}; this study has {sorted(table)}"
+        )
 
     def slope(ids: Mapping[str, np.ndarray]) -> float:
         gaps = [np.mean([table[s][i][0] for i in ids[s]]) for s in table]
@@ -201,8 +258,12 @@ def _stat_capacity_slope(res, params, measure) -> PairedResult:
             return float("nan")
         return float(np.polyfit(gaps, gains, 1)[0])
 
-    return bootstrap_statistic({s: sorted(v) for s, v in table.items()}, slope,
-                               resamples=params.get("resamples", 2000), seed=params.get("seed", 0))
+    return bootstrap_statistic(
+        {s: sorted(v) for s, v in table.items()},
+        slope,
+        resamples=params.get("resamples", 2000),
+        seed=params.get("seed", 0),
+    )
 
 
 def _stat_bound_spearman(res, params, measure) -> PairedResult:
@@ -222,7 +283,9 @@ def _stat_bound_spearman(res, params, measure) -> PairedResult:
             return float("nan")
         return float(spearmanr(b, e).statistic)
 
-    return bootstrap_statistic(groups, rho, resamples=params.get("resamples", 2000), seed=params.get("seed", 0))
+    return bootstrap_statistic(
+        groups, rho, resamples=params.get("resamples", 2000), seed=params.get("seed", 0)
+    )
 
 
 STATISTICS: dict[str, tuple[str, Callable]] = {
@@ -240,13 +303,26 @@ STATISTICS: dict[str, tuple[str, Callable]] = {
 
 # ----------------------------------------------------------------------------- the paper's criteria
 
+
 def _c(name, statistic, criterion, *, kind, direction=1, alpha=0.05, **params) -> dict:
-    return {"name": name, "statistic": statistic, "params": params, "direction": direction, "alpha": alpha,
-            "kind": kind, "criterion": criterion}
+    return {
+        "name": name,
+        "statistic": statistic,
+        "params": params,
+        "direction": direction,
+        "alpha": alpha,
+        "kind": kind,
+        "criterion": criterion,
+    }
 
 
-def paper_criteria(*, regimes: Mapping[str, str], temperatures=(1.0, 4.0), capacity_temperature: float = 4.0,
-                   alpha: float = 0.05) -> list[dict]:
+def paper_criteria(
+    *,
+    regimes: Mapping[str, str],
+    temperatures=(1.0, 4.0),
+    capacity_temperature: float = 4.0,
+    alpha: float = 0.05,
+) -> list[dict]:
     """The findings of Harutyunyan et al. (ICLR 2023) as pre-registered criteria.
 
     Args:
@@ -265,69 +341,171 @@ def paper_criteria(*, regimes: Mapping[str, str], temperatures=(1.0, 4.0), capac
     common = {"alpha": alpha}
     cx = dict(kind="complexity", **common)
     out = [
-        _c("higher temperature lowers the complexity of teacher targets", "temperature",
-           f"Â(final teacher, τ={lo:g}) − Â(final teacher, τ={hi:g}) in the student's NTK at init, per analysis "
-           "seed; paired t-test; > 0 predicted.", t_low=lo, t_high=hi, **cx),
-        _c("later teacher checkpoints have higher complexity", "checkpoint_growth",
-           f"Â(final teacher, τ={lo:g}) − Â(first trained teacher checkpoint, τ={lo:g}) in the student's NTK at "
-           "init, per analysis seed; paired t-test; > 0 predicted.", t=lo, **cx),
-        _c("random labels are more complex than true labels", "target_gap",
-           "Â(random labels) − Â(true labels), mean over student checkpoints after init and over the followed "
-           "regimes, per analysis seed; paired t-test; > 0 predicted.", high="random", low="labels", **cx),
-        _c("true labels are more complex than the offline teacher's targets", "target_gap",
-           f"Â(true labels) − Â(offline teacher, τ={lo:g}), mean over student checkpoints after init and over the "
-           "followed regimes, per analysis seed; paired t-test; > 0 predicted.", high="labels", low=off, **cx),
+        _c(
+            "higher temperature lowers the complexity of teacher targets",
+            "temperature",
+            f"Â(final teacher, τ={lo:g}) − Â(final teacher, τ={hi:g}) in the student's NTK at init, per analysis "
+            "seed; paired t-test; > 0 predicted.",
+            t_low=lo,
+            t_high=hi,
+            **cx,
+        ),
+        _c(
+            "later teacher checkpoints have higher complexity",
+            "checkpoint_growth",
+            f"Â(final teacher, τ={lo:g}) − Â(first trained teacher checkpoint, τ={lo:g}) in the student's NTK at "
+            "init, per analysis seed; paired t-test; > 0 predicted.",
+            t=lo,
+            **cx,
+        ),
+        _c(
+            "random labels are more complex than true labels",
+            "target_gap",
+            "Â(random labels) − Â(true labels), mean over student checkpoints after init and over the followed "
+            "regimes, per analysis seed; paired t-test; > 0 predicted.",
+            high="random",
+            low="labels",
+            **cx,
+        ),
+        _c(
+            "true labels are more complex than the offline teacher's targets",
+            "target_gap",
+            f"Â(true labels) − Â(offline teacher, τ={lo:g}), mean over student checkpoints after init and over the "
+            "followed regimes, per analysis seed; paired t-test; > 0 predicted.",
+            high="labels",
+            low=off,
+            **cx,
+        ),
     ]
     for t in (lo, hi):
-        out.append(_c(f"the online teacher's targets start below the offline teacher's (τ={t:g})", "online_early_gap",
-                      f"Â(offline teacher, τ={t:g}) − Â(online teacher, τ={t:g}) at 10% of student training, per "
-                      "analysis seed; paired t-test; > 0 predicted.", t=t, fraction=0.1, **cx))
+        out.append(
+            _c(
+                f"the online teacher's targets start below the offline teacher's (τ={t:g})",
+                "online_early_gap",
+                f"Â(offline teacher, τ={t:g}) − Â(online teacher, τ={t:g}) at 10% of student training, per "
+                "analysis seed; paired t-test; > 0 predicted.",
+                t=t,
+                fraction=0.1,
+                **cx,
+            )
+        )
     for t in (lo, hi):
-        out.append(_c(f"the online teacher's targets rise during training (τ={t:g})", "online_rise",
-                      f"Â(online teacher, τ={t:g}) at 90% minus at 10% of student training (absolute, in the "
-                      "student's changing NTK), per analysis seed; paired t-test; > 0 predicted.",
-                      t=t, **{"from": 0.1, "to": 0.9}, **cx))
+        out.append(
+            _c(
+                f"the online teacher's targets rise during training (τ={t:g})",
+                "online_rise",
+                f"Â(online teacher, τ={t:g}) at 90% minus at 10% of student training (absolute, in the "
+                "student's changing NTK), per analysis seed; paired t-test; > 0 predicted.",
+                t=t,
+                **{"from": 0.1, "to": 0.9},
+                **cx,
+            )
+        )
     keys = ["labels", "random", off]
     out += [
-        _c("all complexity curves drop in the first epochs", "relative_change",
-           f"min over curves {keys} of the relative drop (Q(0) − Q(10%)) / Q(0) of Â, per analysis seed; paired "
-           "t-test; > 0 predicted.", keys=keys, sign=-1, **{"from": 0.0, "to": 0.1}, **cx),
-        _c("all complexity curves rise again after the early dip", "relative_change",
-           f"min over curves {keys} of the relative rise (Q(100%) − Q(20%)) / Q(20%) of Â, per analysis seed; "
-           "paired t-test; > 0 predicted.", keys=keys, sign=1, **{"from": 0.2, "to": 1.0}, **cx),
+        _c(
+            "all complexity curves drop in the first epochs",
+            "relative_change",
+            f"min over curves {keys} of the relative drop (Q(0) − Q(10%)) / Q(0) of Â, per analysis seed; paired "
+            "t-test; > 0 predicted.",
+            keys=keys,
+            sign=-1,
+            **{"from": 0.0, "to": 0.1},
+            **cx,
+        ),
+        _c(
+            "all complexity curves rise again after the early dip",
+            "relative_change",
+            f"min over curves {keys} of the relative rise (Q(100%) − Q(20%)) / Q(20%) of Â, per analysis seed; "
+            "paired t-test; > 0 predicted.",
+            keys=keys,
+            sign=1,
+            **{"from": 0.2, "to": 1.0},
+            **cx,
+        ),
     ]
     acc = dict(kind="distillation", **common)
-    for t, on, offl in ((lo, r["online_t1"], r["offline_t1"]), (hi, r["online_t4"], r["offline_t4"])):
-        out.append(_c(f"online KD beats offline KD in test accuracy (τ={t:g})", "paired_metric",
-                      f"test accuracy of '{on}' − '{offl}', paired by seed; paired t-test; > 0 predicted.",
-                      metric="test_acc", a=on, b=offl, **acc))
-        out.append(_c(f"online KD has higher test fidelity than offline KD (τ={t:g})", "paired_metric",
-                      f"test fidelity (top-1 agreement with the teacher) of '{on}' − '{offl}', paired by seed; "
-                      "paired t-test; > 0 predicted.", metric="test_fidelity", a=on, b=offl, **acc))
+    for t, on, offl in (
+        (lo, r["online_t1"], r["offline_t1"]),
+        (hi, r["online_t4"], r["offline_t4"]),
+    ):
+        out.append(
+            _c(
+                f"online KD beats offline KD in test accuracy (τ={t:g})",
+                "paired_metric",
+                f"test accuracy of '{on}' − '{offl}', paired by seed; paired t-test; > 0 predicted.",
+                metric="test_acc",
+                a=on,
+                b=offl,
+                **acc,
+            )
+        )
+        out.append(
+            _c(
+                f"online KD has higher test fidelity than offline KD (τ={t:g})",
+                "paired_metric",
+                f"test fidelity (top-1 agreement with the teacher) of '{on}' − '{offl}', paired by seed; "
+                "paired t-test; > 0 predicted.",
+                metric="test_fidelity",
+                a=on,
+                b=offl,
+                **acc,
+            )
+        )
     out += [
-        _c(f"offline KD (τ={hi:g}) beats training on labels", "paired_metric",
-           f"test accuracy of '{r['offline_t4']}' − '{r['none']}', paired by seed; paired t-test; > 0 predicted.",
-           metric="test_acc", a=r["offline_t4"], b=r["none"], **acc),
-        _c(f"offline KD (τ={lo:g}) beats training on labels", "paired_metric",
-           f"test accuracy of '{r['offline_t1']}' − '{r['none']}', paired by seed; paired t-test; > 0 predicted.",
-           metric="test_acc", a=r["offline_t1"], b=r["none"], **acc),
-        _c(f"an early-stopped teacher beats the final teacher (τ={lo:g})", "paired_metric",
-           f"test accuracy of '{r['early_stopped_t1']}' − '{r['offline_t1']}', paired by seed; paired t-test; > 0 "
-           "predicted.", metric="test_acc", a=r["early_stopped_t1"], b=r["offline_t1"], **acc),
-        _c("online KD helps most when the capacity gap is large", "capacity_slope",
-           f"OLS slope, across students, of the mean (online − offline) test accuracy at τ={capacity_temperature:g} "
-           "on the capacity gap (teacher test accuracy − the student's mean no-KD accuracy); 95% percentile CI and "
-           "p from 2000 bootstrap resamples of seeds within each student; > 0 predicted.",
-           temperature=capacity_temperature, metric="test_acc", **acc),
-        _c("the kernel-student bound ranks the regimes by test error", "bound_spearman",
-           "Spearman ρ across the main student's regimes between the mean kernel-student bound and the mean test "
-           "error; 95% percentile CI and p from 2000 bootstrap resamples of the analysis seeds within each regime; "
-           "> 0 predicted.", kind="bound", alpha=alpha),
+        _c(
+            f"offline KD (τ={hi:g}) beats training on labels",
+            "paired_metric",
+            f"test accuracy of '{r['offline_t4']}' − '{r['none']}', paired by seed; paired t-test; > 0 predicted.",
+            metric="test_acc",
+            a=r["offline_t4"],
+            b=r["none"],
+            **acc,
+        ),
+        _c(
+            f"offline KD (τ={lo:g}) beats training on labels",
+            "paired_metric",
+            f"test accuracy of '{r['offline_t1']}' − '{r['none']}', paired by seed; paired t-test; > 0 predicted.",
+            metric="test_acc",
+            a=r["offline_t1"],
+            b=r["none"],
+            **acc,
+        ),
+        _c(
+            f"an early-stopped teacher beats the final teacher (τ={lo:g})",
+            "paired_metric",
+            f"test accuracy of '{r['early_stopped_t1']}' − '{r['offline_t1']}', paired by seed; paired t-test; > 0 "
+            "predicted.",
+            metric="test_acc",
+            a=r["early_stopped_t1"],
+            b=r["offline_t1"],
+            **acc,
+        ),
+        _c(
+            "online KD helps most when the capacity gap is large",
+            "capacity_slope",
+            f"OLS slope, across students, of the mean (online − offline) test accuracy at τ={capacity_temperature:g} "
+            "on the capacity gap (teacher test accuracy − the student's mean no-KD accuracy); 95% percentile CI and "
+            "p from 2000 bootstrap resamples of seeds within each student; > 0 predicted.",
+            temperature=capacity_temperature,
+            metric="test_acc",
+            **acc,
+        ),
+        _c(
+            "the kernel-student bound ranks the regimes by test error",
+            "bound_spearman",
+            "Spearman ρ across the main student's regimes between the mean kernel-student bound and the mean test "
+            "error; 95% percentile CI and p from 2000 bootstrap resamples of the analysis seeds within each regime; "
+            "> 0 predicted.",
+            kind="bound",
+            alpha=alpha,
+        ),
     ]
     return out
 
 
 # ----------------------------------------------------------------------------- evaluation
+
 
 def _result(values: dict | PairedResult) -> PairedResult:
     if isinstance(values, PairedResult):
@@ -352,19 +530,44 @@ def evaluate_findings(criteria: list[dict], results: Mapping[str, dict]) -> list
     rows, tested = [], []
     for c in criteria:
         if c["statistic"] not in STATISTICS:
-            raise ValueError(f"criterion {c['name']!r} names an unknown statistic {c['statistic']!r}; known: "
-                             f"{', '.join(STATISTICS)}")
+            raise ValueError(
+                f"criterion {c['name']!r} names an unknown statistic {c['statistic']!r}; known: "
+                f"{', '.join(STATISTICS)}"
+            )
         step, fn = STATISTICS[c["statistic"]]
-        row: dict[str, Any] = {"name": c["name"], "kind": c["kind"], "criterion": c["criterion"],
-                               "direction": c["direction"], "alpha": c["alpha"]}
+        row: dict[str, Any] = {
+            "name": c["name"],
+            "kind": c["kind"],
+            "criterion": c["criterion"],
+            "direction": c["direction"],
+            "alpha": c["alpha"],
+        }
         if step not in results:
-            rows.append({**row, "verdict": "not tested", "effect": None, "ci": None, "p": None, "p_adjusted": None})
+            rows.append(
+                {
+                    **row,
+                    "verdict": "not tested",
+                    "effect": None,
+                    "ci": None,
+                    "p": None,
+                    "p_adjusted": None,
+                }
+            )
             continue
         try:
             values = fn(results, c["params"], "A_hat")
         except NotTestable as e:
-            rows.append({**row, "verdict": "not tested", "reason": str(e), "effect": None, "ci": None, "p": None,
-                         "p_adjusted": None})
+            rows.append(
+                {
+                    **row,
+                    "verdict": "not tested",
+                    "reason": str(e),
+                    "effect": None,
+                    "ci": None,
+                    "p": None,
+                    "p_adjusted": None,
+                }
+            )
             continue
         main = _result(values)
         row.update(effect=main.effect, ci=list(main.ci), p=main.p, n=main.n, method=main.method)
@@ -375,22 +578,31 @@ def evaluate_findings(criteria: list[dict], results: Mapping[str, dict]) -> list
             row["controls"] = {}
             for m in ("A", "identity", "ls"):
                 r = _result(fn(results, c["params"], m))
-                row["controls"][CONTROL_NAMES[m]] = {"measure": MEASURES[m], "effect": r.effect, "ci": list(r.ci),
-                                                     "p": r.p, "method": r.method}
+                row["controls"][CONTROL_NAMES[m]] = {
+                    "measure": MEASURES[m],
+                    "effect": r.effect,
+                    "ci": list(r.ci),
+                    "p": r.p,
+                    "method": r.method,
+                }
         rows.append(row)
         tested.append(len(rows) - 1)
     adjusted = holm([rows[i]["p"] for i in tested])
     for i, p_adj in zip(tested, adjusted):
         row = rows[i]
         row["p_adjusted"] = p_adj
-        row["verdict"] = verdict(row["effect"], p_adj, direction=row["direction"], alpha=row["alpha"])
+        row["verdict"] = verdict(
+            row["effect"], p_adj, direction=row["direction"], alpha=row["alpha"]
+        )
         if row["kind"] == "complexity":
             # Like with like: both at their uncorrected p (the controls take no part in the correction).
             def holds(effect, p):
                 return p < row["alpha"] and np.sign(effect) == row["direction"]
 
             a = row["controls"]["A"]
-            row["size_effect_only"] = bool(holds(a["effect"], a["p"]) and not holds(row["effect"], row["p"]))
+            row["size_effect_only"] = bool(
+                holds(a["effect"], a["p"]) and not holds(row["effect"], row["p"])
+            )
     return rows
 
 
@@ -398,8 +610,11 @@ def write_findings(study_dir: str | os.PathLike) -> Path:
     """Evaluates the study's pre-registered criteria and writes ``results/findings.json``."""
     study_dir = Path(study_dir)
     cfg = read_json(study_dir / "study.json")
-    results = {p.stem: read_json(p) for p in (study_dir / "results").glob("*.json")
-               if p.stem in {step for step, _ in STATISTICS.values()}}
+    results = {
+        p.stem: read_json(p)
+        for p in (study_dir / "results").glob("*.json")
+        if p.stem in {step for step, _ in STATISTICS.values()}
+    }
     findings = evaluate_findings(cfg.get("criteria", []), results)
     return write_json(study_dir / "results" / "findings.json", findings)
 
@@ -414,17 +629,38 @@ def compare_findings(study_dir: str | os.PathLike, other_dir: str | os.PathLike)
     study_dir, other_dir = Path(study_dir), Path(other_dir)
     a, b = read_json(study_dir / "study.json"), read_json(other_dir / "study.json")
     if a.get("criteria_sha256") != b.get("criteria_sha256"):
-        raise ValueError(f"{study_dir} and {other_dir} were run with different criteria (criteria_sha256 "
-                         f"{a.get('criteria_sha256')} vs {b.get('criteria_sha256')}); compare studies of one preset")
+        raise ValueError(
+            f"{study_dir} and {other_dir} were run with different criteria (criteria_sha256 "
+            f"{a.get('criteria_sha256')} vs {b.get('criteria_sha256')}); compare studies of one preset"
+        )
     overlap = set(a["seeds"]) & set(b["seeds"])
     if overlap:
-        raise ValueError(f"the two studies share seeds {sorted(overlap)}; a stability check needs disjoint seed sets "
-                         "(e.g. `ntkd reproduce --seed-offset 8`)")
+        raise ValueError(
+            f"the two studies share seeds {sorted(overlap)}; a stability check needs disjoint seed sets "
+            "(e.g. `ntkd reproduce --seed-offset 8`)"
+        )
     fa = read_json(study_dir / "results" / "findings.json")
     fb = {f["name"]: f for f in read_json(other_dir / "results" / "findings.json")}
-    rows = [{"name": f["name"], "verdict": f["verdict"], "other_verdict": fb[f["name"]]["verdict"],
-             "effect": f["effect"], "other_effect": fb[f["name"]]["effect"],
-             "same": f["verdict"] == fb[f["name"]]["verdict"]} for f in fa if f["name"] in fb]
-    return write_json(study_dir / "results" / "stability.json",
-                      {"other": os.path.relpath(other_dir, study_dir), "seeds": a["seeds"], "other_seeds": b["seeds"],
-                       "unchanged": sum(r["same"] for r in rows), "total": len(rows), "rows": rows})
+    rows = [
+        {
+            "name": f["name"],
+            "verdict": f["verdict"],
+            "other_verdict": fb[f["name"]]["verdict"],
+            "effect": f["effect"],
+            "other_effect": fb[f["name"]]["effect"],
+            "same": f["verdict"] == fb[f["name"]]["verdict"],
+        }
+        for f in fa
+        if f["name"] in fb
+    ]
+    return write_json(
+        study_dir / "results" / "stability.json",
+        {
+            "other": os.path.relpath(other_dir, study_dir),
+            "seeds": a["seeds"],
+            "other_seeds": b["seeds"],
+            "unchanged": sum(r["same"] for r in rows),
+            "total": len(rows),
+            "rows": rows,
+        },
+    )

@@ -75,7 +75,8 @@ def kernel_alignment(K1: ArrayLike, K2: ArrayLike, *, centered: bool = False) ->
     m2, n2, k2, _ = _kernel_matrix(K2, "K2")
     if np.shape(K1) != np.shape(K2):
         raise ValueError(
-            f"K1 and K2 must have the same shape, got {np.shape(K1)} and {np.shape(K2)}.")
+            f"K1 and K2 must have the same shape, got {np.shape(K1)} and {np.shape(K2)}."
+        )
     if centered:
         m1, m2 = _centered(m1, n1, k1), _centered(m2, n2, k2)
     norm1, norm2 = np.linalg.norm(m1), np.linalg.norm(m2)
@@ -83,7 +84,8 @@ def kernel_alignment(K1: ArrayLike, K2: ArrayLike, *, centered: bool = False) ->
         which = "K1" if norm1 == 0 else "K2"
         raise ValueError(
             f"{which} has zero{' centred' if centered else ''} Frobenius norm; its "
-            "alignment is undefined (a constant kernel has zero centred norm).")
+            "alignment is undefined (a constant kernel has zero centred norm)."
+        )
     return float(np.sum(m1 * m2) / (norm1 * norm2))
 
 
@@ -160,8 +162,9 @@ def _mean_and_stderr(samples: np.ndarray) -> tuple[float, float]:
     return float(samples.mean()), float(samples.std(ddof=1) / math.sqrt(samples.size))
 
 
-def hutchinson_trace(matvec: Callable, shape, *, num_probes: int = 32,
-                     key: jax.Array | None = None) -> Estimate:
+def hutchinson_trace(
+    matvec: Callable, shape, *, num_probes: int = 32, key: jax.Array | None = None
+) -> Estimate:
     """Hutchinson's estimate of ``tr K`` from Rademacher probes ``zᵀ K z``.
 
     Unbiased; the standard error is the probe terms' sample standard deviation
@@ -190,8 +193,9 @@ def hutchinson_trace(matvec: Callable, shape, *, num_probes: int = 32,
     return Estimate(value, stderr, num_probes)
 
 
-def hutchpp_trace(matvec: Callable, shape, *, num_matvecs: int = 48,
-                  key: jax.Array | None = None) -> Estimate:
+def hutchpp_trace(
+    matvec: Callable, shape, *, num_matvecs: int = 48, key: jax.Array | None = None
+) -> Estimate:
     """Hutch++ estimate of ``tr K`` (Meyer, Musco, Musco, Woodruff, SOSA 2021).
 
     A third of the matvecs sketch the top range Q of K, whose trace
@@ -230,9 +234,16 @@ def hutchpp_trace(matvec: Callable, shape, *, num_matvecs: int = 48,
     return Estimate(top + value, stderr, num_matvecs)
 
 
-def estimate_alignment(matvec1: Callable, matvec2: Callable, shape, *,
-                       centered: bool = False, method: str = "hutchpp",
-                       num_probes: int = 32, key: jax.Array | None = None) -> Estimate:
+def estimate_alignment(
+    matvec1: Callable,
+    matvec2: Callable,
+    shape,
+    *,
+    centered: bool = False,
+    method: str = "hutchpp",
+    num_probes: int = 32,
+    key: jax.Array | None = None,
+) -> Estimate:
     """Matrix-free kernel alignment ``tr(K1 K2) / sqrt(tr(K1²) tr(K2²))``.
 
     Each probe z gives ``a = K1 z`` and ``b = K2 z``, and ``a·b``, ``a·a``,
@@ -271,9 +282,11 @@ def estimate_alignment(matvec1: Callable, matvec2: Callable, shape, *,
     size = math.prod(shape)
     ops = [_operator(f, shape) for f in (matvec1, matvec2)]
     if centered:
+
         def center(V):
             blocks = V.reshape(shape[0], -1, V.shape[1])
             return (blocks - blocks.mean(axis=0, keepdims=True)).reshape(V.shape)
+
         ops = [lambda V, op=op: center(op(center(V))) for op in ops]
 
     key_s, key_g = jax.random.split(key)

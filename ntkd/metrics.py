@@ -28,8 +28,10 @@ def _check_logits(name: str, logits: ArrayLike) -> jax.Array:
 def _check_labels(labels: ArrayLike, logits: jax.Array) -> jax.Array:
     labels = jnp.asarray(labels)
     if labels.shape != logits.shape[:1]:
-        raise ValueError(f"labels must have shape ({logits.shape[0]},) to match logits {logits.shape}, "
-                         f"got {labels.shape}")
+        raise ValueError(
+            f"labels must have shape ({logits.shape[0]},) to match logits {logits.shape}, "
+            f"got {labels.shape}"
+        )
     return labels
 
 
@@ -48,7 +50,9 @@ def fidelity(student_logits: ArrayLike, teacher_logits: ArrayLike) -> jax.Array:
     return jnp.mean(jnp.argmax(s, -1) == jnp.argmax(t, -1))
 
 
-def mean_kl(teacher_logits: ArrayLike, student_logits: ArrayLike, temperature: float = 1.0) -> jax.Array:
+def mean_kl(
+    teacher_logits: ArrayLike, student_logits: ArrayLike, temperature: float = 1.0
+) -> jax.Array:
     """Mean over examples of KL(softmax(z_T/τ) ‖ softmax(z_S/τ))."""
     t = _check_logits("teacher_logits", teacher_logits) / temperature
     s = _check_logits("student_logits", student_logits) / temperature
@@ -78,6 +82,13 @@ def margin_summary(margin_values: ArrayLike, gammas=(0.0, 1.0)) -> dict[str, flo
     """Distribution summary of margins: mean, quartiles and γ-margin errors."""
     m = np.asarray(margin_values, np.float64)
     q = np.quantile(m, [0.1, 0.25, 0.5, 0.75, 0.9])
-    out = {"mean": float(m.mean()), "p10": q[0], "p25": q[1], "median": q[2], "p75": q[3], "p90": q[4]}
+    out = {
+        "mean": float(m.mean()),
+        "p10": q[0],
+        "p25": q[1],
+        "median": q[2],
+        "p75": q[3],
+        "p90": q[4],
+    }
     out.update({f"error@{g:g}": float(np.mean(m <= g)) for g in gammas})
     return {k: float(v) for k, v in out.items()}

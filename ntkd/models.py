@@ -24,7 +24,8 @@ Example:
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -80,7 +81,9 @@ class CNN1D(nn.Module):
         if x.ndim == 2:
             x = x[..., None]
         for i, (f, s) in enumerate(zip(self.features, self.strides)):
-            x = self.act(nn.Conv(f, (self.kernel_size,), strides=(s,), padding="SAME", name=f"conv{i}")(x))
+            x = self.act(
+                nn.Conv(f, (self.kernel_size,), strides=(s,), padding="SAME", name=f"conv{i}")(x)
+            )
         x = x.reshape((x.shape[0], -1))
         return nn.Dense(self.num_classes, name="head")(x)
 
@@ -130,7 +133,9 @@ class BasicBlock(nn.Module):
         y = self.act(self.norm()(self.conv(self.features, (3, 3), (self.strides, self.strides))(x)))
         y = self.norm(scale_init=nn.initializers.zeros)(self.conv(self.features, (3, 3))(y))
         if x.shape != y.shape:
-            x = self.norm()(self.conv(self.features, (1, 1), (self.strides, self.strides), name="proj")(x))
+            x = self.norm()(
+                self.conv(self.features, (1, 1), (self.strides, self.strides), name="proj")(x)
+            )
         return self.act(x + y)
 
 
@@ -151,10 +156,14 @@ class ResNet(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         if (self.depth - 2) % 6 or self.depth < 8:
-            raise ValueError(f"ResNet depth must be 6n+2 with n >= 1 (8, 14, 20, 56, 110, ...), got {self.depth}")
+            raise ValueError(
+                f"ResNet depth must be 6n+2 with n >= 1 (8, 14, 20, 56, 110, ...), got {self.depth}"
+            )
         n = (self.depth - 2) // 6
         conv = functools.partial(nn.Conv, use_bias=False, padding="SAME")
-        norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5)
+        norm = functools.partial(
+            nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5
+        )
         x = self.act(norm()(conv(self.width, (3, 3), name="stem")(x)))
         for stage in range(3):
             for block in range(n):

@@ -17,11 +17,21 @@ import numpy as np  # noqa: E402
 
 from ntkd._io import read_json, write_bytes  # noqa: E402
 
-_STYLE = {"figure.dpi": 110, "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False,
-          "axes.spines.right": False, "font.size": 9, "legend.fontsize": 8}
-_TARGET_STYLE = {"random": ("random labels", "tab:red", ":"), "labels": ("true labels", "tab:blue", "-"),
-                 "offline_teacher": ("offline teacher (final)", "tab:green", "--"),
-                 "online_teacher": ("online teacher (same epoch)", "tab:purple", "-.")}
+_STYLE = {
+    "figure.dpi": 110,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "font.size": 9,
+    "legend.fontsize": 8,
+}
+_TARGET_STYLE = {
+    "random": ("random labels", "tab:red", ":"),
+    "labels": ("true labels", "tab:blue", "-"),
+    "offline_teacher": ("offline teacher (final)", "tab:green", "--"),
+    "online_teacher": ("online teacher (same epoch)", "tab:purple", "-."),
+}
 
 
 def _save(fig, path: Path) -> Path:
@@ -43,8 +53,10 @@ def _band(ax, x, vals, **kw):
     vals = np.asarray(vals, dtype=float)
     m = vals.mean(0)
     se = vals.std(0, ddof=1) / np.sqrt(len(vals)) if len(vals) > 1 else np.zeros_like(m)
-    line, = ax.plot(x, m, marker="o", ms=2.5, **kw)
-    ax.fill_between(x, m - se, m + se, color=line.get_color(), alpha=0.2 * kw.get("alpha", 1.0), lw=0)
+    (line,) = ax.plot(x, m, marker="o", ms=2.5, **kw)
+    ax.fill_between(
+        x, m - se, m + se, color=line.get_color(), alpha=0.2 * kw.get("alpha", 1.0), lw=0
+    )
     return line
 
 
@@ -58,13 +70,28 @@ def plot_teacher_checkpoints(res: dict, path: Path, title: str = "") -> Path:
     colors = plt.cm.viridis(np.linspace(0.05, 0.85, len(temps)))
     for ax, measure in zip(axes, ("A", "A_hat")):
         for t, c in zip(temps, colors):
-            epochs = sorted({r["teacher_epoch"] for r in panels[0]["rows"] if r.get("temperature") == t})
-            vals = [[next(r[measure] for r in p["rows"] if r.get("teacher_epoch") == e and r["temperature"] == t)
-                     for e in epochs] for p in panels]
+            epochs = sorted(
+                {r["teacher_epoch"] for r in panels[0]["rows"] if r.get("temperature") == t}
+            )
+            vals = [
+                [
+                    next(
+                        r[measure]
+                        for r in p["rows"]
+                        if r.get("teacher_epoch") == e and r["temperature"] == t
+                    )
+                    for e in epochs
+                ]
+                for p in panels
+            ]
             _band(ax, epochs, vals, color=c, label=f"teacher τ={t:g}")
-        for key, color, ls, label in (("labels", "tab:blue", "-", "true labels"),
-                                      ("random", "tab:red", ":", "random labels")):
-            m, se = _mean_se([next(r[measure] for r in p["rows"] if r["target"] == key) for p in panels])
+        for key, color, ls, label in (
+            ("labels", "tab:blue", "-", "true labels"),
+            ("random", "tab:red", ":", "random labels"),
+        ):
+            m, se = _mean_se(
+                [next(r[measure] for r in p["rows"] if r["target"] == key) for p in panels]
+            )
             ax.axhline(m, color=color, ls=ls, lw=1, label=f"{label} ({m:.2f} ± {se:.2f})")
         if measure == "A_hat":
             ax.axhline(1.0, color="k", lw=0.8, ls="--", label="identity kernel (Â = 1)")
@@ -72,7 +99,13 @@ def plot_teacher_checkpoints(res: dict, path: Path, title: str = "") -> Path:
         ax.set_xlabel("teacher epoch (checkpoint)")
         ax.set_ylabel(_MEASURE_LABEL[measure])
     ax2 = axes[0].twinx()
-    acc = sorted({(r["teacher_epoch"], r["teacher_test_acc"]) for r in panels[0]["rows"] if r.get("teacher_epoch") is not None})
+    acc = sorted(
+        {
+            (r["teacher_epoch"], r["teacher_test_acc"])
+            for r in panels[0]["rows"]
+            if r.get("teacher_epoch") is not None
+        }
+    )
     ax2.plot(*zip(*acc), color="gray", ls="--", lw=1.2, label="teacher test acc. (right axis)")
     ax2.set_ylim(0, 1)
     ax2.set_ylabel("teacher test accuracy", color="gray")
@@ -80,14 +113,20 @@ def plot_teacher_checkpoints(res: dict, path: Path, title: str = "") -> Path:
     h1, l1 = axes[1].get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
     axes[1].legend(h1 + h2, l1 + l2, loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    fig.suptitle(f"{title}: teacher checkpoints in the student's NTK at init "
-                 f"(n={res['n']}; mean ± s.e. over seeds {res['seeds']})")
+    fig.suptitle(
+        f"{title}: teacher checkpoints in the student's NTK at init "
+        f"(n={res['n']}; mean ± s.e. over seeds {res['seeds']})"
+    )
     return _save(fig, path)
 
 
 def _target_curves(res: dict):
     """(key, label, color, linestyle, alpha) of every curve in a student-complexity panel."""
-    curves = [(k, label, c, ls, 1.0) for k, (label, c, ls) in _TARGET_STYLE.items() if k in ("random", "labels")]
+    curves = [
+        (k, label, c, ls, 1.0)
+        for k, (label, c, ls) in _TARGET_STYLE.items()
+        if k in ("random", "labels")
+    ]
     for i, t in enumerate(res["temperatures"]):
         for kind in ("offline_teacher", "online_teacher"):
             label, c, ls = _TARGET_STYLE[kind]
@@ -97,7 +136,9 @@ def _target_curves(res: dict):
 
 def plot_student_complexity(res: dict, path: Path, title: str = "") -> Path:
     regimes = res["regimes"]
-    fig, axes = plt.subplots(2, len(regimes), figsize=(3.6 * len(regimes), 6.0), sharex=True, squeeze=False)
+    fig, axes = plt.subplots(
+        2, len(regimes), figsize=(3.6 * len(regimes), 6.0), sharex=True, squeeze=False
+    )
     for j, name in enumerate(regimes):
         panels = [p for p in res["panels"] if p["regime"] == name]
         epochs = [r["epoch"] for r in panels[0]["rows"]]
@@ -118,8 +159,11 @@ def plot_student_complexity(res: dict, path: Path, title: str = "") -> Path:
                 ax.set_xlabel("student epoch (symlog)")
     handles, labels = axes[1][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="upper center", ncol=4, bbox_to_anchor=(0.5, 0.0))
-    fig.suptitle(f"{title}: complexity of targets in the student's NTK along its training "
-                 f"(n={res['n']}; mean ± s.e. over seeds {res['seeds']})", y=1.01)
+    fig.suptitle(
+        f"{title}: complexity of targets in the student's NTK along its training "
+        f"(n={res['n']}; mean ± s.e. over seeds {res['seeds']})",
+        y=1.01,
+    )
     return _save(fig, path)
 
 
@@ -132,9 +176,15 @@ def plot_distillation(res: dict, path: Path, title: str = "", findings: list | N
     x = np.arange(len(rows))
     for student in students:
         idx = [i for i, r in enumerate(rows) if r.get("student", "main") == student]
-        ax.bar(x[idx], [100 * rows[i]["test_acc_mean"] for i in idx],
-               yerr=[100 * rows[i].get("test_acc_se", 0.0) for i in idx], color=colors[student], alpha=0.85,
-               capsize=2, label=f"student {student}")
+        ax.bar(
+            x[idx],
+            [100 * rows[i]["test_acc_mean"] for i in idx],
+            yerr=[100 * rows[i].get("test_acc_se", 0.0) for i in idx],
+            color=colors[student],
+            alpha=0.85,
+            capsize=2,
+            label=f"student {student}",
+        )
     ax.axhline(100 * res["teacher_test_acc"], color="k", ls="--", lw=1, label="teacher")
     ax.set_ylim(0, 100)
     ax.set_xticks(x)
@@ -143,41 +193,91 @@ def plot_distillation(res: dict, path: Path, title: str = "", findings: list | N
     ax.legend(fontsize=7, loc="lower left", ncol=2)
     ax.set_title("test accuracy (full axis)")
     ax = axes[1]
-    dist = [f for f in (findings or []) if f.get("kind") == "distillation" and f.get("effect") is not None
-            and not f["name"].startswith("online KD helps most")]
+    dist = [
+        f
+        for f in (findings or [])
+        if f.get("kind") == "distillation"
+        and f.get("effect") is not None
+        and not f["name"].startswith("online KD helps most")
+    ]
     for i, f in enumerate(dist):
-        color = {"reproduced": "tab:green", "not reproduced": "tab:red"}.get(f["verdict"], "tab:gray")
-        ax.errorbar(100 * f["effect"], i, xerr=[[100 * (f["effect"] - f["ci"][0])], [100 * (f["ci"][1] - f["effect"])]],
-                    fmt="o", color=color, capsize=3)
+        color = {"reproduced": "tab:green", "not reproduced": "tab:red"}.get(
+            f["verdict"], "tab:gray"
+        )
+        ax.errorbar(
+            100 * f["effect"],
+            i,
+            xerr=[[100 * (f["effect"] - f["ci"][0])], [100 * (f["ci"][1] - f["effect"])]],
+            fmt="o",
+            color=color,
+            capsize=3,
+        )
     ax.axvline(0, color="k", lw=0.8)
     ax.set_yticks(range(len(dist)))
-    ax.set_yticklabels([f"{f['name']}\n[{f['verdict']}, Holm p={f['p_adjusted']:.2g}]" for f in dist], fontsize=6)
+    ax.set_yticklabels(
+        [f"{f['name']}\n[{f['verdict']}, Holm p={f['p_adjusted']:.2g}]" for f in dist], fontsize=6
+    )
     ax.invert_yaxis()
     ax.set_xlabel("paired difference (points), 95% CI")
-    ax.set_title("paired comparisons (green: reproduced, red: against, grey: inconclusive)", fontsize=8)
+    ax.set_title(
+        "paired comparisons (green: reproduced, red: against, grey: inconclusive)", fontsize=8
+    )
     ax = axes[2]
     runs = {(r["regime"], r["seed"]): r for r in res["runs"]}
     pts = []
     for student in students:
         mine = {r["kind"]: r for r in rows if r.get("student", "main") == student}
-        kd = [r for r in rows if r.get("student", "main") == student and r["kind"] in ("offline", "online")]
-        temps = {r["temperature"] for r in kd if r["kind"] == "offline"} & {r["temperature"] for r in kd if r["kind"] == "online"}
+        kd = [
+            r
+            for r in rows
+            if r.get("student", "main") == student and r["kind"] in ("offline", "online")
+        ]
+        temps = {r["temperature"] for r in kd if r["kind"] == "offline"} & {
+            r["temperature"] for r in kd if r["kind"] == "online"
+        }
         if "none" not in mine or not temps:
             continue
         t = max(temps)
         off = next(r for r in kd if r["kind"] == "offline" and r["temperature"] == t)
         on = next(r for r in kd if r["kind"] == "online" and r["temperature"] == t)
-        seeds = sorted({s for (n, s) in runs if n == on["regime"]} & {s for (n, s) in runs if n == off["regime"]})
-        gain, se = _mean_se([100 * (runs[on["regime"], s]["test_acc"] - runs[off["regime"], s]["test_acc"]) for s in seeds])
+        seeds = sorted(
+            {s for (n, s) in runs if n == on["regime"]}
+            & {s for (n, s) in runs if n == off["regime"]}
+        )
+        gain, se = _mean_se(
+            [
+                100 * (runs[on["regime"], s]["test_acc"] - runs[off["regime"], s]["test_acc"])
+                for s in seeds
+            ]
+        )
         gap = 100 * (res["teacher_test_acc"] - mine["none"]["test_acc_mean"])
         pts.append((gap, gain))
-        ax.errorbar(gap, gain, yerr=se, fmt="o", color=colors[student], capsize=3, label=f"{student} (τ={t:g})")
-    slope = next((f for f in (findings or []) if f["name"].startswith("online KD helps most") and f.get("effect") is not None), None)
+        ax.errorbar(
+            gap,
+            gain,
+            yerr=se,
+            fmt="o",
+            color=colors[student],
+            capsize=3,
+            label=f"{student} (τ={t:g})",
+        )
+    slope = next(
+        (
+            f
+            for f in (findings or [])
+            if f["name"].startswith("online KD helps most") and f.get("effect") is not None
+        ),
+        None,
+    )
     if len(pts) >= 2:
         g, y = np.array(pts).T
         b, a = np.polyfit(g, y, 1)
         xs = np.linspace(0, g.max() * 1.05, 10)
-        label = "OLS fit" + (f": slope {slope['effect']:.2f} [{slope['ci'][0]:.2f}, {slope['ci'][1]:.2f}]" if slope else "")
+        label = "OLS fit" + (
+            f": slope {slope['effect']:.2f} [{slope['ci'][0]:.2f}, {slope['ci'][1]:.2f}]"
+            if slope
+            else ""
+        )
         ax.plot(xs, a + b * xs, color="k", lw=1, ls="--", label=label)
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xlim(left=0)
@@ -194,13 +294,26 @@ def plot_ntk_similarity(res: dict, path: Path, title: str = "") -> Path:
     rows = res["summary"]
     names = [r["regime"] for r in rows]
     x = np.arange(len(rows))
-    fig, axes = plt.subplots(1, 2, figsize=(11.5, 4.0), gridspec_kw={"width_ratios": [1.3, 1], "wspace": 0.5})
+    fig, axes = plt.subplots(
+        1, 2, figsize=(11.5, 4.0), gridspec_kw={"width_ratios": [1.3, 1], "wspace": 0.5}
+    )
     ax = axes[0]
-    bars = [("cka_vs_init", "CKA vs own NTK at init", "tab:blue"), ("cka_vs_teacher", "CKA vs teacher NTK", "tab:orange"),
-            ("alignment_vs_teacher", "alignment vs teacher NTK", "tab:gray")]
+    bars = [
+        ("cka_vs_init", "CKA vs own NTK at init", "tab:blue"),
+        ("cka_vs_teacher", "CKA vs teacher NTK", "tab:orange"),
+        ("alignment_vs_teacher", "alignment vs teacher NTK", "tab:gray"),
+    ]
     for i, (key, label, color) in enumerate(bars):
-        ax.bar(x + (i - 1) * 0.27, [r[f"{key}_mean"] for r in rows], 0.27, yerr=[r[f"{key}_se"] for r in rows],
-               label=label, color=color, alpha=0.85, capsize=2)
+        ax.bar(
+            x + (i - 1) * 0.27,
+            [r[f"{key}_mean"] for r in rows],
+            0.27,
+            yerr=[r[f"{key}_se"] for r in rows],
+            label=label,
+            color=color,
+            alpha=0.85,
+            capsize=2,
+        )
     m = np.mean([r["init_cka_vs_teacher_mean"] for r in rows])
     ax.axhline(m, color="tab:orange", ls=":", lw=1, label="CKA of the init NTK vs teacher NTK")
     ax.set_xticks(x)
@@ -218,33 +331,64 @@ def plot_ntk_similarity(res: dict, path: Path, title: str = "") -> Path:
     ax.grid(False)
     for i in range(len(names)):
         for j in range(len(names)):
-            ax.text(j, i, f"{mat[i, j]:.2f}", ha="center", va="center", fontsize=6,
-                    color="white" if mat[i, j] < 0.85 else "black")
+            ax.text(
+                j,
+                i,
+                f"{mat[i, j]:.2f}",
+                ha="center",
+                va="center",
+                fontsize=6,
+                color="white" if mat[i, j] < 0.85 else "black",
+            )
     fig.colorbar(im, ax=ax, fraction=0.046, label="CKA between trained students (mean over seeds)")
     fig.suptitle(f"{title}: NTK similarity (n={res['n']}, seeds {res['seeds']})")
     return _save(fig, path)
 
 
-def plot_margins(res: dict, path: Path, title: str = "", findings: list | None = None,
-                 distillation: dict | None = None) -> Path:
+def plot_margins(
+    res: dict,
+    path: Path,
+    title: str = "",
+    findings: list | None = None,
+    distillation: dict | None = None,
+) -> Path:
     by: dict[str, list[dict]] = {}
     for r in res["rows"]:
         by.setdefault(r["regime"], []).append(r)
     names = list(by)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.0), gridspec_kw={"width_ratios": [1.5, 1, 1]})
     ax = axes[0]
-    terms = [("margin_error", "γ-margin error of f"), ("complexity_term", "complexity term"),
-             ("confidence_term", "confidence term"), ("total", "bound total")]
+    terms = [
+        ("margin_error", "γ-margin error of f"),
+        ("complexity_term", "complexity term"),
+        ("confidence_term", "confidence term"),
+        ("total", "bound total"),
+    ]
     x = np.arange(len(names))
     floor = 1e-2
     for i, (key, label) in enumerate(terms):
         stats = [_mean_se([r["bound"][key] for r in by[n]]) for n in names]
         pos = x + (i - 1.5) * 0.2
-        bars = ax.bar(pos, [m if m > 0 else np.nan for m, _ in stats], 0.2,
-                      yerr=[se if m > 0 else np.nan for m, se in stats], label=label, alpha=0.85, capsize=2)
+        bars = ax.bar(
+            pos,
+            [m if m > 0 else np.nan for m, _ in stats],
+            0.2,
+            yerr=[se if m > 0 else np.nan for m, se in stats],
+            label=label,
+            alpha=0.85,
+            capsize=2,
+        )
         for xi, (m, _) in zip(pos, stats):
             if m == 0:  # a log axis cannot show 0: say it
-                ax.text(xi, floor * 1.3, "0", ha="center", va="bottom", fontsize=7, color=bars.patches[0].get_facecolor())
+                ax.text(
+                    xi,
+                    floor * 1.3,
+                    "0",
+                    ha="center",
+                    va="bottom",
+                    fontsize=7,
+                    color=bars.patches[0].get_facecolor(),
+                )
     ax.axhline(1.0, color="k", ls="--", lw=0.8, label="1 (above: vacuous)")
     ax.set_yscale("log")
     ax.set_ylim(bottom=floor)
@@ -256,7 +400,9 @@ def plot_margins(res: dict, path: Path, title: str = "", findings: list | None =
     ax = axes[1]
     colors = plt.cm.tab10(np.arange(len(names)))
     for n, c in zip(names, colors):
-        vals = next((r.get("network_margin_values") for r in by[n] if r.get("network_margin_values")), None)
+        vals = next(
+            (r.get("network_margin_values") for r in by[n] if r.get("network_margin_values")), None
+        )
         if vals:
             m = np.sort(np.asarray(vals))
             ax.plot(m, np.arange(1, len(m) + 1) / len(m), color=c, label=n)
@@ -271,12 +417,27 @@ def plot_margins(res: dict, path: Path, title: str = "", findings: list | None =
         runs = {(r["regime"], r["seed"]): r for r in distillation["runs"]}
         for n, c in zip(names, colors):
             b = _mean_se([r["bound"]["total"] for r in by[n]])
-            e = _mean_se([100 * (1 - runs[n, r["seed"]]["test_acc"]) for r in by[n] if (n, r["seed"]) in runs])
+            e = _mean_se(
+                [
+                    100 * (1 - runs[n, r["seed"]]["test_acc"])
+                    for r in by[n]
+                    if (n, r["seed"]) in runs
+                ]
+            )
             ax.errorbar(e[0], b[0], xerr=e[1], yerr=b[1], fmt="o", color=c, capsize=2, label=n)
-        f = next((f for f in (findings or []) if f.get("kind") == "bound" and f.get("effect") is not None), None)
+        f = next(
+            (
+                f
+                for f in (findings or [])
+                if f.get("kind") == "bound" and f.get("effect") is not None
+            ),
+            None,
+        )
         if f:
-            ax.set_title(f"Spearman ρ = {f['effect']:.2f} [{f['ci'][0]:.2f}, {f['ci'][1]:.2f}] — {f['verdict']}",
-                         fontsize=8)
+            ax.set_title(
+                f"Spearman ρ = {f['effect']:.2f} [{f['ci'][0]:.2f}, {f['ci'][1]:.2f}] — {f['verdict']}",
+                fontsize=8,
+            )
         ax.set_xlabel("test error (%), mean ± s.e.")
         ax.set_ylabel("bound total, mean ± s.e.")
         ax.legend(fontsize=6)
@@ -285,22 +446,49 @@ def plot_margins(res: dict, path: Path, title: str = "", findings: list | None =
     return _save(fig, path)
 
 
-_PLOTS = {"teacher_checkpoints": plot_teacher_checkpoints, "student_complexity": plot_student_complexity,
-          "distillation": plot_distillation, "ntk_similarity": plot_ntk_similarity, "margins": plot_margins}
+_PLOTS = {
+    "teacher_checkpoints": plot_teacher_checkpoints,
+    "student_complexity": plot_student_complexity,
+    "distillation": plot_distillation,
+    "ntk_similarity": plot_ntk_similarity,
+    "margins": plot_margins,
+}
 
 
-def plot_study(study_dir: str | os.PathLike, figures_dir: str | os.PathLike | None = None) -> list[Path]:
+def plot_study(
+    study_dir: str | os.PathLike, figures_dir: str | os.PathLike | None = None
+) -> list[Path]:
     """Draws every figure whose results exist; returns the PNG paths."""
     study_dir = Path(study_dir)
     results = study_dir / "results"
     if not results.is_dir():
-        raise FileNotFoundError(f"{results} does not exist; run `ntkd reproduce --out {study_dir}` first")
+        raise FileNotFoundError(
+            f"{results} does not exist; run `ntkd reproduce --out {study_dir}` first"
+        )
     figures = Path(figures_dir) if figures_dir else study_dir / "figures"
-    title = read_json(study_dir / "study.json")["name"] if (study_dir / "study.json").exists() else ""
-    findings = read_json(results / "findings.json") if (results / "findings.json").exists() else None
-    extra = {"distillation": {"findings": findings},
-             "margins": {"findings": findings, "distillation": read_json(results / "distillation.json")
-                         if (results / "distillation.json").exists() else None}}
+    title = (
+        read_json(study_dir / "study.json")["name"] if (study_dir / "study.json").exists() else ""
+    )
+    findings = (
+        read_json(results / "findings.json") if (results / "findings.json").exists() else None
+    )
+    extra = {
+        "distillation": {"findings": findings},
+        "margins": {
+            "findings": findings,
+            "distillation": read_json(results / "distillation.json")
+            if (results / "distillation.json").exists()
+            else None,
+        },
+    }
     with plt.rc_context(_STYLE):
-        return [fn(read_json(results / f"{step}.json"), figures / f"{step}.png", title, **extra.get(step, {}))
-                for step, fn in _PLOTS.items() if (results / f"{step}.json").exists()]
+        return [
+            fn(
+                read_json(results / f"{step}.json"),
+                figures / f"{step}.png",
+                title,
+                **extra.get(step, {}),
+            )
+            for step, fn in _PLOTS.items()
+            if (results / f"{step}.json").exists()
+        ]

@@ -20,8 +20,14 @@ from ntkd.findings import checkpoint_at
 
 # Harutyunyan et al. (ICLR 2023), Fig. of complexity along student training (CIFAR-100, ResNet-56 → LeNet-5x8):
 # online / offline teacher ratio of the adjusted complexity at fractions of student training.
-PAPER_ONLINE_OFFLINE = {0.0: "0.044 (0.17 / 3.90)", 0.1: "0.35", 0.2: "–", 0.5: "–", 0.9: "≈ 0.9 (only after ~80%)",
-                        1.0: "≈ 1"}
+PAPER_ONLINE_OFFLINE = {
+    0.0: "0.044 (0.17 / 3.90)",
+    0.1: "0.35",
+    0.2: "–",
+    0.5: "–",
+    0.9: "≈ 0.9 (only after ~80%)",
+    1.0: "≈ 1",
+}
 FRACTIONS = (0.0, 0.1, 0.2, 0.5, 0.9, 1.0)
 
 
@@ -33,13 +39,19 @@ def _pct(row: dict, key: str, err: str = "se", scale: float = 100.0) -> str:
 
 def distillation_markdown(result: dict) -> str:
     """The distillation table as Markdown (accuracies and fidelities in %, mean ± standard error)."""
-    lines = ["| regime | student | seeds | test acc (%) | train fidelity (%) | test fidelity (%) | test KL(T‖S) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| regime | student | seeds | test acc (%) | train fidelity (%) | test fidelity (%) | test KL(T‖S) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in result["rows"]:
-        lines.append(f"| {r['regime']} | {r.get('student', 'main')} | {r['seeds']} | {_pct(r, 'test_acc')} | "
-                     f"{_pct(r, 'train_fidelity')} | {_pct(r, 'test_fidelity')} | {_pct(r, 'test_kl', scale=1.0)} |")
-    lines.append(f"\nMean ± standard error over seeds. Teacher: test accuracy {100 * result['teacher_test_acc']:.1f}%, "
-                 f"train accuracy {100 * result['teacher_train_acc']:.1f}%.")
+        lines.append(
+            f"| {r['regime']} | {r.get('student', 'main')} | {r['seeds']} | {_pct(r, 'test_acc')} | "
+            f"{_pct(r, 'train_fidelity')} | {_pct(r, 'test_fidelity')} | {_pct(r, 'test_kl', scale=1.0)} |"
+        )
+    lines.append(
+        f"\nMean ± standard error over seeds. Teacher: test accuracy {100 * result['teacher_test_acc']:.1f}%, "
+        f"train accuracy {100 * result['teacher_train_acc']:.1f}%."
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -62,16 +74,27 @@ def _ci(ci) -> str:
 
 
 def _findings_table(findings: list[dict]) -> list[str]:
-    lines = ["| finding | verdict | effect [95% CI] | p | p (Holm) | under A | identity kernel | equal-norm label smoothing |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| finding | verdict | effect [95% CI] | p | p (Holm) | under A | identity kernel | equal-norm label smoothing |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for f in findings:
         c = f.get("controls", {})
-        ctl = [("–" if k not in c else f"{_num(c[k]['effect'])} (exact: no seed changes it)"
-                if c[k].get("method", "").startswith("all differences equal") else
-                f"{_num(c[k]['effect'])} (p {_p(c[k]['p'])})") for k in ("A", "identity_kernel", "label_smoothing_matched")]
+        ctl = [
+            (
+                "–"
+                if k not in c
+                else f"{_num(c[k]['effect'])} (exact: no seed changes it)"
+                if c[k].get("method", "").startswith("all differences equal")
+                else f"{_num(c[k]['effect'])} (p {_p(c[k]['p'])})"
+            )
+            for k in ("A", "identity_kernel", "label_smoothing_matched")
+        ]
         flag = " (size effect only)" if f.get("size_effect_only") else ""
-        lines.append(f"| {f['name']} | **{f['verdict']}**{flag} | {_num(f['effect'])} {_ci(f['ci'])} | {_p(f['p'])} | "
-                     f"{_p(f['p_adjusted'])} | {' | '.join(ctl)} |")
+        lines.append(
+            f"| {f['name']} | **{f['verdict']}**{flag} | {_num(f['effect'])} {_ci(f['ci'])} | {_p(f['p'])} | "
+            f"{_p(f['p_adjusted'])} | {' | '.join(ctl)} |"
+        )
     return lines
 
 
@@ -80,10 +103,14 @@ def _criteria_list(findings: list[dict]) -> list[str]:
     for f in findings:
         seeds = ""
         if f.get("per_seed"):
-            seeds = " Per seed: " + ", ".join(f"{s}: {_num(v)}" for s, v in f["per_seed"].items()) + "."
+            seeds = (
+                " Per seed: " + ", ".join(f"{s}: {_num(v)}" for s, v in f["per_seed"].items()) + "."
+            )
         why = f" Not tested: {f['reason']}" if f.get("reason") else ""
-        out.append(f"- **{f['name']}** — {f['criterion']} Test: {f.get('method', '–')}; α = {f['alpha']} after "
-                   f"Holm.{seeds}{why}")
+        out.append(
+            f"- **{f['name']}** — {f['criterion']} Test: {f.get('method', '–')}; α = {f['alpha']} after "
+            f"Holm.{seeds}{why}"
+        )
     return out
 
 
@@ -92,11 +119,14 @@ def _ratio_table(sc: dict) -> list[str]:
     out = []
     for t in sc["temperatures"]:
         on, off = f"online_teacher_t{t:g}", f"offline_teacher_t{t:g}"
-        out += [f"τ = {t:g} (mean ± standard error over {len(sc['panels'])} runs: regimes {sc['regimes']} × seeds "
-                f"{sc['seeds']}):", "",
-                "| fraction of student training | epoch | online / offline (A) | online / offline (Â) | "
-                "offline / labels (A) | offline / labels (Â) | paper: online / offline (A) |",
-                "|---|---|---|---|---|---|---|"]
+        out += [
+            f"τ = {t:g} (mean ± standard error over {len(sc['panels'])} runs: regimes {sc['regimes']} × seeds "
+            f"{sc['seeds']}):",
+            "",
+            "| fraction of student training | epoch | online / offline (A) | online / offline (Â) | "
+            "offline / labels (A) | offline / labels (Â) | paper: online / offline (A) |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for frac in FRACTIONS:
             vals = {k: [] for k in ("oa", "oh", "la", "lh")}
             epochs = set()
@@ -108,10 +138,14 @@ def _ratio_table(sc: dict) -> list[str]:
                 vals["oh"].append(tg[on]["A_hat"] / tg[off]["A_hat"])
                 vals["la"].append(tg[off]["A"] / tg["labels"]["A"])
                 vals["lh"].append(tg[off]["A_hat"] / tg["labels"]["A_hat"])
-            cells = [f"{np.mean(v):.3f} ± {np.std(v, ddof=1) / np.sqrt(len(v)) if len(v) > 1 else 0:.3f}"
-                     for v in vals.values()]
+            cells = [
+                f"{np.mean(v):.3f} ± {np.std(v, ddof=1) / np.sqrt(len(v)) if len(v) > 1 else 0:.3f}"
+                for v in vals.values()
+            ]
             paper = PAPER_ONLINE_OFFLINE.get(frac, "–") if t == 1 else "–"
-            out.append(f"| {100 * frac:.0f}% | {', '.join(map(str, sorted(epochs)))} | {' | '.join(cells)} | {paper} |")
+            out.append(
+                f"| {100 * frac:.0f}% | {', '.join(map(str, sorted(epochs)))} | {' | '.join(cells)} | {paper} |"
+            )
         out.append("")
     return out
 
@@ -121,7 +155,10 @@ def _capacity_lines(dist: dict, findings: list[dict]) -> list[str]:
     runs = {(r["regime"], r["seed"]): r for r in dist["runs"]}
     f = next((x for x in findings if x["name"].startswith("online KD helps most")), None)
     t = None
-    out = ["| student | capacity gap (points) | online − offline test acc (points) | seeds |", "|---|---|---|---|"]
+    out = [
+        "| student | capacity gap (points) | online − offline test acc (points) | seeds |",
+        "|---|---|---|---|",
+    ]
     points: dict[str, tuple[float, float]] = {}
     by: dict[str, dict] = {}
     for r in rows:
@@ -129,29 +166,42 @@ def _capacity_lines(dist: dict, findings: list[dict]) -> list[str]:
     for student, kinds in by.items():
         if not {"none", "offline", "online"} <= set(kinds):
             continue
-        temps = {r["temperature"] for r in kinds["offline"]} & {r["temperature"] for r in kinds["online"]}
+        temps = {r["temperature"] for r in kinds["offline"]} & {
+            r["temperature"] for r in kinds["online"]
+        }
         t = max(temps) if temps else None
         if t is None:
             continue
         off = next(r for r in kinds["offline"] if r["temperature"] == t)
         on = next(r for r in kinds["online"] if r["temperature"] == t)
-        seeds = sorted({s for (n, s) in runs if n == on["regime"]} & {s for (n, s) in runs if n == off["regime"]})
-        gains = np.array([runs[on["regime"], s]["test_acc"] - runs[off["regime"], s]["test_acc"] for s in seeds])
+        seeds = sorted(
+            {s for (n, s) in runs if n == on["regime"]}
+            & {s for (n, s) in runs if n == off["regime"]}
+        )
+        gains = np.array(
+            [runs[on["regime"], s]["test_acc"] - runs[off["regime"], s]["test_acc"] for s in seeds]
+        )
         gap = dist["teacher_test_acc"] - kinds["none"][0]["test_acc_mean"]
         se = gains.std(ddof=1) / np.sqrt(len(gains)) if len(gains) > 1 else 0.0
         points[student] = (gap, gains.mean())
-        out.append(f"| {student} | {100 * gap:.1f} | {100 * gains.mean():+.1f} ± {100 * se:.1f} | {len(seeds)} |")
+        out.append(
+            f"| {student} | {100 * gap:.1f} | {100 * gains.mean():+.1f} ± {100 * se:.1f} | {len(seeds)} |"
+        )
     if f is not None and f.get("effect") is not None:
-        out.append(f"\nSlope of the gain on the gap (τ = {t:g}): {f['effect']:.3f} points per point, 95% CI "
-                   f"{_ci(f['ci'])}, p = {_p(f['p'])} (Holm {_p(f['p_adjusted'])}) — **{f['verdict']}**. The "
-                   "bootstrap resamples seeds, so this interval is conditional on these students; which students "
-                   "are chosen is a further source of variation it does not contain.")
+        out.append(
+            f"\nSlope of the gain on the gap (τ = {t:g}): {f['effect']:.3f} points per point, 95% CI "
+            f"{_ci(f['ci'])}, p = {_p(f['p'])} (Holm {_p(f['p_adjusted'])}) — **{f['verdict']}**. The "
+            "bootstrap resamples seeds, so this interval is conditional on these students; which students "
+            "are chosen is a further source of variation it does not contain."
+        )
     if len(points) >= 4:
         loo = []
         for left in points:
             rest = [v for k, v in points.items() if k != left]
             loo.append(f"without {left}: {np.polyfit(*zip(*rest), 1)[0]:.3f}")
-        out.append(f"Leave-one-student-out slopes (descriptive, not part of the criterion): {'; '.join(loo)}.")
+        out.append(
+            f"Leave-one-student-out slopes (descriptive, not part of the criterion): {'; '.join(loo)}."
+        )
     return out
 
 
@@ -159,14 +209,17 @@ def _bound_lines(mar: dict, findings: list[dict]) -> list[str]:
     by: dict[str, list[dict]] = {}
     for r in mar["rows"]:
         by.setdefault(r["regime"], []).append(r)
-    out = ["The kernel student f = K (K + λI)⁻¹ Y fitted to each regime's final supervision Y, in the trained "
-           "student's NTK, every term from that one function in target units (probabilities); multiclass constant "
-           "4k (Mohri et al., *Foundations of ML*, Thm. 9.2), union bound over a fixed grid of RKHS radii, "
-           f"γ chosen from {mar['gammas']} (the bound holds for every γ), δ = {mar['delta']}. Mean ± standard "
-           f"error over seeds {mar['seeds']}.", "",
-           "| regime | bound total | margin error (vs labels) | of which targets' own error | complexity term | "
-           "confidence term | best γ | ‖f‖ max class | A | Â | network median margin (logits) |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "The kernel student f = K (K + λI)⁻¹ Y fitted to each regime's final supervision Y, in the trained "
+        "student's NTK, every term from that one function in target units (probabilities); multiclass constant "
+        "4k (Mohri et al., *Foundations of ML*, Thm. 9.2), union bound over a fixed grid of RKHS radii, "
+        f"γ chosen from {mar['gammas']} (the bound holds for every γ), δ = {mar['delta']}. Mean ± standard "
+        f"error over seeds {mar['seeds']}.",
+        "",
+        "| regime | bound total | margin error (vs labels) | of which targets' own error | complexity term | "
+        "confidence term | best γ | ‖f‖ max class | A | Â | network median margin (logits) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
 
     def ms(rows, fn):
         v = np.array([fn(r) for r in rows], dtype=float)
@@ -176,41 +229,69 @@ def _bound_lines(mar: dict, findings: list[dict]) -> list[str]:
     vacuous = []
     for name, rows in by.items():
         vacuous += [r["bound"]["vacuous"] for r in rows]
-        out.append(f"| {name} | {ms(rows, lambda r: r['bound']['total'])} | {ms(rows, lambda r: r['bound']['margin_error'])} | "
-                   f"{ms(rows, lambda r: r['bound']['teacher_error'])} | {ms(rows, lambda r: r['bound']['complexity_term'])} | "
-                   f"{_num(rows[0]['bound']['confidence_term'])} | "
-                   f"{'/'.join(sorted({format(r['bound']['gamma'], 'g') for r in rows}))} | "
-                   f"{ms(rows, lambda r: r['bound']['rkhs_norm_max'])} | {ms(rows, lambda r: r['A'])} | "
-                   f"{ms(rows, lambda r: r['A_hat'])} | {ms(rows, lambda r: r['network_margins']['median'])} |")
+        out.append(
+            f"| {name} | {ms(rows, lambda r: r['bound']['total'])} | {ms(rows, lambda r: r['bound']['margin_error'])} | "
+            f"{ms(rows, lambda r: r['bound']['teacher_error'])} | {ms(rows, lambda r: r['bound']['complexity_term'])} | "
+            f"{_num(rows[0]['bound']['confidence_term'])} | "
+            f"{'/'.join(sorted({format(r['bound']['gamma'], 'g') for r in rows}))} | "
+            f"{ms(rows, lambda r: r['bound']['rkhs_norm_max'])} | {ms(rows, lambda r: r['A'])} | "
+            f"{ms(rows, lambda r: r['A_hat'])} | {ms(rows, lambda r: r['network_margins']['median'])} |"
+        )
     out.append("")
-    out.append("**The bound is vacuous (≥ 1) for every regime and seed.**" if all(vacuous) else
-               f"The bound is below 1 for {sum(not v for v in vacuous)} of {len(vacuous)} (regime, seed) pairs.")
-    f = next((x for x in findings if x["statistic_name"] == "bound_spearman"), None) if findings else None
+    out.append(
+        "**The bound is vacuous (≥ 1) for every regime and seed.**"
+        if all(vacuous)
+        else f"The bound is below 1 for {sum(not v for v in vacuous)} of {len(vacuous)} (regime, seed) pairs."
+    )
+    f = (
+        next((x for x in findings if x["statistic_name"] == "bound_spearman"), None)
+        if findings
+        else None
+    )
     if f is not None and f.get("effect") is not None:
-        out.append(f"Spearman ρ between the bound and the test error across regimes: {f['effect']:.2f}, 95% CI "
-                   f"{_ci(f['ci'])} — **{f['verdict']}**.")
+        out.append(
+            f"Spearman ρ between the bound and the test error across regimes: {f['effect']:.2f}, 95% CI "
+            f"{_ci(f['ci'])} — **{f['verdict']}**."
+        )
     return out
 
 
 def _similarity_lines(sim: dict) -> list[str]:
-    out = [f"Mean ± standard error over seeds {sim['seeds']} (n = {sim['n']}, `{sim['mode']}` kernel).", "",
-           "| regime | CKA vs own init | CKA vs teacher | alignment vs init | alignment vs teacher | init CKA vs teacher |",
-           "|---|---|---|---|---|---|"]
+    out = [
+        f"Mean ± standard error over seeds {sim['seeds']} (n = {sim['n']}, `{sim['mode']}` kernel).",
+        "",
+        "| regime | CKA vs own init | CKA vs teacher | alignment vs init | alignment vs teacher | init CKA vs teacher |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in sim["summary"]:
-        cells = [f"{r[f'{k}_mean']:.3f} ± {r[f'{k}_se']:.3f}" for k in
-                 ("cka_vs_init", "cka_vs_teacher", "alignment_vs_init", "alignment_vs_teacher", "init_cka_vs_teacher")]
+        cells = [
+            f"{r[f'{k}_mean']:.3f} ± {r[f'{k}_se']:.3f}"
+            for k in (
+                "cka_vs_init",
+                "cka_vs_teacher",
+                "alignment_vs_init",
+                "alignment_vs_teacher",
+                "init_cka_vs_teacher",
+            )
+        ]
         out.append(f"| {r['regime']} | {' | '.join(cells)} |")
     return out
 
 
 def _stability_lines(stab: dict) -> list[str]:
-    out = [f"The same study on the disjoint seed set {stab['other_seeds']} (folder `{stab['other']}`), verdicts "
-           f"side by side: **{stab['unchanged']} of {stab['total']} unchanged**.", "",
-           "| finding | these seeds | disjoint seeds | effect here | effect there |", "|---|---|---|---|---|"]
+    out = [
+        f"The same study on the disjoint seed set {stab['other_seeds']} (folder `{stab['other']}`), verdicts "
+        f"side by side: **{stab['unchanged']} of {stab['total']} unchanged**.",
+        "",
+        "| finding | these seeds | disjoint seeds | effect here | effect there |",
+        "|---|---|---|---|---|",
+    ]
     for r in stab["rows"]:
         mark = "" if r["same"] else " ⚠"
-        out.append(f"| {r['name']} | {r['verdict']} | {r['other_verdict']}{mark} | {_num(r['effect'])} | "
-                   f"{_num(r['other_effect'])} |")
+        out.append(
+            f"| {r['name']} | {r['verdict']} | {r['other_verdict']}{mark} | {_num(r['effect'])} | "
+            f"{_num(r['other_effect'])} |"
+        )
     return out
 
 
@@ -229,26 +310,40 @@ def write_report(study_dir: str | os.PathLike) -> Path:
     for f in findings:
         f["statistic_name"] = names.get(f["name"])
     against = [f for f in findings if f["verdict"] != "reproduced"]
-    parts = [f"# ntkd study: {cfg['name']}", "",
-             f"Teacher `{cfg['teacher'].get('model')}` {cfg['teacher'].get('model_options', {})}, student "
-             f"`{cfg['student'].get('model')}` {cfg['student'].get('model_options', {})}; distillation seeds "
-             f"{cfg['seeds']}, NTK analyses on seeds {cfg.get('analysis_seeds')} and the first {cfg['n_kernel']} "
-             f"training examples, `{cfg['ntk_mode']}` kernel.", "",
-             f"The {len(cfg.get('criteria', []))} criteria below were fixed in the preset before any training; their "
-             f"SHA-256 is `{cfg.get('criteria_sha256', '–')}` (in `study.json`, refused if changed in this folder). "
-             "Verdicts: **reproduced** = Holm-adjusted p < α in the paper's direction; **not reproduced** = "
-             "significant the other way; **inconclusive** = neither. Complexity findings are decided on the "
-             "scale-free complexity Â = A(Y; K) / A(Y; I); the same statistic under A, under the identity kernel "
-             "(target size alone) and with teacher targets replaced by label smoothing of equal norm (softening "
-             "alone) is shown beside it, with its uncorrected p. \"size effect only\": significant under A but not under Â "
-             "(both uncorrected).", ""]
+    parts = [
+        f"# ntkd study: {cfg['name']}",
+        "",
+        f"Teacher `{cfg['teacher'].get('model')}` {cfg['teacher'].get('model_options', {})}, student "
+        f"`{cfg['student'].get('model')}` {cfg['student'].get('model_options', {})}; distillation seeds "
+        f"{cfg['seeds']}, NTK analyses on seeds {cfg.get('analysis_seeds')} and the first {cfg['n_kernel']} "
+        f"training examples, `{cfg['ntk_mode']}` kernel.",
+        "",
+        f"The {len(cfg.get('criteria', []))} criteria below were fixed in the preset before any training; their "
+        f"SHA-256 is `{cfg.get('criteria_sha256', '–')}` (in `study.json`, refused if changed in this folder). "
+        "Verdicts: **reproduced** = Holm-adjusted p < α in the paper's direction; **not reproduced** = "
+        "significant the other way; **inconclusive** = neither. Complexity findings are decided on the "
+        "scale-free complexity Â = A(Y; K) / A(Y; I); the same statistic under A, under the identity kernel "
+        "(target size alone) and with teacher targets replaced by label smoothing of equal norm (softening "
+        'alone) is shown beside it, with its uncorrected p. "size effect only": significant under A but not under Â '
+        "(both uncorrected).",
+        "",
+    ]
     if findings:
         n_rep = sum(f["verdict"] == "reproduced" for f in findings)
         parts += [f"## Findings ({n_rep} of {len(findings)} reproduced)", ""]
         if against:
-            parts += ["Against the paper or not shown by this run: " +
-                      "; ".join(f"*{f['name']}* ({f['verdict']})" for f in against) + ".", ""]
-        parts += _findings_table(findings) + ["", "### Criteria (pre-registered)", ""] + _criteria_list(findings) + [""]
+            parts += [
+                "Against the paper or not shown by this run: "
+                + "; ".join(f"*{f['name']}* ({f['verdict']})" for f in against)
+                + ".",
+                "",
+            ]
+        parts += (
+            _findings_table(findings)
+            + ["", "### Criteria (pre-registered)", ""]
+            + _criteria_list(findings)
+            + [""]
+        )
     else:
         parts += ["_findings have not been evaluated yet (results/findings.json is missing)._", ""]
     stab = load("stability")
@@ -256,10 +351,14 @@ def write_report(study_dir: str | os.PathLike) -> Path:
         parts += ["## Stability across seed sets", ""] + _stability_lines(stab) + [""]
     sc = load("student_complexity")
     if sc:
-        parts += ["## Complexity along student training, beside the paper", "",
-                  "Ratios of the complexity of the online teacher's targets to the offline (final) teacher's, and of "
-                  "the offline teacher's to the true labels', in the student's NTK at checkpoints of its training. "
-                  "The paper reports A; Â removes the targets' size.", ""] + _ratio_table(sc)
+        parts += [
+            "## Complexity along student training, beside the paper",
+            "",
+            "Ratios of the complexity of the online teacher's targets to the offline (final) teacher's, and of "
+            "the offline teacher's to the true labels', in the student's NTK at checkpoints of its training. "
+            "The paper reports A; Â removes the targets' size.",
+            "",
+        ] + _ratio_table(sc)
     dist = load("distillation")
     if dist:
         parts += ["## Distillation", "", distillation_markdown(dist), "### Capacity gap", ""]
@@ -270,9 +369,13 @@ def write_report(study_dir: str | os.PathLike) -> Path:
     sim = load("ntk_similarity")
     if sim:
         parts += ["## NTK similarity", ""] + _similarity_lines(sim) + [""]
-    parts += ["## Conventions", "",
-              "A(Y; K) = sqrt(C · tr K) / n with C = tr(Yᵀ K⁻¹ Y); Â(Y; K) = sqrt(C · tr K / (n ‖Y‖_F²)) = 1 for K ∝ I. "
-              "The `trace` kernel sums the k logit kernels (neural-tangents' `trace_axes` gives the mean). "
-              "Accuracies are final-epoch values. Training runs in float32, whose last digits differ across "
-              "machines and XLA builds; see README for what that does to these numbers.", ""]
+    parts += [
+        "## Conventions",
+        "",
+        "A(Y; K) = sqrt(C · tr K) / n with C = tr(Yᵀ K⁻¹ Y); Â(Y; K) = sqrt(C · tr K / (n ‖Y‖_F²)) = 1 for K ∝ I. "
+        "The `trace` kernel sums the k logit kernels (neural-tangents' `trace_axes` gives the mean). "
+        "Accuracies are final-epoch values. Training runs in float32, whose last digits differ across "
+        "machines and XLA builds; see README for what that does to these numbers.",
+        "",
+    ]
     return write_text(study_dir / "report.md", "\n".join(parts))

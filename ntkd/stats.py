@@ -83,15 +83,23 @@ def paired_test(differences: Sequence[float], *, alpha: float = 0.05) -> PairedR
     se = float(d.std(ddof=1) / math.sqrt(n))
     # Differences equal up to round-off (e.g. a control that no seed changes): no variance to test against.
     if se <= 1e-12 * max(float(np.max(np.abs(d))), np.finfo(np.float64).tiny):
-        return PairedResult(mean, (mean, mean), 1.0, n, 0.0, "all differences equal: no test (p = 1)")
+        return PairedResult(
+            mean, (mean, mean), 1.0, n, 0.0, "all differences equal: no test (p = 1)"
+        )
     t = mean / se
     half = float(scipy.stats.t.ppf(1 - alpha / 2, n - 1)) * se
     p = float(2 * scipy.stats.t.sf(abs(t), n - 1))
     return PairedResult(mean, (mean - half, mean + half), p, n, se, f"paired t-test, {n - 1} df")
 
 
-def bootstrap_statistic(groups: Mapping[str, Sequence[int]], statistic: Callable[[Mapping[str, np.ndarray]], float],
-                        *, resamples: int = 2000, seed: int = 0, alpha: float = 0.05) -> PairedResult:
+def bootstrap_statistic(
+    groups: Mapping[str, Sequence[int]],
+    statistic: Callable[[Mapping[str, np.ndarray]], float],
+    *,
+    resamples: int = 2000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> PairedResult:
     """Percentile bootstrap of a statistic of seeds, resampled within groups.
 
     Args:
@@ -123,14 +131,22 @@ def bootstrap_statistic(groups: Mapping[str, Sequence[int]], statistic: Callable
             draws.append(value)
     dropped = resamples - len(draws)
     if not draws:
-        return PairedResult(point, (math.nan, math.nan), 1.0, resamples, math.nan, "bootstrap: every draw undefined")
+        return PairedResult(
+            point, (math.nan, math.nan), 1.0, resamples, math.nan, "bootstrap: every draw undefined"
+        )
     draws = np.asarray(draws)
     lo, hi = np.quantile(draws, [alpha / 2, 1 - alpha / 2])
     p = max(2 * min(np.mean(draws <= 0), np.mean(draws >= 0)), 1.0 / len(draws))
     n = int(sum(v.size for v in ids.values()))
-    return PairedResult(point, (float(lo), float(hi)), float(min(p, 1.0)), n, float(draws.std(ddof=1)),
-                        f"percentile bootstrap, {len(draws)} stratified resamples" +
-                        (f" ({dropped} undefined dropped)" if dropped else ""))
+    return PairedResult(
+        point,
+        (float(lo), float(hi)),
+        float(min(p, 1.0)),
+        n,
+        float(draws.std(ddof=1)),
+        f"percentile bootstrap, {len(draws)} stratified resamples"
+        + (f" ({dropped} undefined dropped)" if dropped else ""),
+    )
 
 
 def holm(p_values: Sequence[float]) -> list[float]:

@@ -53,7 +53,6 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -130,18 +129,27 @@ class StudyConfig:
             self.analysis_seeds = list(self.seeds[:3])
         missing = [s for s in self.analysis_seeds if s not in self.seeds]
         if missing:
-            raise ValueError(f"analysis_seeds {missing} are not among seeds {self.seeds}; the NTK analyses use "
-                             "trained runs, so pick analysis seeds from seeds")
+            raise ValueError(
+                f"analysis_seeds {missing} are not among seeds {self.seeds}; the NTK analyses use "
+                "trained runs, so pick analysis seeds from seeds"
+            )
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
-    def shifted_seeds(self, offset: int) -> "StudyConfig":
+    def shifted_seeds(self, offset: int) -> StudyConfig:
         """The same study on disjoint seeds (every seed + ``offset``): the stability check."""
-        regimes = [{**r, "seeds": [s + offset for s in r["seeds"]]} if "seeds" in r else dict(r) for r in self.regimes]
-        return dataclasses.replace(self, regimes=regimes, seeds=[s + offset for s in self.seeds],
-                                   analysis_seeds=[s + offset for s in self.analysis_seeds],
-                                   name=f"{self.name}, seeds +{offset}")
+        regimes = [
+            {**r, "seeds": [s + offset for s in r["seeds"]]} if "seeds" in r else dict(r)
+            for r in self.regimes
+        ]
+        return dataclasses.replace(
+            self,
+            regimes=regimes,
+            seeds=[s + offset for s in self.seeds],
+            analysis_seeds=[s + offset for s in self.analysis_seeds],
+            name=f"{self.name}, seeds +{offset}",
+        )
 
     def regime_seeds(self, regime: dict) -> list[int]:
         """The seeds of one regime: its own ``seeds`` or the study's."""
@@ -150,18 +158,28 @@ class StudyConfig:
     @property
     def criteria_sha256(self) -> str:
         """SHA-256 of the pre-registered criteria (canonical JSON)."""
-        return hashlib.sha256(json.dumps(self.criteria, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+        return hashlib.sha256(
+            json.dumps(self.criteria, sort_keys=True, ensure_ascii=False).encode()
+        ).hexdigest()
 
     def teacher_config(self) -> TrainConfig:
-        return TrainConfig(dataset=self.dataset, dataset_options=self.dataset_options, data_dir=self.data_dir,
-                           **self.teacher)
+        return TrainConfig(
+            dataset=self.dataset,
+            dataset_options=self.dataset_options,
+            data_dir=self.data_dir,
+            **self.teacher,
+        )
 
     def student_config(self, regime: dict, seed: int, teacher_dir: Path) -> TrainConfig:
         fields = {k: v for k, v in regime.items() if k not in ("name", "student", "seeds")}
         if fields.get("regime", "none") != "none":
             fields["teacher_dir"] = str(teacher_dir)  # relative to the student's run folder
-        return TrainConfig(dataset=self.dataset, dataset_options=self.dataset_options, data_dir=self.data_dir,
-                           **{**self.student, **fields, "seed": seed})
+        return TrainConfig(
+            dataset=self.dataset,
+            dataset_options=self.dataset_options,
+            data_dir=self.data_dir,
+            **{**self.student, **fields, "seed": seed},
+        )
 
     @property
     def main_regimes(self) -> list[dict]:
@@ -188,13 +206,18 @@ class Study:
         self._ntk_fns: dict = {}
         self.teacher_dir = self.out / "runs" / "teacher"
         # The data are loaded (and so checked) before anything is written to the study folder.
-        self.ds: Dataset = load_dataset(config.dataset, data_dir=config.data_dir, seed=0, **config.dataset_options)
+        self.ds: Dataset = load_dataset(
+            config.dataset, data_dir=config.data_dir, seed=0, **config.dataset_options
+        )
         n = min(config.n_kernel, len(self.ds.x_train))
         self.x_sub, self.y_sub = self.ds.x_train[:n], self.ds.y_train[:n]
         from ntkd.models import get_model
 
-        for run in [config.teacher_config()] + [config.student_config(r, s, self.teacher_dir)
-                                                 for r in config.regimes for s in config.regime_seeds(r)]:
+        for run in [config.teacher_config()] + [
+            config.student_config(r, s, self.teacher_dir)
+            for r in config.regimes
+            for s in config.regime_seeds(r)
+        ]:
             run.validate()
             get_model(run.model, self.ds.num_classes, **run.model_options)
         self._claim()
@@ -208,7 +231,9 @@ class Study:
 
         def refuse_another_config():
             if path.exists() and read_json(path) != cfg:
-                raise ValueError(f"{self.out} holds a study with another configuration; use a new --out or delete it")
+                raise ValueError(
+                    f"{self.out} holds a study with another configuration; use a new --out or delete it"
+                )
 
         refuse_another_config()  # before touching the folder at all
         self._lock = lock_folder(self.out, what="study folder")
@@ -236,27 +261,39 @@ class Study:
         jobs += [(r, s) for r in cfg.regimes for s in cfg.regime_seeds(r) if s not in cfg.seeds]
         for regime, seed in tqdm(jobs, desc="students", disable=not self.progress):
             run = self.student_dir(regime["name"], seed)
-            train(cfg.student_config(regime, seed, Path(os.path.relpath(self.teacher_dir, run))), run,
-                  dataset=self.ds, progress=False)
+            train(
+                cfg.student_config(regime, seed, Path(os.path.relpath(self.teacher_dir, run))),
+                run,
+                dataset=self.ds,
+                progress=False,
+            )
 
     # ------------------------------------------------------------------ helpers
     def model_at(self, run_dir: Path, epoch: int | None = None):
         model, variables, _ = ckpt_lib.restore_model(run_dir, epoch)
         return model, variables
 
-    def ntk(self, run_dir: Path, epoch: int | None = None, x: np.ndarray | None = None) -> np.ndarray:
+    def ntk(
+        self, run_dir: Path, epoch: int | None = None, x: np.ndarray | None = None
+    ) -> np.ndarray:
         """The scalar eNTK (n, n) of a run's checkpoint on the analysis subset (float64 on host)."""
         model, variables = self.model_at(run_dir, epoch)
         apply_fn, params = flax_apply_fn(model, variables)
         x = self.x_sub if x is None else x
-        if set(variables) != {"params"}:  # frozen state (BatchNorm statistics) differs per checkpoint
-            return np.asarray(empirical_ntk(apply_fn, params, x, mode=self.config.ntk_mode), np.float64)
+        if set(variables) != {
+            "params"
+        }:  # frozen state (BatchNorm statistics) differs per checkpoint
+            return np.asarray(
+                empirical_ntk(apply_fn, params, x, mode=self.config.ntk_mode), np.float64
+            )
         # One compiled kernel function per architecture, reused for every checkpoint of it.
         if model not in self._ntk_fns:
             self._ntk_fns[model] = empirical_ntk_fn(apply_fn, mode=self.config.ntk_mode)
         return np.asarray(self._ntk_fns[model](x, None, params), np.float64)
 
-    def logits(self, run_dir: Path, epoch: int | None = None, x: np.ndarray | None = None) -> np.ndarray:
+    def logits(
+        self, run_dir: Path, epoch: int | None = None, x: np.ndarray | None = None
+    ) -> np.ndarray:
         model, variables = self.model_at(run_dir, epoch)
         return predict(model, variables, self.x_sub if x is None else x)
 
@@ -268,18 +305,28 @@ class Study:
         """A, Â and the identity-kernel A of targets Y; for teacher targets also A and Â
         of label smoothing with the same Frobenius norm (the shape-vs-size control)."""
         Y = np.asarray(Y, np.float64)
-        out = {"A": factor.adjusted_complexity(Y), "A_hat": factor.normalized_complexity(Y),
-               "A_identity": float(np.sqrt(np.sum(Y * Y) / len(Y)))}
+        out = {
+            "A": factor.adjusted_complexity(Y),
+            "A_hat": factor.normalized_complexity(Y),
+            "A_identity": float(np.sqrt(np.sum(Y * Y) / len(Y))),
+        }
         if teacher:
-            Y_ls, eps = matched_label_smoothing(self.y_sub, self.ds.num_classes, float(np.linalg.norm(Y)))
-            out.update(ls_A=factor.adjusted_complexity(Y_ls), ls_A_hat=factor.normalized_complexity(Y_ls),
-                       ls_epsilon=eps)
+            Y_ls, eps = matched_label_smoothing(
+                self.y_sub, self.ds.num_classes, float(np.linalg.norm(Y))
+            )
+            out.update(
+                ls_A=factor.adjusted_complexity(Y_ls),
+                ls_A_hat=factor.normalized_complexity(Y_ls),
+                ls_epsilon=eps,
+            )
         return out
 
     def _fixed_targets(self) -> dict[str, np.ndarray]:
         k = self.ds.num_classes
-        return {"labels": np.asarray(one_hot(self.y_sub, k), np.float64),
-                "random": np.asarray(random_labels(jax.random.key(0), len(self.y_sub), k), np.float64)}
+        return {
+            "labels": np.asarray(one_hot(self.y_sub, k), np.float64),
+            "random": np.asarray(random_labels(jax.random.key(0), len(self.y_sub), k), np.float64),
+        }
 
     def teacher_checkpoints(self) -> dict:
         cfg = self.config
@@ -288,31 +335,60 @@ class Study:
         teachers = {e: self.logits(self.teacher_dir, e) for e in epochs}
         hist = {r["epoch"]: r for r in self.history(self.teacher_dir)}
         panels = []
-        for seed in tqdm(cfg.analysis_seeds, desc="teacher checkpoints", disable=not self.progress, leave=False):
-            factor = factor_kernel(self.ntk(self.student_dir(cfg.main_regimes[0]["name"], seed), 0), ridge=cfg.ridge)
-            rows = [{"target": key, "temperature": None, **self._measure(factor, Y, teacher=False)}
-                    for key, Y in self._fixed_targets().items()]
+        for seed in tqdm(
+            cfg.analysis_seeds, desc="teacher checkpoints", disable=not self.progress, leave=False
+        ):
+            factor = factor_kernel(
+                self.ntk(self.student_dir(cfg.main_regimes[0]["name"], seed), 0), ridge=cfg.ridge
+            )
+            rows = [
+                {"target": key, "temperature": None, **self._measure(factor, Y, teacher=False)}
+                for key, Y in self._fixed_targets().items()
+            ]
             for e, z in teachers.items():
                 for t in cfg.temperatures:
-                    rows.append({"target": f"epoch {e}", "teacher_epoch": e, "temperature": float(t),
-                                 "teacher_test_acc": hist[e]["test_acc"], "teacher_train_acc": hist[e]["train_acc"],
-                                 **self._measure(factor, softmax_targets(z, t), teacher=True)})
-            panels.append({"seed": seed, "condition_number": float(f"{factor.info.condition_number:.4g}"),
-                           "rows": rows})
-        return {"n": len(self.y_sub), "mode": cfg.ntk_mode, "kernel": "student NTK at initialisation",
-                "seeds": list(cfg.analysis_seeds), "temperatures": list(cfg.temperatures), "panels": panels}
+                    rows.append(
+                        {
+                            "target": f"epoch {e}",
+                            "teacher_epoch": e,
+                            "temperature": float(t),
+                            "teacher_test_acc": hist[e]["test_acc"],
+                            "teacher_train_acc": hist[e]["train_acc"],
+                            **self._measure(factor, softmax_targets(z, t), teacher=True),
+                        }
+                    )
+            panels.append(
+                {
+                    "seed": seed,
+                    "condition_number": float(f"{factor.info.condition_number:.4g}"),
+                    "rows": rows,
+                }
+            )
+        return {
+            "n": len(self.y_sub),
+            "mode": cfg.ntk_mode,
+            "kernel": "student NTK at initialisation",
+            "seeds": list(cfg.analysis_seeds),
+            "temperatures": list(cfg.temperatures),
+            "panels": panels,
+        }
 
     def student_complexity(self) -> dict:
         cfg = self.config
         teacher_saved = ckpt_lib.list_epochs(self.teacher_dir)
         z_final = self.logits(self.teacher_dir)
         fixed = self._fixed_targets()
-        offline = {t: np.asarray(softmax_targets(z_final, t), np.float64) for t in cfg.complexity_temperatures}
+        offline = {
+            t: np.asarray(softmax_targets(z_final, t), np.float64)
+            for t in cfg.complexity_temperatures
+        }
         online_logits: dict[int, np.ndarray] = {}
         epochs_total = int(cfg.student.get("epochs", 1))
         panels = []
         jobs = [(name, seed) for name in cfg.complexity_regimes for seed in cfg.analysis_seeds]
-        for name, seed in tqdm(jobs, desc="student complexity", disable=not self.progress, leave=False):
+        for name, seed in tqdm(
+            jobs, desc="student complexity", disable=not self.progress, leave=False
+        ):
             run = self.student_dir(name, seed)
             rows = []
             for e in ckpt_lib.list_epochs(run):
@@ -322,17 +398,33 @@ class Study:
                 factor = factor_kernel(self.ntk(run, e), ridge=cfg.ridge)
                 targets = {key: self._measure(factor, Y, teacher=False) for key, Y in fixed.items()}
                 for t in cfg.complexity_temperatures:
-                    targets[f"offline_teacher_t{t:g}"] = self._measure(factor, offline[t], teacher=True)
+                    targets[f"offline_teacher_t{t:g}"] = self._measure(
+                        factor, offline[t], teacher=True
+                    )
                     targets[f"online_teacher_t{t:g}"] = self._measure(
-                        factor, softmax_targets(online_logits[te], t), teacher=True)
+                        factor, softmax_targets(online_logits[te], t), teacher=True
+                    )
                 # LAPACK's condition *estimate* varies in its last bits between runs (threaded BLAS);
                 # rounded so that identical runs give identical results files.
-                rows.append({"epoch": e, "fraction": e / epochs_total, "online_teacher_epoch": te,
-                             "condition_number": float(f"{factor.info.condition_number:.4g}"), "targets": targets})
+                rows.append(
+                    {
+                        "epoch": e,
+                        "fraction": e / epochs_total,
+                        "online_teacher_epoch": te,
+                        "condition_number": float(f"{factor.info.condition_number:.4g}"),
+                        "targets": targets,
+                    }
+                )
             panels.append({"regime": name, "seed": seed, "rows": rows})
-        return {"n": len(self.y_sub), "mode": cfg.ntk_mode, "temperatures": list(cfg.complexity_temperatures),
-                "regimes": list(cfg.complexity_regimes), "seeds": list(cfg.analysis_seeds), "epochs": epochs_total,
-                "panels": panels}
+        return {
+            "n": len(self.y_sub),
+            "mode": cfg.ntk_mode,
+            "temperatures": list(cfg.complexity_temperatures),
+            "regimes": list(cfg.complexity_regimes),
+            "seeds": list(cfg.analysis_seeds),
+            "epochs": epochs_total,
+            "panels": panels,
+        }
 
     def distillation(self) -> dict:
         cfg = self.config
@@ -343,11 +435,21 @@ class Study:
             for seed in cfg.regime_seeds(regime):
                 last = self.history(self.student_dir(regime["name"], seed))[-1]
                 finals.append(last)
-                per_run.append({"regime": regime["name"], "student": regime.get("student", "main"), "seed": seed,
-                                **{k: last.get(k) for k in keys}})
-            row = {"regime": regime["name"], "student": regime.get("student", "main"),
-                   "kind": regime.get("regime", "none"), "temperature": regime.get("temperature"),
-                   "seeds": len(finals)}
+                per_run.append(
+                    {
+                        "regime": regime["name"],
+                        "student": regime.get("student", "main"),
+                        "seed": seed,
+                        **{k: last.get(k) for k in keys},
+                    }
+                )
+            row = {
+                "regime": regime["name"],
+                "student": regime.get("student", "main"),
+                "kind": regime.get("regime", "none"),
+                "temperature": regime.get("temperature"),
+                "seeds": len(finals),
+            }
             for key in keys:
                 vals = [f[key] for f in finals if f.get(key) is not None]
                 if vals:
@@ -356,8 +458,12 @@ class Study:
                     row[f"{key}_se"] = row[f"{key}_std"] / float(np.sqrt(len(vals)))
             rows.append(row)
         teacher_last = self.history(self.teacher_dir)[-1]
-        return {"rows": rows, "runs": per_run, "teacher_test_acc": teacher_last["test_acc"],
-                "teacher_train_acc": teacher_last["train_acc"]}
+        return {
+            "rows": rows,
+            "runs": per_run,
+            "teacher_test_acc": teacher_last["test_acc"],
+            "teacher_train_acc": teacher_last["train_acc"],
+        }
 
     def ntk_similarity(self) -> dict:
         cfg = self.config
@@ -366,19 +472,28 @@ class Study:
         names = [r["name"] for r in cfg.main_regimes]
         jobs = [(r, s) for s in cfg.analysis_seeds for r in cfg.main_regimes]
         finals: dict[int, dict[str, np.ndarray]] = {}
-        for regime, seed in tqdm(jobs, desc="NTK similarity", disable=not self.progress, leave=False):
+        for regime, seed in tqdm(
+            jobs, desc="NTK similarity", disable=not self.progress, leave=False
+        ):
             run = self.student_dir(regime["name"], seed)
             K0, K1 = self.ntk(run, 0), self.ntk(run)
             finals.setdefault(seed, {})[regime["name"]] = K1
-            rows.append({"regime": regime["name"], "seed": seed,
-                         "alignment_vs_init": kernel_alignment(K1, K0),
-                         "cka_vs_init": kernel_alignment(K1, K0, centered=True),
-                         "alignment_vs_teacher": kernel_alignment(K1, K_teacher),
-                         "cka_vs_teacher": kernel_alignment(K1, K_teacher, centered=True),
-                         "init_alignment_vs_teacher": kernel_alignment(K0, K_teacher),
-                         "init_cka_vs_teacher": kernel_alignment(K0, K_teacher, centered=True)})
-        for seed, ks in finals.items():
-            pairwise.append([[kernel_alignment(ks[a], ks[b], centered=True) for b in names] for a in names])
+            rows.append(
+                {
+                    "regime": regime["name"],
+                    "seed": seed,
+                    "alignment_vs_init": kernel_alignment(K1, K0),
+                    "cka_vs_init": kernel_alignment(K1, K0, centered=True),
+                    "alignment_vs_teacher": kernel_alignment(K1, K_teacher),
+                    "cka_vs_teacher": kernel_alignment(K1, K_teacher, centered=True),
+                    "init_alignment_vs_teacher": kernel_alignment(K0, K_teacher),
+                    "init_cka_vs_teacher": kernel_alignment(K0, K_teacher, centered=True),
+                }
+            )
+        for ks in finals.values():
+            pairwise.append(
+                [[kernel_alignment(ks[a], ks[b], centered=True) for b in names] for a in names]
+            )
         keys = [k for k in rows[0] if k not in ("regime", "seed")] if rows else []
         summary = []
         for name in names:
@@ -387,11 +502,21 @@ class Study:
             for key in keys:
                 vals = np.array([r[key] for r in mine])
                 entry[f"{key}_mean"] = float(vals.mean())
-                entry[f"{key}_se"] = float(vals.std(ddof=1) / np.sqrt(len(vals))) if len(vals) > 1 else 0.0
+                entry[f"{key}_se"] = (
+                    float(vals.std(ddof=1) / np.sqrt(len(vals))) if len(vals) > 1 else 0.0
+                )
             summary.append(entry)
-        return {"n": len(self.y_sub), "mode": cfg.ntk_mode, "seeds": list(cfg.analysis_seeds), "rows": rows,
-                "summary": summary,
-                "pairwise_cka": {"regimes": names, "matrix": np.mean(pairwise, axis=0).tolist() if pairwise else []}}
+        return {
+            "n": len(self.y_sub),
+            "mode": cfg.ntk_mode,
+            "seeds": list(cfg.analysis_seeds),
+            "rows": rows,
+            "summary": summary,
+            "pairwise_cka": {
+                "regimes": names,
+                "matrix": np.mean(pairwise, axis=0).tolist() if pairwise else [],
+            },
+        }
 
     def margins(self) -> dict:
         cfg = self.config
@@ -399,26 +524,40 @@ class Study:
         ref = z_teacher.argmax(1)
         out = []
         jobs = [(r, s) for s in cfg.analysis_seeds for r in cfg.main_regimes]
-        for regime, seed in tqdm(jobs, desc="margins and bound", disable=not self.progress, leave=False):
+        for regime, seed in tqdm(
+            jobs, desc="margins and bound", disable=not self.progress, leave=False
+        ):
             run = self.student_dir(regime["name"], seed)
             m = np.asarray(metrics.margins(self.logits(run), ref))
             targets = self._regime_targets(regime)
             K = self.ntk(run)
             factor = factor_kernel(K, ridge=cfg.ridge)
-            bound = kernel_margin_bound(K, targets, self.y_sub, gammas=cfg.gammas, delta=cfg.delta, ridge=cfg.ridge)
-            row = {"regime": regime["name"], "seed": seed, "network_margins": metrics.margin_summary(m, gammas=(0.0, 1.0)),
-                   "A": factor.adjusted_complexity(targets), "A_hat": factor.normalized_complexity(targets),
-                   "bound": bound.as_dict()}
+            bound = kernel_margin_bound(
+                K, targets, self.y_sub, gammas=cfg.gammas, delta=cfg.delta, ridge=cfg.ridge
+            )
+            row = {
+                "regime": regime["name"],
+                "seed": seed,
+                "network_margins": metrics.margin_summary(m, gammas=(0.0, 1.0)),
+                "A": factor.adjusted_complexity(targets),
+                "A_hat": factor.normalized_complexity(targets),
+                "bound": bound.as_dict(),
+            }
             if seed == cfg.analysis_seeds[0]:
                 row["network_margin_values"] = m.tolist()
             out.append(row)
-        return {"n": len(self.y_sub), "mode": cfg.ntk_mode, "seeds": list(cfg.analysis_seeds),
-                "gammas": list(cfg.gammas), "delta": cfg.delta,
-                "kernel": "trained student's NTK; f = K (K + λI)⁻¹ Y with Y the regime's final supervision "
-                          "(labels, or its teacher's softmax at the regime's τ)",
-                "network_margins": "trained network's logit margins w.r.t. the final teacher's argmax (descriptive; "
-                                   "not part of the bound)",
-                "rows": out}
+        return {
+            "n": len(self.y_sub),
+            "mode": cfg.ntk_mode,
+            "seeds": list(cfg.analysis_seeds),
+            "gammas": list(cfg.gammas),
+            "delta": cfg.delta,
+            "kernel": "trained student's NTK; f = K (K + λI)⁻¹ Y with Y the regime's final supervision "
+            "(labels, or its teacher's softmax at the regime's τ)",
+            "network_margins": "trained network's logit margins w.r.t. the final teacher's argmax (descriptive; "
+            "not part of the bound)",
+            "rows": out,
+        }
 
     def _regime_targets(self, regime: dict) -> np.ndarray:
         """The supervision a regime ends with: labels, or its (last) teacher's softened predictions."""
@@ -426,8 +565,12 @@ class Study:
         if kind == "none":
             return np.asarray(one_hot(self.y_sub, self.ds.num_classes), np.float64)
         epoch = regime.get("teacher_epoch") if kind == "early_stopped" else None
-        return np.asarray(softmax_targets(self.logits(self.teacher_dir, epoch), float(regime.get("temperature", 1.0))),
-                          np.float64)
+        return np.asarray(
+            softmax_targets(
+                self.logits(self.teacher_dir, epoch), float(regime.get("temperature", 1.0))
+            ),
+            np.float64,
+        )
 
     # ------------------------------------------------------------------ driver
     def run_step(self, step: str) -> dict:
@@ -452,10 +595,18 @@ class Study:
         return result
 
 
-def teacher_complexity_table(student_dir: str | os.PathLike, teacher_dirs, *, student_epoch: int = 0,
-                             teacher_epochs: list[int] | None = None, temperatures=(1.0, 2.0, 4.0, 8.0),
-                             n: int = 1000, mode: str = "trace", ridge: float = 0.0,
-                             data_dir: str | None = None) -> list[dict]:
+def teacher_complexity_table(
+    student_dir: str | os.PathLike,
+    teacher_dirs,
+    *,
+    student_epoch: int = 0,
+    teacher_epochs: list[int] | None = None,
+    temperatures=(1.0, 2.0, 4.0, 8.0),
+    n: int = 1000,
+    mode: str = "trace",
+    ridge: float = 0.0,
+    data_dir: str | None = None,
+) -> list[dict]:
     """Complexity of teacher checkpoints' targets in a student's NTK, from run folders.
 
     The student's checkpoint fixes the dataset (from its metadata); the kernel
@@ -474,7 +625,9 @@ def teacher_complexity_table(student_dir: str | os.PathLike, teacher_dirs, *, st
         data_dir: folder with local archives, when the dataset needs one.
     """
     model, variables, meta = ckpt_lib.restore_model(student_dir, student_epoch)
-    ds = load_dataset(meta["dataset"], data_dir=data_dir, seed=meta.get("data_seed", 0), **meta["dataset_options"])
+    ds = load_dataset(
+        meta["dataset"], data_dir=data_dir, seed=meta.get("data_seed", 0), **meta["dataset_options"]
+    )
     x, y = ds.x_train[:n], ds.y_train[:n]
     apply_fn, params = flax_apply_fn(model, variables)
     K = np.asarray(empirical_ntk(apply_fn, params, x, mode=mode), np.float64)
@@ -484,15 +637,32 @@ def teacher_complexity_table(student_dir: str | os.PathLike, teacher_dirs, *, st
         saved = ckpt_lib.list_epochs(tdir)
         if not saved:
             raise ckpt_lib.CheckpointError(f"teacher folder {tdir} has no checkpoints")
-        hist = {r["epoch"]: r for r in read_json(tdir / "history.json")} if (tdir / "history.json").exists() else {}
+        hist = (
+            {r["epoch"]: r for r in read_json(tdir / "history.json")}
+            if (tdir / "history.json").exists()
+            else {}
+        )
         for e in teacher_epochs if teacher_epochs else saved:
             tmodel, tvars, _ = ckpt_lib.restore_model(tdir, e)
             name = f"{tdir.name}@{e}"
             teachers[name] = predict(tmodel, tvars, x)
-            info[name] = {"teacher_run": str(tdir), "teacher_epoch": e,
-                          "teacher_test_acc": hist.get(e, {}).get("test_acc")}
-    rows = compare_teachers(None, None, x, y, teachers, temperatures=temperatures, kernel=K,
-                            student_logits=predict(model, variables, x), ridge=ridge, mode=mode)
+            info[name] = {
+                "teacher_run": str(tdir),
+                "teacher_epoch": e,
+                "teacher_test_acc": hist.get(e, {}).get("test_acc"),
+            }
+    rows = compare_teachers(
+        None,
+        None,
+        x,
+        y,
+        teachers,
+        temperatures=temperatures,
+        kernel=K,
+        student_logits=predict(model, variables, x),
+        ridge=ridge,
+        mode=mode,
+    )
     return [{**r, **info.get(r["target"], {})} for r in rows]
 
 
@@ -514,10 +684,14 @@ def step_main(step: str, doc: str, argv: list[str] | None = None) -> Path:
     from ntkd.configs import get_config
     from ntkd.plotting import plot_study
 
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--dataset", default="mnist1d", help="study preset (ntkd.configs)")
     parser.add_argument("--quick", action="store_true", help="the small smoke-test version")
-    parser.add_argument("--out", default=None, help="study folder (default results/<dataset>[_quick])")
+    parser.add_argument(
+        "--out", default=None, help="study folder (default results/<dataset>[_quick])"
+    )
     parser.add_argument("--data-dir", default=None)
     args = parser.parse_args(argv)
     cfg = get_config(args.dataset, quick=args.quick)
@@ -543,14 +717,23 @@ def _record_training_time(path: Path, seconds: float) -> None:
     except (ValueError, AttributeError, TypeError) as e:
         import warnings
 
-        warnings.warn(f"{path} is unreadable ({e}); starting its record of training times afresh")
+        warnings.warn(
+            f"{path} is unreadable ({e}); starting its record of training times afresh",
+            stacklevel=2,
+        )
         history = []
     history.append(seconds)
     write_json(path, {"seconds": sum(history), "history": history})
 
 
-def run_study(config: StudyConfig, out: str | os.PathLike, *, steps: tuple[str, ...] = STEPS,
-              progress: bool = True, figures: bool = True) -> Path:
+def run_study(
+    config: StudyConfig,
+    out: str | os.PathLike,
+    *,
+    steps: tuple[str, ...] = STEPS,
+    progress: bool = True,
+    figures: bool = True,
+) -> Path:
     """Trains every run, runs the analysis steps, evaluates the pre-registered
     findings (``results/findings.json``), draws the figures and writes report.md.
 

@@ -16,7 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-__all__ = ["label_smoothing", "matched_label_smoothing", "one_hot", "random_labels", "softmax_targets"]
+__all__ = [
+    "label_smoothing",
+    "matched_label_smoothing",
+    "one_hot",
+    "random_labels",
+    "softmax_targets",
+]
 
 
 def one_hot(labels: ArrayLike, k: int) -> jax.Array:
@@ -41,8 +47,9 @@ def one_hot(labels: ArrayLike, k: int) -> jax.Array:
         raise ValueError(f"labels must have shape (n,), got {labels_np.shape}.")
     if not np.issubdtype(labels_np.dtype, np.integer):
         raise ValueError(
-                f"labels must be integers, got dtype {labels_np.dtype}; cast with "
-                "labels.astype(int) or use softmax_targets for soft labels.")
+            f"labels must be integers, got dtype {labels_np.dtype}; cast with "
+            "labels.astype(int) or use softmax_targets for soft labels."
+        )
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}.")
     if labels_np.size and (labels_np.min() < 0 or labels_np.max() >= k):
@@ -73,10 +80,9 @@ def random_labels(key: jax.Array, n: int, k: int) -> jax.Array:
     return jax.nn.one_hot(classes, k, dtype=jnp.float32)
 
 
-def softmax_targets(logits: ArrayLike,
-                                        temperature: float = 1.0,
-                                        *,
-                                        center: bool = False) -> jax.Array:
+def softmax_targets(
+    logits: ArrayLike, temperature: float = 1.0, *, center: bool = False
+) -> jax.Array:
     """Teacher soft labels ``softmax(logits / temperature)``.
 
     Higher temperatures give smoother targets and, in the student's NTK, lower
@@ -125,7 +131,9 @@ def label_smoothing(labels: ArrayLike, k: int, epsilon: float) -> np.ndarray:
     return (1.0 - epsilon) * np.asarray(one_hot(labels, k), np.float64) + epsilon / k
 
 
-def matched_label_smoothing(labels: ArrayLike, k: int, frobenius_norm: float) -> tuple[np.ndarray, float]:
+def matched_label_smoothing(
+    labels: ArrayLike, k: int, frobenius_norm: float
+) -> tuple[np.ndarray, float]:
     """Label smoothing whose targets have a given Frobenius norm.
 
     The control for "is this a property of the targets' shape or only of their
@@ -150,8 +158,10 @@ def matched_label_smoothing(labels: ArrayLike, k: int, frobenius_norm: float) ->
     n = labels.shape[0]
     s = float(frobenius_norm) ** 2 / n
     if not 1.0 / k - 1e-12 <= s <= 1.0 + 1e-12:
-        raise ValueError(f"a norm of {frobenius_norm:.6g} for {n} rows of {k} classes cannot come from label "
-                         f"smoothing: the mean squared row norm {s:.6g} must lie in [1/k, 1] = [{1 / k:.6g}, 1]")
+        raise ValueError(
+            f"a norm of {frobenius_norm:.6g} for {n} rows of {k} classes cannot come from label "
+            f"smoothing: the mean squared row norm {s:.6g} must lie in [1/k, 1] = [{1 / k:.6g}, 1]"
+        )
     a = (1.0 + np.sqrt(max(1.0 - k + s * k * (k - 1), 0.0))) / k
     eps = float(min(max((1.0 - a) * k / (k - 1), 0.0), 1.0))
     return label_smoothing(labels, k, eps), eps

@@ -1,7 +1,5 @@
 """Shared fixtures: tiny datasets and a tiny trained teacher run."""
 
-import os
-
 import pytest
 
 from ntkd.data import load_dataset
@@ -20,7 +18,13 @@ def tiny_mnist1d():
 def tiny_teacher_dir(tmp_path_factory):
     """A small CNN teacher trained 4 epochs with a checkpoint every epoch."""
     out = tmp_path_factory.mktemp("teacher")
-    cfg = TrainConfig(dataset="mnist1d", dataset_options=TINY_MNIST1D, model="cnn1d",
-                      model_options={"features": [8, 8, 8]}, epochs=4, batch_size=64)
+    cfg = TrainConfig(
+        dataset="mnist1d",
+        dataset_options=TINY_MNIST1D,
+        model="cnn1d",
+        model_options={"features": [8, 8, 8]},
+        epochs=4,
+        batch_size=64,
+    )
     train_teacher(cfg, out, progress=False)
     return out

@@ -37,8 +37,12 @@ def ntk_oracle(f, params, x1, x2, mode: str, logit: int = 0, leaves=None):
 def ntk_oracle_modes(f, params, x1, x2, logit: int = 0) -> dict:
     """{mode: kernel} for every mode, from one pair of Jacobians."""
     full = ntk_oracle(f, params, x1, x2, "full")
-    return {"full": full, "trace": jnp.einsum("ijaa->ij", full), "logit": full[:, :, logit, logit],
-            "sum": full.sum((2, 3))}
+    return {
+        "full": full,
+        "trace": jnp.einsum("ijaa->ij", full),
+        "logit": full[:, :, logit, logit],
+        "sum": full.sum((2, 3)),
+    }
 
 
 def rel(a, b) -> float:
@@ -51,8 +55,11 @@ def jitter(tree, key, scale=0.3):
 
     NumPy noise (seeded from ``key``): no per-shape JAX compilations.
     """
-    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist()
-                                if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else np.asarray(key).tolist())
+    rng = np.random.default_rng(
+        np.asarray(jax.random.key_data(key)).ravel().tolist()
+        if jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+        else np.asarray(key).tolist()
+    )
 
     def one(l):
         if not jnp.issubdtype(jnp.result_type(l), jnp.inexact):
@@ -84,7 +91,9 @@ class TinyTransformer(nn.Module):
     def __call__(self, tokens):
         t = tokens.shape[1]
         h = nn.Embed(self.vocab, self.width)(tokens) + nn.Embed(t, self.width)(jnp.arange(t))[None]
-        h = h + nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=self.width)(nn.LayerNorm()(h))
+        h = h + nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=self.width)(
+            nn.LayerNorm()(h)
+        )
         h = h + nn.Dense(self.width)(nn.gelu(nn.Dense(2 * self.width)(nn.LayerNorm()(h))))
         return nn.Dense(3)(nn.LayerNorm()(h).mean(1))
 
@@ -170,14 +179,22 @@ def plain_function():
     """A jnp function f(params, x): conv via lax, a shared weight, an embedding-free MLP."""
     key = jax.random.split(jax.random.PRNGKey(0), 5)
     params = {
-            "conv": {"w": jax.random.normal(key[0], (3, 2, 4), jnp.float64), "b": jnp.ones(4, jnp.float64)},
-            "dense": {"w": jax.random.normal(key[1], (24, 5), jnp.float64) / 5},
-            "shared": jax.random.normal(key[2], (5, 5), jnp.float64) / 3,
-            "head": {"w": jax.random.normal(key[3], (3, 5), jnp.float64), "b": jnp.zeros(3, jnp.float64)},
+        "conv": {
+            "w": jax.random.normal(key[0], (3, 2, 4), jnp.float64),
+            "b": jnp.ones(4, jnp.float64),
+        },
+        "dense": {"w": jax.random.normal(key[1], (24, 5), jnp.float64) / 5},
+        "shared": jax.random.normal(key[2], (5, 5), jnp.float64) / 3,
+        "head": {
+            "w": jax.random.normal(key[3], (3, 5), jnp.float64),
+            "b": jnp.zeros(3, jnp.float64),
+        },
     }
 
     def f(p, x):  # x: (n, 6, 2)
-        h = jax.lax.conv_general_dilated(x, p["conv"]["w"], (1,), "SAME", dimension_numbers=("NWC", "WIO", "NWC"))
+        h = jax.lax.conv_general_dilated(
+            x, p["conv"]["w"], (1,), "SAME", dimension_numbers=("NWC", "WIO", "NWC")
+        )
         h = jnp.tanh(h + p["conv"]["b"]).reshape(x.shape[0], -1)
         h = jnp.tanh(h @ p["dense"]["w"])
         h = jnp.tanh(h @ p["shared"]) @ p["shared"].T  # one weight used twice: exact fallback
@@ -188,6 +205,11 @@ def plain_function():
     return f, params, f, params, x1, x2
 
 
-KINDS = {"linen_bn": linen_bn, "nnx_bn": nnx_bn, "equinox": equinox_mlp, "function": plain_function,
-         "transformer": transformer}
+KINDS = {
+    "linen_bn": linen_bn,
+    "nnx_bn": nnx_bn,
+    "equinox": equinox_mlp,
+    "function": plain_function,
+    "transformer": transformer,
+}
 """kind -> () -> (model, params to pass, oracle f, oracle params, x1, x2); call inside enable_x64."""

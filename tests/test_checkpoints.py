@@ -10,14 +10,20 @@ from ntkd import checkpoints as ckpt
 
 def _variables(seed=0):
     rng = np.random.default_rng(seed)
-    return {"params": {"w": rng.normal(size=(5, 3)).astype(np.float32), "b": np.zeros(3, np.float32)}}
+    return {
+        "params": {"w": rng.normal(size=(5, 3)).astype(np.float32), "b": np.zeros(3, np.float32)}
+    }
 
 
 def test_save_writes_a_manifest_of_every_file_and_load_round_trips(tmp_path):
     path = ckpt.save_checkpoint(tmp_path, 3, _variables(), metadata={"model": "mlp"})
     assert path == ckpt.checkpoint_dir(tmp_path) / "3" and ckpt.list_epochs(tmp_path) == [3]
     lines = (path / ckpt.MANIFEST).read_text().splitlines()
-    files = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file() and p.name != ckpt.MANIFEST)
+    files = sorted(
+        p.relative_to(path).as_posix()
+        for p in path.rglob("*")
+        if p.is_file() and p.name != ckpt.MANIFEST
+    )
     assert sorted(line.split("  ")[1] for line in lines) == files
     for line in lines:  # independent oracle: hashlib over each file
         digest, name = line.split("  ")
@@ -31,16 +37,25 @@ def test_save_writes_a_manifest_of_every_file_and_load_round_trips(tmp_path):
 def test_overwriting_an_epoch_replaces_it_completely(tmp_path):
     ckpt.save_checkpoint(tmp_path, 1, _variables(0))
     ckpt.save_checkpoint(tmp_path, 1, _variables(1))
-    np.testing.assert_array_equal(ckpt.load_checkpoint(tmp_path, 1).variables["params"]["w"],
-                                  _variables(1)["params"]["w"])
+    np.testing.assert_array_equal(
+        ckpt.load_checkpoint(tmp_path, 1).variables["params"]["w"], _variables(1)["params"]["w"]
+    )
     assert ckpt.list_epochs(tmp_path) == [1]
 
 
-@pytest.mark.parametrize("change, problem", [("delete", "is missing"), ("add", "is not in its manifest"),
-                                             ("flip", "does not match its SHA-256")])
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        ("delete", "is missing"),
+        ("add", "is not in its manifest"),
+        ("flip", "does not match its SHA-256"),
+    ],
+)
 def test_any_change_to_the_files_is_a_checkpoint_error_naming_the_file(tmp_path, change, problem):
     path = ckpt.save_checkpoint(tmp_path, 0, _variables())
-    victim = max((p for p in (path / "variables").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    victim = max(
+        (p for p in (path / "variables").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size
+    )
     if change == "delete":
         victim.unlink()
     elif change == "add":
@@ -67,8 +82,10 @@ def test_a_checkpoint_without_manifest_is_refused_until_adopted(tmp_path):
 
 def test_stale_files_of_interrupted_saves_are_removed(tmp_path):
     ckpt.save_checkpoint(tmp_path, 0, _variables())
-    stale = [tmp_path / ".checkpoint-staging" / "1-123" / "variables",
-             ckpt.checkpoint_dir(tmp_path) / "1.orbax-checkpoint-tmp-99" / "meta"]
+    stale = [
+        tmp_path / ".checkpoint-staging" / "1-123" / "variables",
+        ckpt.checkpoint_dir(tmp_path) / "1.orbax-checkpoint-tmp-99" / "meta",
+    ]
     for p in stale:
         p.mkdir(parents=True)
     (tmp_path / ".history.json.abcd.tmp").write_text("[")

@@ -1,15 +1,12 @@
 """CLI input checking: bad values are refused up front with the flag and the fix, never a traceback."""
 
-import json
-
 import numpy as np
 import pytest
+from conftest import TINY_MNIST1D
 
 from ntkd import complexity as cx
 from ntkd.cli import main as cli_main
 from ntkd.training import TrainConfig, train
-
-from conftest import TINY_MNIST1D
 
 
 def _usage_error(capsys, argv) -> str:
@@ -22,30 +19,44 @@ def _usage_error(capsys, argv) -> str:
 @pytest.mark.parametrize("flag", ["--model-options", "--dataset-options"])
 def test_options_must_be_a_json_object(tmp_path, capsys, flag):
     err = _usage_error(capsys, ["train-teacher", "--out", str(tmp_path / "t"), flag, "[64, 64]"])
-    assert f"argument {flag}: '[64, 64]' is JSON but not an object" in err and "Traceback" not in err
+    assert (
+        f"argument {flag}: '[64, 64]' is JSON but not an object" in err and "Traceback" not in err
+    )
     err = _usage_error(capsys, ["train-teacher", "--out", str(tmp_path / "t"), flag, "{widths"])
     assert f"argument {flag}: not valid JSON" in err
     assert not (tmp_path / "t").exists()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["train-teacher", "--lr", "-0.01"], "argument --lr: must be a finite number > 0, got -0.01"),
-    (["train-teacher", "--lr", "0"], "argument --lr: must be a finite number > 0"),
-    (["train-teacher", "--epochs", "0"], "argument --epochs: must be >= 1, got 0"),
-    (["distill", "--batch-size", "-4"], "argument --batch-size: must be >= 1, got -4"),
-    (["complexity", "--student", "s", "--teacher", "t", "--n", "0"], "argument --n: must be >= 1, got 0"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["train-teacher", "--lr", "-0.01"],
+            "argument --lr: must be a finite number > 0, got -0.01",
+        ),
+        (["train-teacher", "--lr", "0"], "argument --lr: must be a finite number > 0"),
+        (["train-teacher", "--epochs", "0"], "argument --epochs: must be >= 1, got 0"),
+        (["distill", "--batch-size", "-4"], "argument --batch-size: must be >= 1, got -4"),
+        (
+            ["complexity", "--student", "s", "--teacher", "t", "--n", "0"],
+            "argument --n: must be >= 1, got 0",
+        ),
+    ],
+)
 def test_out_of_range_numbers_name_the_flag(tmp_path, capsys, argv, message):
     assert message in _usage_error(capsys, [*argv, "--out", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("learning_rate", -1e-3, "learning_rate must be a finite number > 0, got -0.001"),
-    ("learning_rate", float("nan"), "learning_rate must be a finite number > 0, got nan"),
-    ("model_options", [64, 64], r"model_options must be a JSON object .* got \[64, 64\]"),
-    ("momentum", -0.5, "momentum, weight_decay and warmup_epochs must be >= 0, got -0.5"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("learning_rate", -1e-3, "learning_rate must be a finite number > 0, got -0.001"),
+        ("learning_rate", float("nan"), "learning_rate must be a finite number > 0, got nan"),
+        ("model_options", [64, 64], r"model_options must be a JSON object .* got \[64, 64\]"),
+        ("momentum", -0.5, "momentum, weight_decay and warmup_epochs must be >= 0, got -0.5"),
+    ],
+)
 def test_library_refuses_the_same_values(tmp_path, field, value, message):
     cfg = TrainConfig(dataset_options=TINY_MNIST1D, model="mlp", epochs=1, **{field: value})
     with pytest.raises(ValueError, match=message):
@@ -55,9 +66,25 @@ def test_library_refuses_the_same_values(tmp_path, field, value, message):
 
 def test_dataset_option_errors_are_clear_through_the_cli(tmp_path, capsys):
     out = str(tmp_path / "t")
-    assert cli_main(["train-teacher", "--out", out, "--dataset-options", '{"num_samples": 0}', "--no-progress"]) == 2
+    assert (
+        cli_main(
+            [
+                "train-teacher",
+                "--out",
+                out,
+                "--dataset-options",
+                '{"num_samples": 0}',
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
-    assert "mnist1d num_samples must be an integer >= 20" in err and "got 0" in err and "Traceback" not in err
+    assert (
+        "mnist1d num_samples must be an integer >= 20" in err
+        and "got 0" in err
+        and "Traceback" not in err
+    )
 
 
 def test_complexity_accepts_a_float32_kernel_cast_to_float64():
@@ -66,11 +93,17 @@ def test_complexity_accepts_a_float32_kernel_cast_to_float64():
     rng = np.random.default_rng(0)
     n, rank = 60, 12
     A = rng.normal(size=(n, rank))
-    K32 = (A @ A.T).astype(np.float32)  # rank-deficient: round-off leaves eigenvalues slightly below 0
+    K32 = (A @ A.T).astype(
+        np.float32
+    )  # rank-deficient: round-off leaves eigenvalues slightly below 0
     K64 = K32.astype(np.float64)
     lam_min = np.linalg.eigvalsh(K64)[0]
     scale = float(np.max(np.diag(K64)))
-    assert -n * np.finfo(np.float32).eps * scale < lam_min < -1e3 * n * np.finfo(np.float64).eps * scale
+    assert (
+        -n * np.finfo(np.float32).eps * scale
+        < lam_min
+        < -1e3 * n * np.finfo(np.float64).eps * scale
+    )
     Y = rng.normal(size=(n, 3))
     expected = cx.factor_kernel(K32).complexity(Y)
     assert cx.factor_kernel(K64).complexity(Y) == pytest.approx(expected, rel=1e-6)

@@ -31,6 +31,7 @@ def numpy_complexity(mat, Y):
 
 # --- direct solves vs NumPy -------------------------------------------------
 
+
 @pytest.mark.parametrize("k", [1, 3])
 def test_scalar_kernel_matches_numpy(k):
     rng = np.random.default_rng(0)
@@ -45,7 +46,8 @@ def test_one_dimensional_targets():
     rng = np.random.default_rng(1)
     K, y = random_psd(rng, 12), rng.normal(size=12)
     assert cx.supervision_complexity(K, y) == pytest.approx(
-        float(y @ np.linalg.solve(K, y)), rel=1e-8)
+        float(y @ np.linalg.solve(K, y)), rel=1e-8
+    )
 
 
 def test_full_kernel_matches_numpy_in_documented_order():
@@ -57,7 +59,8 @@ def test_full_kernel_matches_numpy_in_documented_order():
     assert cx.supervision_complexity(K4, Y) == pytest.approx(expected, rel=1e-8)
     trace = np.einsum("iiaa->", K4)
     assert cx.adjusted_supervision_complexity(K4, Y) == pytest.approx(
-        math.sqrt(expected * trace) / n, rel=1e-8)
+        math.sqrt(expected * trace) / n, rel=1e-8
+    )
 
 
 def test_ridge_is_relative_to_mean_diagonal_and_reported():
@@ -73,8 +76,9 @@ def test_jax_float32_input_is_solved_in_float64():
     rng = np.random.default_rng(4)
     K, Y = random_psd(rng, 16), rng.normal(size=(16, 2))
     got = cx.supervision_complexity(jnp.asarray(K, jnp.float32), jnp.asarray(Y, jnp.float32))
-    expected = numpy_complexity(K.astype(np.float32).astype(np.float64),
-                                Y.astype(np.float32).astype(np.float64))
+    expected = numpy_complexity(
+        K.astype(np.float32).astype(np.float64), Y.astype(np.float32).astype(np.float64)
+    )
     assert got == pytest.approx(expected, rel=1e-8)
 
 
@@ -88,6 +92,7 @@ def test_factor_is_reused_across_targets():
 
 
 # --- invariances and closed forms --------------------------------------------
+
 
 @pytest.mark.parametrize("c", [1e-3, 1.0, 250.0])
 def test_identity_kernel_with_one_hot_gives_one(c):
@@ -106,10 +111,13 @@ def test_adjusted_is_invariant_to_scaling_and_permutation():
     rng = np.random.default_rng(6)
     K, Y = random_psd(rng, 25), rng.normal(size=(25, 3))
     a = cx.adjusted_supervision_complexity(K, Y, ridge=1e-3)
-    assert cx.adjusted_supervision_complexity(37.0 * K, Y, ridge=1e-3) == pytest.approx(a, rel=1e-10)
+    assert cx.adjusted_supervision_complexity(37.0 * K, Y, ridge=1e-3) == pytest.approx(
+        a, rel=1e-10
+    )
     perm = rng.permutation(25)
-    assert cx.adjusted_supervision_complexity(K[np.ix_(perm, perm)], Y[perm],
-                                              ridge=1e-3) == pytest.approx(a, rel=1e-10)
+    assert cx.adjusted_supervision_complexity(
+        K[np.ix_(perm, perm)], Y[perm], ridge=1e-3
+    ) == pytest.approx(a, rel=1e-10)
 
 
 def test_block_diagonal_full_kernel_is_sum_of_per_class_complexities():
@@ -125,6 +133,7 @@ def test_block_diagonal_full_kernel_is_sum_of_per_class_complexities():
 
 
 # --- conditioning, jitter and bad inputs --------------------------------------
+
 
 def test_near_singular_kernel_warns_with_condition_number():
     rng = np.random.default_rng(8)
@@ -147,15 +156,18 @@ def test_roundoff_negative_eigenvalue_gets_jitter():
     assert 0 < info.jitter < 1e-12
 
 
-@pytest.mark.parametrize("K, Y, match", [
-    (np.eye(4), np.ones((5, 2)), r"shape \(4, k\)"),
-    (np.eye(4)[None], np.ones(4), r"shape \(1, 4, 4\)"),
-    (full_from_matrix(np.eye(6), 3, 2), np.ones((3, 5)), r"k=2 outputs"),
-    (np.diag([1.0, np.nan, 1.0]), np.ones(3), r"K\[1, 1\] = nan"),
-    (np.eye(3), np.array([1.0, np.inf, 0.0]), r"Y\[1, 0\] = inf"),
-    (np.array([[1.0, 0.5], [0.2, 1.0]]), np.ones(2), r"not symmetric: \|K\[0, 1\]"),
-    (np.diag([1.0, -0.5]), np.ones(2), r"smallest eigenvalue is -0.5.*ridge="),
-])
+@pytest.mark.parametrize(
+    "K, Y, match",
+    [
+        (np.eye(4), np.ones((5, 2)), r"shape \(4, k\)"),
+        (np.eye(4)[None], np.ones(4), r"shape \(1, 4, 4\)"),
+        (full_from_matrix(np.eye(6), 3, 2), np.ones((3, 5)), r"k=2 outputs"),
+        (np.diag([1.0, np.nan, 1.0]), np.ones(3), r"K\[1, 1\] = nan"),
+        (np.eye(3), np.array([1.0, np.inf, 0.0]), r"Y\[1, 0\] = inf"),
+        (np.array([[1.0, 0.5], [0.2, 1.0]]), np.ones(2), r"not symmetric: \|K\[0, 1\]"),
+        (np.diag([1.0, -0.5]), np.ones(2), r"smallest eigenvalue is -0.5.*ridge="),
+    ],
+)
 def test_bad_inputs_raise_clear_errors(K, Y, match):
     with pytest.raises(ValueError, match=match):
         cx.supervision_complexity(K, Y)
@@ -168,14 +180,16 @@ def test_negative_ridge_raises():
 
 # --- conjugate gradients -----------------------------------------------------
 
+
 def test_cg_matches_direct_solve():
     rng = np.random.default_rng(10)
     K, Y = random_psd(rng, 40, floor=0.05), rng.normal(size=(40, 3))
     direct = cx.supervision_complexity(K, Y)
     K_j = jnp.asarray(K)
     with jax.enable_x64(True):
-        got, info = cx.supervision_complexity_cg(jax.jit(lambda v: K_j @ v), Y, tol=1e-8,
-                                                 return_info=True)
+        got, info = cx.supervision_complexity_cg(
+            jax.jit(lambda v: K_j @ v), Y, tol=1e-8, return_info=True
+        )
     assert got == pytest.approx(direct, rel=1e-4)
     assert info.method == "cg" and info.converged and info.residual <= 1e-8
     assert 0 < info.iterations <= 2 * 40
@@ -188,8 +202,9 @@ def test_cg_full_kernel_with_ridge_matches_direct():
     K4 = full_from_matrix(mat, n, k)
     direct = cx.supervision_complexity(K4, Y, ridge=1e-2)
     matvec = lambda v: np.einsum("ijab,jb->ia", K4, v)  # noqa: E731
-    got = cx.supervision_complexity_cg(matvec, Y, full=True, ridge=1e-2,
-                                       trace=np.trace(mat), tol=1e-8)
+    got = cx.supervision_complexity_cg(
+        matvec, Y, full=True, ridge=1e-2, trace=np.trace(mat), tol=1e-8
+    )
     assert got == pytest.approx(direct, rel=1e-4)
 
 
@@ -205,8 +220,9 @@ def test_cg_reports_non_convergence_and_needs_trace_for_ridge():
     rng = np.random.default_rng(13)
     K = random_psd(rng, 30, floor=1e-6)
     with pytest.warns(cx.IllConditionedKernelWarning, match="maxiter=3"):
-        _, info = cx.supervision_complexity_cg(lambda v: K @ v, np.ones(30), maxiter=3,
-                                               return_info=True)
+        _, info = cx.supervision_complexity_cg(
+            lambda v: K @ v, np.ones(30), maxiter=3, return_info=True
+        )
     assert not info.converged and info.iterations == 3
     with pytest.raises(ValueError, match="pass trace="):
         cx.supervision_complexity_cg(lambda v: K @ v, np.ones(30), ridge=1e-3)
@@ -225,20 +241,23 @@ def test_cg_with_ntk_vector_products_matches_direct_solve(mode):
     trace = float(np.einsum("iiaa->", K) if mode == "full" else np.trace(K))
     direct = cx.supervision_complexity(K, Y, ridge=1e-2)
     matvec = ntk.ntk_vp_fn(apply_fn, params, x, mode=mode)
-    got, info = cx.supervision_complexity_cg(matvec, Y, full=mode == "full", ridge=1e-2,
-                                             trace=trace, tol=1e-6, return_info=True)
+    got, info = cx.supervision_complexity_cg(
+        matvec, Y, full=mode == "full", ridge=1e-2, trace=trace, tol=1e-6, return_info=True
+    )
     assert info.converged
     assert got == pytest.approx(direct, rel=1e-4)
 
 
 # --- margin bound ------------------------------------------------------------
 
+
 def test_margin_bound_terms_match_hand_computation():
     student = np.array([[3.0, 1.0, 0.0], [0.0, 0.5, 0.2], [1.0, 1.0, 4.0], [2.0, 0.0, 1.9]])
     teacher = np.array([[5.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 4.0, 1.0], [1.0, 0.0, 0.0]])
     labels = np.array([0, 1, 2, 0])
-    b = cx.margin_bound(student, teacher, labels, complexity=8.0, kernel_trace=2.0,
-                        gamma=0.5, delta=0.1)
+    b = cx.margin_bound(
+        student, teacher, labels, complexity=8.0, kernel_trace=2.0, gamma=0.5, delta=0.1
+    )
     # teacher argmax [0, 1, 1, 0] vs labels: one error. Student margins w.r.t.
     # it: [2, 0.3, -3, 0.1]; three are <= 0.5.
     assert b.teacher_error == 0.25
@@ -247,8 +266,16 @@ def test_margin_bound_terms_match_hand_computation():
     assert b.confidence_term == pytest.approx(3 * np.sqrt(np.log(20) / 8))
     assert b.total == pytest.approx(0.25 + 0.75 + 4.0 + 3 * np.sqrt(np.log(20) / 8))
     assert set(b.as_dict()) >= {"teacher_error", "margin_error", "total", "gamma"}
-    doubled = cx.margin_bound(student, teacher, labels, complexity=8.0, kernel_trace=2.0,
-                              gamma=0.5, delta=0.1, multiclass_factor=2.0)
+    doubled = cx.margin_bound(
+        student,
+        teacher,
+        labels,
+        complexity=8.0,
+        kernel_trace=2.0,
+        gamma=0.5,
+        delta=0.1,
+        multiclass_factor=2.0,
+    )
     assert doubled.complexity_term == pytest.approx(2 * b.complexity_term)
 
 
@@ -260,6 +287,7 @@ def test_margin_bound_rejects_bad_gamma():
 
 # --- compare_teachers and tables ----------------------------------------------
 
+
 def test_compare_teachers_with_precomputed_kernel():
     rng = np.random.default_rng(14)
     n, k = 20, 4
@@ -267,29 +295,45 @@ def test_compare_teachers_with_precomputed_kernel():
     labels = rng.integers(0, k, n)
     student = rng.normal(size=(n, k))
     teachers = {"epoch 1": rng.normal(size=(n, k)), "epoch 9": 5 * rng.normal(size=(n, k))}
-    rows = cx.compare_teachers(None, None, np.zeros((n, 1)), labels, teachers,
-                               temperatures=(1, 4), kernel=K, student_logits=student,
-                               gamma=0.1)
+    rows = cx.compare_teachers(
+        None,
+        None,
+        np.zeros((n, 1)),
+        labels,
+        teachers,
+        temperatures=(1, 4),
+        kernel=K,
+        student_logits=student,
+        gamma=0.1,
+    )
     assert [(r["target"], r["temperature"]) for r in rows] == [
-        ("epoch 1", 1.0), ("epoch 1", 4.0), ("epoch 9", 1.0), ("epoch 9", 4.0),
-        ("labels", None), ("random", None)]
+        ("epoch 1", 1.0),
+        ("epoch 1", 4.0),
+        ("epoch 9", 1.0),
+        ("epoch 9", 4.0),
+        ("labels", None),
+        ("random", None),
+    ]
     r = rows[3]
     Y = np.asarray(targets.softmax_targets(teachers["epoch 9"], 4.0))
     assert r["complexity"] == pytest.approx(numpy_complexity(K, Y), rel=1e-6)
     assert r["adjusted_complexity"] == pytest.approx(
-        math.sqrt(r["complexity"] * np.trace(K)) / n, rel=1e-12)
+        math.sqrt(r["complexity"] * np.trace(K)) / n, rel=1e-12
+    )
     ref = teachers["epoch 9"].argmax(1)
     assert r["teacher_accuracy"] == np.mean(ref == labels)
     srt = np.sort(student, axis=1)
     margins = student[np.arange(n), ref] - np.where(
-        student.argmax(1) == ref, srt[:, -2], srt[:, -1])
+        student.argmax(1) == ref, srt[:, -2], srt[:, -1]
+    )
     assert r["margin_mean"] == pytest.approx(margins.mean(), rel=1e-5)
     assert r["margin_median"] == pytest.approx(np.median(margins), rel=1e-5)
     assert r["margin_error"] == np.mean(margins <= 0.1)
     assert rows[4]["teacher_accuracy"] == 1.0
     with pytest.raises(ValueError, match=r"teacher 'bad' logits must have shape \(20, 4\)"):
-        cx.compare_teachers(None, None, None, labels, {"bad": np.zeros((n, 3))},
-                            kernel=K, student_logits=student)
+        cx.compare_teachers(
+            None, None, None, labels, {"bad": np.zeros((n, 3))}, kernel=K, student_logits=student
+        )
 
 
 def test_compare_teachers_full_kernel_and_centred_targets():
@@ -297,18 +341,30 @@ def test_compare_teachers_full_kernel_and_centred_targets():
     n, k = 8, 3
     K4 = full_from_matrix(random_psd(rng, n * k), n, k)
     z = rng.normal(size=(n, k))
-    rows = cx.compare_teachers(None, None, None, np.arange(n) % k, {"t": z}, temperatures=(2,),
-                               kernel=K4, student_logits=z, center=True)
+    rows = cx.compare_teachers(
+        None,
+        None,
+        None,
+        np.arange(n) % k,
+        {"t": z},
+        temperatures=(2,),
+        kernel=K4,
+        student_logits=z,
+        center=True,
+    )
     Y = np.asarray(targets.softmax_targets(z, 2.0)) - 1.0 / k
     assert rows[0]["complexity"] == pytest.approx(cx.supervision_complexity(K4, Y), rel=1e-6)
     assert rows[0]["margin_error"] == 0.0  # the student is the teacher here
     assert rows[1]["complexity"] == pytest.approx(
-        cx.supervision_complexity(K4, np.eye(k)[np.arange(n) % k]), rel=1e-10)
+        cx.supervision_complexity(K4, np.eye(k)[np.arange(n) % k]), rel=1e-10
+    )
 
 
 def test_write_and_format_table(tmp_path):
-    rows = [{"target": "labels", "temperature": None, "complexity": 1.23456789},
-            {"target": "t", "temperature": 2.0, "complexity": float("nan"), "extra": 3}]
+    rows = [
+        {"target": "labels", "temperature": None, "complexity": 1.23456789},
+        {"target": "t", "temperature": 2.0, "complexity": float("nan"), "extra": 3},
+    ]
     csv_path, json_path = cx.write_table(rows, str(tmp_path / "table"))
     assert sorted(os.listdir(tmp_path)) == ["table.csv", "table.json"]
     with open(json_path) as f:
@@ -330,6 +386,7 @@ def test_docstring_examples_run(module):
 
 
 # --- integration: temperature lowers complexity on MNIST-1D --------------------
+
 
 def entk_oracle(apply_fn, params, x, mode="trace"):
     """Brute-force eNTK from per-example jax.jacrev: trace (n, n) or full (n, n, k, k)."""
@@ -355,10 +412,10 @@ def test_compare_teachers_computes_the_kernel_with_the_ntk_engine():
     labels = np.arange(16) % 4
     teachers = {"t": 3 * np.asarray(jax.random.normal(jax.random.key(2), (16, 4)))}
     K = np.asarray(entk_oracle(apply_fn, params, x), np.float64)
-    expected = cx.compare_teachers(apply_fn, params, x, labels, teachers, temperatures=(2,),
-                                   kernel=K, ridge=1e-3)
-    got = cx.compare_teachers(apply_fn, params, x, labels, teachers, temperatures=(2,),
-                              ridge=1e-3)
+    expected = cx.compare_teachers(
+        apply_fn, params, x, labels, teachers, temperatures=(2,), kernel=K, ridge=1e-3
+    )
+    got = cx.compare_teachers(apply_fn, params, x, labels, teachers, temperatures=(2,), ridge=1e-3)
     for e, g in zip(expected, got):
         assert g["complexity"] == pytest.approx(e["complexity"], rel=1e-3)
         assert g["margin_mean"] == pytest.approx(e["margin_mean"], rel=1e-5)
@@ -380,7 +437,8 @@ def test_higher_temperature_lowers_teacher_complexity_on_mnist1d():
     @jax.jit
     def step(p, s, xb, yb):
         g = jax.grad(
-            lambda p: optax.softmax_cross_entropy_with_integer_labels(t_apply(p, xb), yb).mean())(p)
+            lambda p: optax.softmax_cross_entropy_with_integer_labels(t_apply(p, xb), yb).mean()
+        )(p)
         u, s = opt.update(g, s)
         return optax.apply_updates(p, u), s
 
@@ -395,8 +453,16 @@ def test_higher_temperature_lowers_teacher_complexity_on_mnist1d():
     s_apply = lambda p, x: s_model.apply({"params": p}, x)  # noqa: E731
     student = models.init_variables(s_model, jax.random.key(1), ds.input_shape)["params"]
     K = jax.jit(entk_oracle, static_argnums=0)(s_apply, student, xs)
-    rows = cx.compare_teachers(s_apply, student, xs, ys, {"final": t_logits},
-                               temperatures=(1, 2, 4, 8), kernel=K, ridge=1e-6)
+    rows = cx.compare_teachers(
+        s_apply,
+        student,
+        xs,
+        ys,
+        {"final": t_logits},
+        temperatures=(1, 2, 4, 8),
+        kernel=K,
+        ridge=1e-6,
+    )
     c = [r["complexity"] for r in rows if r["target"] == "final"]
     a = [r["adjusted_complexity"] for r in rows if r["target"] == "final"]
     assert all(c1 > c2 for c1, c2 in zip(c, c[1:])), c

@@ -6,8 +6,13 @@ import jax
 import numpy as np
 import pytest
 
-from ntkd.data import (DatasetError, augment_images, gaussian_bayes_logits, iterate_batches,
-                       load_dataset)
+from ntkd.data import (
+    DatasetError,
+    augment_images,
+    gaussian_bayes_logits,
+    iterate_batches,
+    load_dataset,
+)
 
 
 def test_mnist1d_shapes_split_and_determinism():
@@ -32,7 +37,9 @@ def test_digits_stratified_split():
 
 
 def test_gaussian_similarity_structure_and_bayes():
-    ds = load_dataset("gaussian", num_classes=6, dim=16, similarity=0.6, num_superclasses=2, n_train=3000)
+    ds = load_dataset(
+        "gaussian", num_classes=6, dim=16, similarity=0.6, num_superclasses=2, n_train=3000
+    )
     m, sup = ds.meta["class_means"], ds.meta["superclass"]
     cos = m @ m.T
     same = sup[:, None] == sup[None, :]
@@ -80,12 +87,21 @@ def test_fake_cifar100_archive_fine_and_coarse(tmp_path):
     rng = np.random.default_rng(1)
     for name, n in [("train", 8), ("test", 4)]:
         with open(base / name, "wb") as f:
-            pickle.dump({b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                         b"fine_labels": rng.integers(0, 100, n).tolist(),
-                         b"coarse_labels": rng.integers(0, 20, n).tolist()}, f)
+            pickle.dump(
+                {
+                    b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                    b"fine_labels": rng.integers(0, 100, n).tolist(),
+                    b"coarse_labels": rng.integers(0, 20, n).tolist(),
+                },
+                f,
+            )
     fine = load_dataset("cifar100", data_dir=tmp_path)
     coarse = load_dataset("cifar100", data_dir=tmp_path, label_type="coarse")
-    assert fine.num_classes == 100 and coarse.num_classes == 20 and fine.x_train.shape == (8, 32, 32, 3)
+    assert (
+        fine.num_classes == 100
+        and coarse.num_classes == 20
+        and fine.x_train.shape == (8, 32, 32, 3)
+    )
 
 
 def test_cifar_missing_and_corrupt_archives(tmp_path):
@@ -119,13 +135,22 @@ def test_tinyimagenet_folder_layout(tmp_path):
         (base / "train" / w / "images").mkdir(parents=True)
         for i in range(2):
             Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(
-                base / "train" / w / "images" / f"{w}_{i}.JPEG")
-        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(base / "val" / "images" / f"v{k}.JPEG")
+                base / "train" / w / "images" / f"{w}_{i}.JPEG"
+            )
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(
+            base / "val" / "images" / f"v{k}.JPEG"
+        )
         lines.append(f"v{k}.JPEG\t{w}\t0\t0\t64\t64")
     (base / "val" / "val_annotations.txt").write_text("\n".join(lines))
     ds = load_dataset("tinyimagenet", data_dir=tmp_path, standardize=False)
-    assert ds.x_train.shape == (4, 64, 64, 3) and ds.y_train.tolist() == [0, 0, 1, 1] and ds.y_test.tolist() == [0, 1]
-    cached = load_dataset("tinyimagenet", data_dir=tmp_path, standardize=False)  # from the .npy cache
+    assert (
+        ds.x_train.shape == (4, 64, 64, 3)
+        and ds.y_train.tolist() == [0, 0, 1, 1]
+        and ds.y_test.tolist() == [0, 1]
+    )
+    cached = load_dataset(
+        "tinyimagenet", data_dir=tmp_path, standardize=False
+    )  # from the .npy cache
     np.testing.assert_array_equal(cached.x_train, ds.x_train)
 
 
@@ -146,7 +171,7 @@ def test_augment_crops_are_shifted_windows_and_flips():
     assert out.shape == x.shape
     padded = np.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0)))
     for i in range(2):
-        windows = [padded[i, r:r + 8, c:c + 8] for r in range(5) for c in range(5)]
+        windows = [padded[i, r : r + 8, c : c + 8] for r in range(5) for c in range(5)]
         windows += [w[:, ::-1] for w in windows]
         assert any(np.array_equal(out[i], w) for w in windows)
     with pytest.raises(ValueError, match="H, W, C"):

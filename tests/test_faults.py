@@ -10,8 +10,8 @@ whose contents disagree with its config.json.
 """
 
 import json
-import re
 import os
+import re
 import shutil
 import signal
 import stat
@@ -24,6 +24,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import TINY_MNIST1D
 
 from ntkd import checkpoints as ckpt
 from ntkd._io import write_json
@@ -31,12 +32,17 @@ from ntkd._lock import LOCK_NAME, FolderInUseError, lock_folder
 from ntkd.cli import main as cli_main
 from ntkd.training import TrainConfig, train, train_student
 
-from conftest import TINY_MNIST1D
-
 REPO = Path(__file__).resolve().parents[1]
 
-CONFIG = dict(dataset="mnist1d", dataset_options=TINY_MNIST1D, model="mlp", model_options={"widths": [16]},
-              epochs=4, batch_size=64, checkpoint_every=2)
+CONFIG = dict(
+    dataset="mnist1d",
+    dataset_options=TINY_MNIST1D,
+    model="mlp",
+    model_options={"widths": [16]},
+    epochs=4,
+    batch_size=64,
+    checkpoint_every=2,
+)
 
 # Shared by the child (which SIGKILLs itself) and this process (which only counts).
 HOOKS = textwrap.dedent("""
@@ -93,8 +99,11 @@ CHILD = HOOKS + textwrap.dedent("""
 
 
 def _env():
-    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-                JAX_PLATFORMS="cpu")
+    return dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        JAX_PLATFORMS="cpu",
+    )
 
 
 def _child(spec: dict, **popen):
@@ -147,8 +156,13 @@ def _kill_and_resume(tmp_path, reference, **kill):
     assert proc.wait(timeout=300) == -signal.SIGKILL, "the child was not killed at the chosen point"
     train(TrainConfig(**CONFIG), out, progress=False)
     _assert_complete(out, reference)
-    leftovers = [p for p in out.rglob("*") if p.name.endswith(".tmp") or "orbax-checkpoint-tmp" in p.name
-                 or ".checkpoint-staging" in p.parts]
+    leftovers = [
+        p
+        for p in out.rglob("*")
+        if p.name.endswith(".tmp")
+        or "orbax-checkpoint-tmp" in p.name
+        or ".checkpoint-staging" in p.parts
+    ]
     assert leftovers == [], leftovers
 
 
@@ -190,7 +204,9 @@ def test_kill_between_checkpoint_rename_and_history_write_keeps_the_row(tmp_path
     proc = _child(dict(config=CONFIG, out=str(out), kill_after_rename_into="checkpoints/2"))
     assert proc.wait(timeout=300) == -signal.SIGKILL
     assert ckpt.list_epochs(out) == [0, 2]
-    assert [r["epoch"] for r in json.loads((out / "history.json").read_text())] == [0]  # row 1, 2 not yet written
+    assert [r["epoch"] for r in json.loads((out / "history.json").read_text())] == [
+        0
+    ]  # row 1, 2 not yet written
     train(TrainConfig(**CONFIG), out, progress=False)
     _assert_complete(out, reference)
 
@@ -200,8 +216,12 @@ def test_flipped_bytes_in_any_checkpoint_file_are_a_checkpoint_error_naming_it(t
     run = tmp_path / "run"
     shutil.copytree(reference["dir"], run)
     final = ckpt.checkpoint_dir(run) / str(CONFIG["epochs"])
-    data = sorted((final / "variables" / "ocdbt.process_0" / "d").iterdir(), key=lambda p: p.stat().st_size)
-    files = [data[-1]] + [p for p in final.rglob("*") if p.is_file() and p.name != "manifest.sha256"]
+    data = sorted(
+        (final / "variables" / "ocdbt.process_0" / "d").iterdir(), key=lambda p: p.stat().st_size
+    )
+    files = [data[-1]] + [
+        p for p in final.rglob("*") if p.is_file() and p.name != "manifest.sha256"
+    ]
     for victim in files[:6] + list(rng.choice(files[6:], 4, replace=False)):
         original = victim.read_bytes()
         flipped = bytearray(original)
@@ -219,17 +239,35 @@ def test_flipped_bytes_in_any_checkpoint_file_are_a_checkpoint_error_naming_it(t
 def test_distilling_from_a_corrupt_or_unfinished_teacher_is_refused(tmp_path, reference, capsys):
     teacher = tmp_path / "teacher"
     shutil.copytree(reference["dir"], teacher)
-    victim = max((p for p in (ckpt.checkpoint_dir(teacher) / "4" / "variables").rglob("*") if p.is_file()),
-                 key=lambda p: p.stat().st_size)
+    victim = max(
+        (p for p in (ckpt.checkpoint_dir(teacher) / "4" / "variables").rglob("*") if p.is_file()),
+        key=lambda p: p.stat().st_size,
+    )
     victim.write_bytes(victim.read_bytes()[:-8] + b"\x00" * 8)
-    args = ["distill", "--teacher", str(teacher), "--regime", "offline", "--out", str(tmp_path / "s"),
-            "--dataset-options", json.dumps(TINY_MNIST1D), "--epochs", "1", "--no-progress"]
+    args = [
+        "distill",
+        "--teacher",
+        str(teacher),
+        "--regime",
+        "offline",
+        "--out",
+        str(tmp_path / "s"),
+        "--dataset-options",
+        json.dumps(TINY_MNIST1D),
+        "--epochs",
+        "1",
+        "--no-progress",
+    ]
     assert cli_main(args) == 2
     assert str(victim) in capsys.readouterr().err
     assert not (tmp_path / "s").exists()  # nothing written before the inputs were checked
     shutil.rmtree(ckpt.checkpoint_dir(teacher) / "4")  # the advice for a corrupt checkpoint
-    student = TrainConfig(**{**CONFIG, "regime": "offline", "teacher_dir": str(teacher), "epochs": 1})
-    with pytest.raises(ckpt.CheckpointError, match=r"teacher run .* is unfinished: .*4 epochs .*epoch 2"):
+    student = TrainConfig(
+        **{**CONFIG, "regime": "offline", "teacher_dir": str(teacher), "epochs": 1}
+    )
+    with pytest.raises(
+        ckpt.CheckpointError, match=r"teacher run .* is unfinished: .*4 epochs .*epoch 2"
+    ):
         train_student(student, tmp_path / "s", progress=False)
     assert not (tmp_path / "s").exists()
 
@@ -238,8 +276,14 @@ def test_concurrent_starts_exactly_one_runs_and_the_folder_is_consistent(tmp_pat
     out = tmp_path / "run"
     go = tmp_path / "go"
     lrs = [1e-2, 1e-3]
-    procs = [_child(dict(config={**CONFIG, "learning_rate": lr}, out=str(out), go=str(go)),
-                    stderr=subprocess.PIPE, text=True) for lr in lrs]
+    procs = [
+        _child(
+            dict(config={**CONFIG, "learning_rate": lr}, out=str(out), go=str(go)),
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for lr in lrs
+    ]
     deadline = time.time() + 120
     while len(list(tmp_path.glob("go.ready*"))) < 2 and time.time() < deadline:
         time.sleep(0.01)
@@ -248,19 +292,32 @@ def test_concurrent_starts_exactly_one_runs_and_the_folder_is_consistent(tmp_pat
     ok = [i for i, (rc, _) in enumerate(results) if rc == 0]
     assert len(ok) == 1, results
     loser_err = results[1 - ok[0]][1]
-    assert ("is in use by PID" in loser_err or "different configuration" in loser_err), loser_err
+    assert "is in use by PID" in loser_err or "different configuration" in loser_err, loser_err
     assert "No such file" not in loser_err
     winner = TrainConfig(**{**CONFIG, "learning_rate": lrs[ok[0]]})
     assert json.loads((out / "config.json").read_text()) == winner.to_dict()
-    expected = reference["variables"] if ok[0] == 0 else train(winner, tmp_path / "oracle", progress=False)["variables"]
+    expected = (
+        reference["variables"]
+        if ok[0] == 0
+        else train(winner, tmp_path / "oracle", progress=False)["variables"]
+    )
     _assert_same_params(ckpt.restore_model(out)[1], expected)
 
 
 def _lock_holder(folder: Path) -> subprocess.Popen:
     """A child process that holds ``folder``'s lock until killed."""
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from ntkd._lock import lock_folder; "
-                               "l = lock_folder(sys.argv[1]); print('locked', flush=True); time.sleep(120)",
-                               str(folder)], env=_env(), stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from ntkd._lock import lock_folder; "
+            "l = lock_folder(sys.argv[1]); print('locked', flush=True); time.sleep(120)",
+            str(folder),
+        ],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "locked"
     return holder
 
@@ -269,7 +326,9 @@ def test_a_held_lock_refuses_a_second_start_and_a_dead_holders_lock_is_taken_ove
     out = tmp_path / "run"
     holder = _lock_holder(out)
     try:
-        with pytest.raises(FolderInUseError, match=rf"run folder {out} is in use by PID {holder.pid}"):
+        with pytest.raises(
+            FolderInUseError, match=rf"run folder {out} is in use by PID {holder.pid}"
+        ):
             train(TrainConfig(**CONFIG), out, progress=False)
         assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]  # nothing else was written
     finally:
@@ -288,7 +347,10 @@ def test_a_study_folder_in_use_is_refused_before_study_json_is_written(tmp_path)
 
     holder = _lock_holder(tmp_path / "study")
     try:
-        with pytest.raises(FolderInUseError, match=rf"study folder {tmp_path / 'study'} is in use by PID {holder.pid}"):
+        with pytest.raises(
+            FolderInUseError,
+            match=rf"study folder {tmp_path / 'study'} is in use by PID {holder.pid}",
+        ):
             Study(StudyConfig(dataset_options=TINY_MNIST1D), tmp_path / "study")
         assert not (tmp_path / "study" / "study.json").exists()
     finally:
@@ -301,18 +363,25 @@ def test_a_study_folder_in_use_is_refused_before_study_json_is_written(tmp_path)
     assert (tmp_path / "study" / "study.json").is_file() and not stale.exists()
 
 
-def test_deleted_config_is_rebuilt_for_the_same_run_and_another_config_is_refused(tmp_path, reference):
+def test_deleted_config_is_rebuilt_for_the_same_run_and_another_config_is_refused(
+    tmp_path, reference
+):
     run = tmp_path / "run"
     shutil.copytree(reference["dir"], run)
     (run / "config.json").unlink()
     before = {p: p.stat().st_mtime_ns for p in ckpt.checkpoint_dir(run).rglob("*")}
-    with pytest.raises(ValueError, match=r"different configuration \{'learning_rate': \(0.01, 0.001\)\}.*"
-                                         r"checkpoints/4"):
+    with pytest.raises(
+        ValueError,
+        match=r"different configuration \{'learning_rate': \(0.01, 0.001\)\}.*"
+        r"checkpoints/4",
+    ):
         train(TrainConfig(**{**CONFIG, "learning_rate": 1e-3}), run, progress=False)
     assert not (run / "config.json").exists()
     train(TrainConfig(**CONFIG), run, progress=False)
     _assert_complete(run, reference)
-    assert {p: p.stat().st_mtime_ns for p in ckpt.checkpoint_dir(run).rglob("*")} == before  # nothing retrained
+    assert {
+        p: p.stat().st_mtime_ns for p in ckpt.checkpoint_dir(run).rglob("*")
+    } == before  # nothing retrained
 
 
 def test_interrupted_run_without_config_cannot_resume_under_another(tmp_path, reference):
@@ -355,9 +424,12 @@ def test_history_is_rebuilt_from_the_checkpoints(tmp_path, reference, damage):
 def test_stale_temporary_files_are_removed_on_the_next_start(tmp_path, reference):
     run = tmp_path / "run"
     shutil.copytree(reference["dir"], run)
-    stale = [run / ".history.json.x1y2.tmp", run / ".config.json.abc.tmp",
-             ckpt.checkpoint_dir(run) / "6.orbax-checkpoint-tmp-1234" / "variables",
-             run / ".checkpoint-staging" / "6-999" / "meta"]
+    stale = [
+        run / ".history.json.x1y2.tmp",
+        run / ".config.json.abc.tmp",
+        ckpt.checkpoint_dir(run) / "6.orbax-checkpoint-tmp-1234" / "variables",
+        run / ".checkpoint-staging" / "6-999" / "meta",
+    ]
     for p in stale:
         if p.suffix == ".tmp":
             p.write_text("partial")
@@ -368,14 +440,35 @@ def test_stale_temporary_files_are_removed_on_the_next_start(tmp_path, reference
     assert ckpt.list_epochs(run) == [0, 2, 4]
 
 
-def test_divergence_is_a_clear_error_and_the_remedy_continues_from_the_last_checkpoint(tmp_path, capsys):
+def test_divergence_is_a_clear_error_and_the_remedy_continues_from_the_last_checkpoint(
+    tmp_path, capsys
+):
     run = tmp_path / "run"
-    common = ["--dataset-options", json.dumps(TINY_MNIST1D), "--model", "mlp", "--model-options",
-              '{"widths": [16]}', "--epochs", "3", "--batch-size", "64", "--optimizer", "sgd",
-              "--schedule", "constant", "--out", str(run), "--no-progress"]
+    common = [
+        "--dataset-options",
+        json.dumps(TINY_MNIST1D),
+        "--model",
+        "mlp",
+        "--model-options",
+        '{"widths": [16]}',
+        "--epochs",
+        "3",
+        "--batch-size",
+        "64",
+        "--optimizer",
+        "sgd",
+        "--schedule",
+        "constant",
+        "--out",
+        str(run),
+        "--no-progress",
+    ]
     assert cli_main(["train-teacher", "--lr", "1e6", *common]) == 2
     err = capsys.readouterr().err
-    assert re.search(r"training diverged: the loss became (nan|inf) at epoch 1", err) and "--amend-optimizer" in err
+    assert (
+        re.search(r"training diverged: the loss became (nan|inf) at epoch 1", err)
+        and "--amend-optimizer" in err
+    )
     assert "Traceback" not in err
     assert ckpt.list_epochs(run) == [0]
     # a lower learning rate alone is refused (it would mix configurations) ...
@@ -385,17 +478,35 @@ def test_divergence_is_a_clear_error_and_the_remedy_continues_from_the_last_chec
     assert cli_main(["train-teacher", "--lr", "0.05", "--amend-optimizer", *common]) == 0
     changes = json.loads((run / "config_history.json").read_text())
     assert [c["from_epoch"] for c in changes] == [0, 0]
-    assert changes[1]["changes"] == {"learning_rate": [1e6, 0.05]} and changes[1]["optimizer_state"] == "kept"
+    assert (
+        changes[1]["changes"] == {"learning_rate": [1e6, 0.05]}
+        and changes[1]["optimizer_state"] == "kept"
+    )
     assert json.loads((run / "config.json").read_text())["learning_rate"] == 0.05
     assert ckpt.read_metadata(run)["config"]["learning_rate"] == 0.05
     # continuing from the (initial) epoch-0 checkpoint equals training with the new rate from the start
-    fresh = TrainConfig(dataset="mnist1d", dataset_options=TINY_MNIST1D, model="mlp", model_options={"widths": [16]},
-                        epochs=3, batch_size=64, optimizer="sgd", schedule="constant", learning_rate=0.05)
-    _assert_same_params(ckpt.restore_model(run)[1], train(fresh, tmp_path / "fresh", progress=False)["variables"])
-    assert cli_main(["train-teacher", "--lr", "0.05", *common]) == 0  # a plain rerun of the amended run
+    fresh = TrainConfig(
+        dataset="mnist1d",
+        dataset_options=TINY_MNIST1D,
+        model="mlp",
+        model_options={"widths": [16]},
+        epochs=3,
+        batch_size=64,
+        optimizer="sgd",
+        schedule="constant",
+        learning_rate=0.05,
+    )
+    _assert_same_params(
+        ckpt.restore_model(run)[1], train(fresh, tmp_path / "fresh", progress=False)["variables"]
+    )
+    assert (
+        cli_main(["train-teacher", "--lr", "0.05", *common]) == 0
+    )  # a plain rerun of the amended run
 
 
-def test_an_amendment_that_changes_the_optimizer_state_structure_reinitialises_it(tmp_path, reference):
+def test_an_amendment_that_changes_the_optimizer_state_structure_reinitialises_it(
+    tmp_path, reference
+):
     run = tmp_path / "run"
     shutil.copytree(reference["dir"], run)
     shutil.rmtree(ckpt.checkpoint_dir(run) / "4")
@@ -403,11 +514,18 @@ def test_an_amendment_that_changes_the_optimizer_state_structure_reinitialises_i
     with pytest.raises(ValueError, match="--amend-optimizer"):
         train(cfg, run, progress=False)
     with pytest.raises(ValueError, match=r"only optimizer, .* not \['epochs'\]"):
-        train(TrainConfig(**{**CONFIG, "optimizer": "sgd", "epochs": 5}), run, progress=False, amend_optimizer=True)
+        train(
+            TrainConfig(**{**CONFIG, "optimizer": "sgd", "epochs": 5}),
+            run,
+            progress=False,
+            amend_optimizer=True,
+        )
     out = train(cfg, run, progress=False, amend_optimizer=True)
     assert [r["epoch"] for r in out["history"]] == [0, 1, 2, 3, 4]
     changes = json.loads((run / "config_history.json").read_text())
-    assert changes[-1]["from_epoch"] == 2 and changes[-1]["changes"] == {"optimizer": ["adam", "sgd"]}
+    assert changes[-1]["from_epoch"] == 2 and changes[-1]["changes"] == {
+        "optimizer": ["adam", "sgd"]
+    }
     assert changes[-1]["optimizer_state"] == "reinitialised"
 
 
@@ -426,25 +544,43 @@ def test_written_files_honour_the_umask(tmp_path, umask):
 
 def test_run_files_are_readable_by_the_group(reference):
     run = reference["dir"]
-    for path in [run / "config.json", run / "history.json", ckpt.checkpoint_dir(run) / "4" / "manifest.sha256"]:
+    for path in [
+        run / "config.json",
+        run / "history.json",
+        ckpt.checkpoint_dir(run) / "4" / "manifest.sha256",
+    ]:
         mode = stat.S_IMODE(path.stat().st_mode)
         assert mode & 0o040, (path, oct(mode))
 
 
-@pytest.mark.parametrize("bad, message", [
-    (["--model", "nonsense"], "nonsense"),
-    (["--dataset", "nonsense"], "unknown dataset 'nonsense'"),
-    (["--dataset-options", '{"num_samples": 0}'], "num_samples must be an integer >= 20"),
-    (["--dataset-options", '{"num_samples": 600, "train_split": 1.0}'], "train_split must be in (0, 1)"),
-    (["--regime", "early_stopped", "--teacher-epoch", "9"], "teacher_epoch 9 not saved"),
-    (["--teacher", "MISSING"], "has no checkpoints; train it with `ntkd train-teacher --out"),
-])
-def test_a_failed_start_writes_nothing_and_the_corrected_command_runs(tmp_path, reference, capsys, bad, message):
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (["--model", "nonsense"], "nonsense"),
+        (["--dataset", "nonsense"], "unknown dataset 'nonsense'"),
+        (["--dataset-options", '{"num_samples": 0}'], "num_samples must be an integer >= 20"),
+        (
+            ["--dataset-options", '{"num_samples": 600, "train_split": 1.0}'],
+            "train_split must be in (0, 1)",
+        ),
+        (["--regime", "early_stopped", "--teacher-epoch", "9"], "teacher_epoch 9 not saved"),
+        (["--teacher", "MISSING"], "has no checkpoints; train it with `ntkd train-teacher --out"),
+    ],
+)
+def test_a_failed_start_writes_nothing_and_the_corrected_command_runs(
+    tmp_path, reference, capsys, bad, message
+):
     out = tmp_path / "s"
     teacher = str(tmp_path / "missing") if "MISSING" in bad else str(reference["dir"])
     bad = [teacher if b == "MISSING" else b for b in bad]
-    base = {"--teacher": str(reference["dir"]), "--regime": "offline", "--dataset-options": json.dumps(TINY_MNIST1D),
-            "--model": "mlp", "--model-options": '{"widths": [8]}', "--epochs": "1"}
+    base = {
+        "--teacher": str(reference["dir"]),
+        "--regime": "offline",
+        "--dataset-options": json.dumps(TINY_MNIST1D),
+        "--model": "mlp",
+        "--model-options": '{"widths": [8]}',
+        "--epochs": "1",
+    }
     for flag, value in zip(bad[::2], bad[1::2]):
         base[flag] = value
     args = ["distill", "--out", str(out), "--no-progress", *[x for kv in base.items() for x in kv]]
@@ -452,8 +588,22 @@ def test_a_failed_start_writes_nothing_and_the_corrected_command_runs(tmp_path, 
     err = capsys.readouterr().err
     assert message in err and "{self.dir}" not in err
     assert not out.exists()
-    good = ["distill", "--out", str(out), "--no-progress", "--teacher", str(reference["dir"]), "--dataset-options",
-            json.dumps(TINY_MNIST1D), "--model", "mlp", "--model-options", '{"widths": [8]}', "--epochs", "1"]
+    good = [
+        "distill",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--teacher",
+        str(reference["dir"]),
+        "--dataset-options",
+        json.dumps(TINY_MNIST1D),
+        "--model",
+        "mlp",
+        "--model-options",
+        '{"widths": [8]}',
+        "--epochs",
+        "1",
+    ]
     assert cli_main(good) == 0
 
 
@@ -478,4 +628,6 @@ def test_a_study_with_a_bad_run_config_writes_nothing(tmp_path):
     with pytest.raises(ValueError, match="unknown model 'nonsense'"):
         Study(bad, tmp_path / "study")
     assert not (tmp_path / "study").exists()
-    Study(StudyConfig(dataset_options=TINY_MNIST1D), tmp_path / "study")  # the corrected study starts
+    Study(
+        StudyConfig(dataset_options=TINY_MNIST1D), tmp_path / "study"
+    )  # the corrected study starts

@@ -15,11 +15,30 @@ def _distillation(acc: dict[str, list[float]], teacher=0.95, students=None):
     runs, rows = [], []
     for name, vals in acc.items():
         student, kind, t = (students or {}).get(name, ("main", None, None))
-        kind = kind or ("none" if name.startswith("no-KD") else name.split(" ")[0].replace("early-stopped", "early_stopped"))
+        kind = kind or (
+            "none"
+            if name.startswith("no-KD")
+            else name.split(" ")[0].replace("early-stopped", "early_stopped")
+        )
         for seed, v in enumerate(vals):
-            runs.append({"regime": name, "student": student, "seed": seed, "test_acc": v, "test_fidelity": v + 0.01})
-        rows.append({"regime": name, "student": student, "kind": kind, "temperature": t,
-                     "test_acc_mean": float(np.mean(vals))})
+            runs.append(
+                {
+                    "regime": name,
+                    "student": student,
+                    "seed": seed,
+                    "test_acc": v,
+                    "test_fidelity": v + 0.01,
+                }
+            )
+        rows.append(
+            {
+                "regime": name,
+                "student": student,
+                "kind": kind,
+                "temperature": t,
+                "test_acc_mean": float(np.mean(vals)),
+            }
+        )
     return {"runs": runs, "rows": rows, "teacher_test_acc": teacher}
 
 
@@ -31,28 +50,39 @@ def test_paired_metric_is_the_paired_t_test_of_seed_differences():
     rng = np.random.default_rng(0)
     off = rng.normal(0.7, 0.02, 8)
     on = off + 0.01 + rng.normal(0, 0.004, 8)
-    crit = [c for c in _criteria() if c["name"] == "online KD beats offline KD in test accuracy (τ=1)"]
-    [f] = evaluate_findings(crit, {"distillation": _distillation({"online τ=1": list(on), "offline τ=1": list(off)})})
+    crit = [
+        c for c in _criteria() if c["name"] == "online KD beats offline KD in test accuracy (τ=1)"
+    ]
+    [f] = evaluate_findings(
+        crit, {"distillation": _distillation({"online τ=1": list(on), "offline τ=1": list(off)})}
+    )
     ref = scipy.stats.ttest_rel(on, off)
     assert f["effect"] == pytest.approx(np.mean(on - off)) and f["p"] == pytest.approx(ref.pvalue)
     assert f["p_adjusted"] == pytest.approx(ref.pvalue) and f["verdict"] == "reproduced"
     assert set(f) >= {"name", "verdict", "effect", "ci", "p_adjusted", "criterion"}
     # the same numbers with the conditions swapped are significant against the paper
-    [g] = evaluate_findings(crit, {"distillation": _distillation({"online τ=1": list(off), "offline τ=1": list(on)})})
+    [g] = evaluate_findings(
+        crit, {"distillation": _distillation({"online τ=1": list(off), "offline τ=1": list(on)})}
+    )
     assert g["verdict"] == "not reproduced"
 
 
 def test_holm_is_applied_across_all_findings_of_a_run():
     rng = np.random.default_rng(1)
     base = rng.normal(0.7, 0.02, 8)
-    acc = {"no-KD": list(base), "offline τ=1": list(base + 0.004 + rng.normal(0, 0.005, 8)),
-           "offline τ=4": list(base + 0.02 + rng.normal(0, 0.005, 8)),
-           "early-stopped τ=1": list(base + rng.normal(0, 0.005, 8)),
-           "online τ=1": list(base + 0.006 + rng.normal(0, 0.005, 8)),
-           "online τ=4": list(base + 0.021 + rng.normal(0, 0.005, 8))}
+    acc = {
+        "no-KD": list(base),
+        "offline τ=1": list(base + 0.004 + rng.normal(0, 0.005, 8)),
+        "offline τ=4": list(base + 0.02 + rng.normal(0, 0.005, 8)),
+        "early-stopped τ=1": list(base + rng.normal(0, 0.005, 8)),
+        "online τ=1": list(base + 0.006 + rng.normal(0, 0.005, 8)),
+        "online τ=4": list(base + 0.021 + rng.normal(0, 0.005, 8)),
+    }
     found = evaluate_findings(_criteria(), {"distillation": _distillation(acc)})
     tested = [f for f in found if f["p"] is not None]
-    assert len(tested) == 7  # 7 paired accuracy/fidelity findings; capacity slope needs 3 students: not tested
+    assert (
+        len(tested) == 7
+    )  # 7 paired accuracy/fidelity findings; capacity slope needs 3 students: not tested
     assert holm([f["p"] for f in tested]) == pytest.approx([f["p_adjusted"] for f in tested])
     assert all(f["verdict"] == "not tested" for f in found if f["p"] is None)
     slope = next(f for f in found if f["name"].startswith("online KD helps most"))
@@ -69,7 +99,11 @@ def test_capacity_slope_from_five_students():
         acc[f"no-KD{sfx}"] = list(base + noise)
         acc[f"offline τ=4{sfx}"] = list(base + 0.01 + noise)
         acc[f"online τ=4{sfx}"] = list(base + 0.01 + 0.2 * gap + noise + rng.normal(0, 0.003, 4))
-        for kind, name in (("none", f"no-KD{sfx}"), ("offline", f"offline τ=4{sfx}"), ("online", f"online τ=4{sfx}")):
+        for kind, name in (
+            ("none", f"no-KD{sfx}"),
+            ("offline", f"offline τ=4{sfx}"),
+            ("online", f"online τ=4{sfx}"),
+        ):
             students[name] = (label, kind, None if kind == "none" else 4.0)
     crit = [c for c in _criteria() if c["statistic"] == "capacity_slope"]
     [f] = evaluate_findings(crit, {"distillation": _distillation(acc, students=students)})
@@ -85,10 +119,17 @@ def _teacher_result(A_hat_drop: float, A_drop: float):
         for e in (0, 1, 5):
             for t in (1.0, 4.0):
                 hi = t == 1.0
-                rows.append({"target": f"epoch {e}", "teacher_epoch": e, "temperature": t,
-                             "A": 1.0 + e + (A_drop + wobble if hi else 0) + eps,
-                             "A_hat": 1.0 + e + (A_hat_drop + wobble if hi else 0) + eps,
-                             "A_identity": 0.5 + (A_drop if hi else 0), "ls_A_hat": 1.0 + (A_drop if hi else 0) + eps})
+                rows.append(
+                    {
+                        "target": f"epoch {e}",
+                        "teacher_epoch": e,
+                        "temperature": t,
+                        "A": 1.0 + e + (A_drop + wobble if hi else 0) + eps,
+                        "A_hat": 1.0 + e + (A_hat_drop + wobble if hi else 0) + eps,
+                        "A_identity": 0.5 + (A_drop if hi else 0),
+                        "ls_A_hat": 1.0 + (A_drop if hi else 0) + eps,
+                    }
+                )
         panels.append({"seed": seed, "rows": rows})
     return {"teacher_checkpoints": {"panels": panels}}
 
@@ -116,9 +157,14 @@ def test_the_preset_holds_and_hashes_its_criteria():
 
 def _fake_study(folder, seeds, verdicts, criteria_sha="abc"):
     (folder / "results").mkdir(parents=True)
-    (folder / "study.json").write_text(json.dumps({"seeds": seeds, "criteria_sha256": criteria_sha}))
-    (folder / "results" / "findings.json").write_text(json.dumps(
-        [{"name": f"f{i}", "verdict": v, "effect": 0.1 * i} for i, v in enumerate(verdicts)]))
+    (folder / "study.json").write_text(
+        json.dumps({"seeds": seeds, "criteria_sha256": criteria_sha})
+    )
+    (folder / "results" / "findings.json").write_text(
+        json.dumps(
+            [{"name": f"f{i}", "verdict": v, "effect": 0.1 * i} for i, v in enumerate(verdicts)]
+        )
+    )
     return folder
 
 
@@ -129,8 +175,14 @@ def test_compare_findings_across_disjoint_seed_sets(tmp_path):
     b = _fake_study(tmp_path / "b", [8, 9, 10], ["reproduced", "reproduced", "not reproduced"])
     stab = json.loads(compare_findings(a, b).read_text())
     assert stab["unchanged"] == 2 and stab["total"] == 3
-    assert [r["same"] for r in stab["rows"]] == [True, False, True] and stab["other_seeds"] == [8, 9, 10]
+    assert [r["same"] for r in stab["rows"]] == [True, False, True] and stab["other_seeds"] == [
+        8,
+        9,
+        10,
+    ]
     with pytest.raises(ValueError, match="share seeds"):
         compare_findings(a, _fake_study(tmp_path / "c", [2, 3], ["reproduced"] * 3))
     with pytest.raises(ValueError, match="different criteria"):
-        compare_findings(a, _fake_study(tmp_path / "d", [5], ["reproduced"] * 3, criteria_sha="xyz"))
+        compare_findings(
+            a, _fake_study(tmp_path / "d", [5], ["reproduced"] * 3, criteria_sha="xyz")
+        )

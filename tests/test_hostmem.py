@@ -15,7 +15,8 @@ import pytest
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux") or not hasattr(ctypes.CDLL(None), "gnu_get_libc_version"),
-    reason="the allocator settings are glibc-only")
+    reason="the allocator settings are glibc-only",
+)
 
 PROBE = """
 import ctypes, resource, sys
@@ -41,8 +42,9 @@ print(_hostmem.TUNED, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - befor
 
 def _probe(tune: str, **extra_env) -> tuple[bool, int]:
     env = dict(os.environ, NTKD_TUNE_MALLOC=tune, **extra_env)
-    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True,
-                         check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, check=True
+    ).stdout.split()
     return out[0] == "True", int(out[1])
 
 

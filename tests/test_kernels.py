@@ -23,6 +23,7 @@ def numpy_alignment(K1, K2, centered=False):
 
 # --- dense alignment ----------------------------------------------------------
 
+
 @pytest.mark.parametrize("centered", [False, True])
 def test_alignment_matches_numpy_and_invariances(centered):
     rng = np.random.default_rng(0)
@@ -31,7 +32,8 @@ def test_alignment_matches_numpy_and_invariances(centered):
     assert got == pytest.approx(numpy_alignment(K1, K2, centered), rel=1e-12)
     assert kernels.kernel_alignment(K1, K1, centered=centered) == pytest.approx(1, abs=1e-12)
     assert kernels.kernel_alignment(3.0 * K1, 0.01 * K2, centered=centered) == pytest.approx(
-        got, rel=1e-12)
+        got, rel=1e-12
+    )
     shifted = kernels.kernel_alignment(K1 + 5.0, K2, centered=centered)
     if centered:
         assert shifted == pytest.approx(got, rel=1e-10)
@@ -65,7 +67,7 @@ def test_alignment_spectrum_matches_eigh():
     curve = kernels.alignment_spectrum(K, Y)
     w, V = np.linalg.eigh(K)
     order = np.argsort(w)[::-1]
-    expected = np.cumsum(np.sum((V[:, order].T @ Y) ** 2, axis=1)) / np.sum(Y ** 2)
+    expected = np.cumsum(np.sum((V[:, order].T @ Y) ** 2, axis=1)) / np.sum(Y**2)
     np.testing.assert_allclose(curve, expected, rtol=1e-10)
     assert curve.shape == (20,)
     assert np.all(np.diff(curve) >= -1e-15) and curve[-1] == pytest.approx(1, abs=1e-12)
@@ -74,6 +76,7 @@ def test_alignment_spectrum_matches_eigh():
 
 
 # --- matrix-free estimators --------------------------------------------------
+
 
 def trace_entk_oracle(apply_fn, params, x):
     """Brute-force trace eNTK Σ_a J_a J_aᵀ from per-example jax.jacrev."""
@@ -93,20 +96,27 @@ def test_trace_estimators_fall_within_error_bars():
     rng = np.random.default_rng(3)
     K = random_psd(rng, 60, decay=0.9)
     f = lambda v: K @ v  # noqa: E731
-    for est in (kernels.hutchinson_trace(f, 60, num_probes=30, key=jax.random.key(0)),
-                kernels.hutchpp_trace(f, 60, num_matvecs=30, key=jax.random.key(0))):
+    for est in (
+        kernels.hutchinson_trace(f, 60, num_probes=30, key=jax.random.key(0)),
+        kernels.hutchpp_trace(f, 60, num_matvecs=30, key=jax.random.key(0)),
+    ):
         assert est.stderr > 0
         assert abs(est.value - np.trace(K)) <= 4 * est.stderr
     fast = random_psd(rng, 60, decay=0.6)  # eNTK-like fast decay: Hutch++ wins
     g = lambda v: fast @ v  # noqa: E731
-    assert kernels.hutchpp_trace(g, 60, num_matvecs=30).stderr < 0.1 * kernels.hutchinson_trace(
-        g, 60, num_probes=30).stderr
+    assert (
+        kernels.hutchpp_trace(g, 60, num_matvecs=30).stderr
+        < 0.1 * kernels.hutchinson_trace(g, 60, num_probes=30).stderr
+    )
 
 
-@pytest.mark.parametrize("estimator, kwargs", [
-    (kernels.hutchinson_trace, {"num_probes": 20}),
-    (kernels.hutchpp_trace, {"num_matvecs": 30}),
-])
+@pytest.mark.parametrize(
+    "estimator, kwargs",
+    [
+        (kernels.hutchinson_trace, {"num_probes": 20}),
+        (kernels.hutchpp_trace, {"num_matvecs": 30}),
+    ],
+)
 def test_trace_error_bars_have_reasonable_coverage(estimator, kwargs):
     rng = np.random.default_rng(4)
     K = random_psd(rng, 40, decay=0.85)
@@ -137,8 +147,15 @@ def test_alignment_estimate_within_error_bars(method, centered):
     exact = numpy_alignment(K1, K2, centered)
     hits = 0
     for seed in range(20):
-        est = kernels.estimate_alignment(K1.__matmul__, K2.__matmul__, 50, centered=centered,
-                                         method=method, num_probes=20, key=jax.random.key(seed))
+        est = kernels.estimate_alignment(
+            K1.__matmul__,
+            K2.__matmul__,
+            50,
+            centered=centered,
+            method=method,
+            num_probes=20,
+            key=jax.random.key(seed),
+        )
         assert abs(est.value - exact) <= 4 * est.stderr + 1e-6
         hits += abs(est.value - exact) <= 1.96 * est.stderr + 1e-6
     assert hits >= 15
@@ -156,7 +173,9 @@ def test_estimators_with_ntk_vector_products():
     from ntkd import models, ntk
 
     model = models.get_model("mlp", 3, widths=(32,))
-    apply_fn, params = ntk.flax_apply_fn(model, models.init_variables(model, jax.random.key(0), (5,)))
+    apply_fn, params = ntk.flax_apply_fn(
+        model, models.init_variables(model, jax.random.key(0), (5,))
+    )
     moved = jax.tree.map(lambda p: p + 0.3 * jax.random.normal(jax.random.key(2), p.shape), params)
     x = jax.random.normal(jax.random.key(1), (30, 5))
     K0, K1 = (np.asarray(trace_entk_oracle(apply_fn, p, x), np.float64) for p in (params, moved))

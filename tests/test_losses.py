@@ -38,7 +38,9 @@ def test_kd_loss_value_and_gradient(logits, tau):
         grad = jax.grad(kd_loss)(jnp.asarray(zs), jnp.asarray(zt), tau)
         np.testing.assert_allclose(grad, tau * (ps - pt) / len(zs), rtol=1e-10, atol=1e-14)
         # the teacher receives no gradient
-        np.testing.assert_array_equal(jax.grad(kd_loss, argnums=1)(jnp.asarray(zs), jnp.asarray(zt), tau), 0.0)
+        np.testing.assert_array_equal(
+            jax.grad(kd_loss, argnums=1)(jnp.asarray(zs), jnp.asarray(zt), tau), 0.0
+        )
 
 
 def test_kd_loss_zero_when_student_equals_teacher(logits):
@@ -52,7 +54,9 @@ def test_distillation_loss_mixes_terms(logits):
         mixed = distillation_loss(zs, y, zt, temperature=4.0, alpha=0.3)
         expected = 0.3 * kd_loss(zs, zt, 4.0) + 0.7 * softmax_cross_entropy(zs, y)
         np.testing.assert_allclose(mixed, expected, rtol=1e-12)
-        np.testing.assert_allclose(distillation_loss(zs, y), softmax_cross_entropy(zs, y), rtol=1e-12)
+        np.testing.assert_allclose(
+            distillation_loss(zs, y), softmax_cross_entropy(zs, y), rtol=1e-12
+        )
 
 
 def test_cross_entropy_rejects_bad_targets(logits):

@@ -17,8 +17,17 @@ import numpy as np
 import pytest
 
 from ntkd import complexity, kernels, models, ntk
-from ntkd.matfree import (MatvecError, NotPSDError, alignment_curve, ntk_matvec,
-                          nystrom_preconditioner, projected_ntk, shift_from_ridge, supervision_complexity_bounds, top_eigenpairs)
+from ntkd.matfree import (
+    MatvecError,
+    NotPSDError,
+    alignment_curve,
+    ntk_matvec,
+    nystrom_preconditioner,
+    projected_ntk,
+    shift_from_ridge,
+    supervision_complexity_bounds,
+    top_eigenpairs,
+)
 
 
 def psd_with_spectrum(rng, eigenvalues):
@@ -37,7 +46,9 @@ SPECTRA = {
     "well": lambda n, rng: np.linspace(1.0, 10.0, n),
     "power": lambda n, rng: 1.0 / np.arange(1, n + 1) ** 2,
     "bad": lambda n, rng: np.logspace(0, -10, n),
-    "spiked": lambda n, rng: np.concatenate([rng.uniform(1e2, 1e3, 8), rng.uniform(1e-4, 1e-3, n - 8)]),
+    "spiked": lambda n, rng: np.concatenate(
+        [rng.uniform(1e2, 1e3, 8), rng.uniform(1e-4, 1e-3, n - 8)]
+    ),
 }
 
 
@@ -82,8 +93,9 @@ def test_nystrom_preconditioner_brackets_and_cuts_iterations():
         Y = rng.standard_normal((n, 2))
         exact = exact_complexity(K, Y, shift)
         for rank in (0, 60):
-            b = supervision_complexity_bounds(lambda V: K @ V, Y, shift=shift, nystrom_rank=rank,
-                                              key=jax.random.key(seed))
+            b = supervision_complexity_bounds(
+                lambda V: K @ V, Y, shift=shift, nystrom_rank=rank, key=jax.random.key(seed)
+            )
             assert b.lower <= exact * (1 + 1e-10) <= b.upper * (1 + 2e-10)
             assert b.converged and b.upper_certified
             if rank:
@@ -121,15 +133,18 @@ def test_several_targets_share_one_krylov_space():
     K = psd_with_spectrum(rng, np.logspace(1, -5, n))
     labels = rng.integers(0, 4, n)
     logits = rng.standard_normal((n, 4)) * 3
-    targets = {"labels": np.eye(4)[labels], "soft": np.exp(logits) / np.exp(logits).sum(1, keepdims=True),
-               "zero": np.zeros((n, 2))}
+    targets = {
+        "labels": np.eye(4)[labels],
+        "soft": np.exp(logits) / np.exp(logits).sum(1, keepdims=True),
+        "zero": np.zeros((n, 2)),
+    }
     got = supervision_complexity_bounds(lambda V: K @ V, targets, shift=shift)
     assert set(got) == set(targets)
     for name, Y in targets.items():
         exact = exact_complexity(K, Y, shift)
         b = got[name]
         assert b.converged and b.lower <= exact * (1 + 1e-10) <= b.upper * (1 + 2e-10) + 1e-300
-        assert b.target_norm2 == pytest.approx(np.sum(Y ** 2))
+        assert b.target_norm2 == pytest.approx(np.sum(Y**2))
     assert got["zero"].lower == got["zero"].upper == 0.0
     assert len({(b.iterations, b.matvecs) for b in got.values()}) == 1
 
@@ -190,12 +205,16 @@ def test_scaling_kernel_and_shift_scales_complexity_and_keeps_adjusted():
 @pytest.mark.parametrize("name", ["bounds", "spectra", "plan"])
 def test_docstring_examples_run(name):
     import importlib
+
     module = importlib.import_module(f"ntkd.matfree.{name}")
-    result = doctest.testmod(module, extraglobs={"np": np}, optionflags=doctest.NORMALIZE_WHITESPACE)
+    result = doctest.testmod(
+        module, extraglobs={"np": np}, optionflags=doctest.NORMALIZE_WHITESPACE
+    )
     assert result.attempted > 0 and result.failed == 0
 
 
 # ----------------------------------------------------------------- bad input
+
 
 def test_wrong_shape_matvec_is_a_clear_error():
     with pytest.raises(MatvecError, match=r"shape \(10,\) for V of shape \(10, 2\).*wrapped"):
@@ -207,6 +226,7 @@ def test_non_finite_matvec_is_a_clear_error():
         out = 2.0 * V
         out[3, 1] = np.nan
         return out
+
     with pytest.raises(MatvecError, match=r"non-finite value \(K @ V\)\[3, 1\] = nan.*float64"):
         supervision_complexity_bounds(mv, np.eye(10)[:, :2], shift=1.0)
 
@@ -225,8 +245,9 @@ def test_nonsymmetric_operator_is_rejected():
     rng = np.random.default_rng(8)
     M = rng.standard_normal((40, 40))
     with pytest.raises(MatvecError, match="not symmetric"):
-        supervision_complexity_bounds(lambda V: M @ M.T @ V + 0.3 * M @ V, rng.standard_normal((40, 1)),
-                                      shift=1.0, rtol=1e-12)
+        supervision_complexity_bounds(
+            lambda V: M @ M.T @ V + 0.3 * M @ V, rng.standard_normal((40, 1)), shift=1.0, rtol=1e-12
+        )
 
 
 def test_bad_arguments():
@@ -240,14 +261,16 @@ def test_bad_arguments():
 
 def test_choose_path_by_memory_budget():
     from ntkd.matfree import choose_path, dense_kernel_bytes
-    assert dense_kernel_bytes(1000) == 20 * 1000 ** 2
-    assert dense_kernel_bytes(100, k=10, mode="full") == 20 * 1000 ** 2
+
+    assert dense_kernel_bytes(1000) == 20 * 1000**2
+    assert dense_kernel_bytes(100, k=10, mode="full") == 20 * 1000**2
     assert choose_path(10_000, memory_budget=4 * 2**30) == "dense"
     assert choose_path(20_000, memory_budget=4 * 2**30) == "matfree"
     assert choose_path(50_000) in ("dense", "matfree")
 
 
 # ----------------------------------------------------------------- spectra
+
 
 def test_top_eigenpairs_match_eigh():
     rng = np.random.default_rng(9)
@@ -261,10 +284,13 @@ def test_top_eigenpairs_match_eigh():
     overlap = np.abs(np.sum(e.vectors * U[:, ::-1][:, :8], axis=0))
     np.testing.assert_allclose(overlap, 1.0, atol=1e-6)
     Y = rng.standard_normal((n, 3))
-    np.testing.assert_allclose(alignment_curve(Y, e), kernels.alignment_spectrum(K, Y)[:8], atol=1e-6)
+    np.testing.assert_allclose(
+        alignment_curve(Y, e), kernels.alignment_spectrum(K, Y)[:8], atol=1e-6
+    )
 
 
 # ----------------------------------------------------------------- eNTK
+
 
 def _mlp(n=60, k=3, width=24, seed=0):
     model = models.get_model("mlp", k, widths=(width,))
@@ -277,8 +303,13 @@ def _mlp(n=60, k=3, width=24, seed=0):
 
 def _oracle_ntk(apply_fn, params, x, mode, logit=0):
     jac = jax.jacrev(lambda p: apply_fn(p, jnp.asarray(x)))(params)
-    J = jnp.concatenate([l.reshape(x.shape[0], -1, int(np.prod(l.shape[2:])))
-                         for l in jax.tree_util.tree_leaves(jac)], axis=-1)  # (n, k, P)
+    J = jnp.concatenate(
+        [
+            l.reshape(x.shape[0], -1, int(np.prod(l.shape[2:])))
+            for l in jax.tree_util.tree_leaves(jac)
+        ],
+        axis=-1,
+    )  # (n, k, P)
     full = np.asarray(jnp.einsum("iap,jbp->iajb", J, J))
     n, k = full.shape[:2]
     if mode == "full":
@@ -297,8 +328,16 @@ def test_streaming_matvec_matches_dense_kernel(mode):
         K = _oracle_ntk(apply_fn, params, x, mode, logit=2)
         V = np.random.default_rng(1).standard_normal((K.shape[0], 3))
         for cache in ("never", "always"):
-            mv = ntk_matvec(apply_fn, params, x, mode=mode, logit=2, block_size=8,
-                            dtype=jnp.float64, cache=cache)
+            mv = ntk_matvec(
+                apply_fn,
+                params,
+                x,
+                mode=mode,
+                logit=2,
+                block_size=8,
+                dtype=jnp.float64,
+                cache=cache,
+            )
             got = mv(V)
             np.testing.assert_allclose(got, K @ V, rtol=1e-10, atol=1e-10 * np.abs(K @ V).max())
             traces = mv.traces
@@ -335,13 +374,24 @@ def test_projected_ntk_error_shrinks_like_one_over_sqrt_d(mode):
         K = _oracle_ntk(apply_fn, params, x, mode)
         errors = []
         for d in (16, 256, 4096):
-            proj = projected_ntk(apply_fn, params, x, dim=d, mode=mode, block_size=32, chunk=256,
-                                 check_n=50, key=jax.random.key(d))
+            proj = projected_ntk(
+                apply_fn,
+                params,
+                x,
+                dim=d,
+                mode=mode,
+                block_size=32,
+                chunk=256,
+                check_n=50,
+                key=jax.random.key(d),
+            )
             Kh = proj.kernel()
             assert proj.error == pytest.approx(np.linalg.norm(Kh - K) / np.linalg.norm(K), rel=1e-8)
             assert proj.error <= 2.0 * proj.predicted_error, (d, proj.error, proj.predicted_error)
             V = np.random.default_rng(0).standard_normal((50, 2))
-            np.testing.assert_allclose(proj.matvec(V), Kh @ V, rtol=1e-10, atol=1e-10 * np.abs(Kh).max())
+            np.testing.assert_allclose(
+                proj.matvec(V), Kh @ V, rtol=1e-10, atol=1e-10 * np.abs(Kh).max()
+            )
             errors.append(proj.error)
         # d grows 16× per step: the error should fall about 4× (at least 2× here)
         assert errors[1] < errors[0] / 2 and errors[2] < errors[1] / 2, errors
@@ -366,10 +416,15 @@ MULTIDEVICE = textwrap.dedent("""
 def test_four_devices_match_one(tmp_path):
     results = []
     for devices in (1, 4):
-        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-                   JAX_PLATFORMS="cpu")
+        env = dict(
+            os.environ,
+            XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+            JAX_PLATFORMS="cpu",
+        )
         out = tmp_path / f"kv{devices}.npy"
-        subprocess.run([sys.executable, "-c", MULTIDEVICE, str(out), str(devices)], check=True, env=env)
+        subprocess.run(
+            [sys.executable, "-c", MULTIDEVICE, str(out), str(devices)], check=True, env=env
+        )
         results.append(np.load(out))
     np.testing.assert_allclose(results[1], results[0], rtol=1e-12, atol=1e-12)
 
@@ -397,14 +452,24 @@ MULTIPROCESS = textwrap.dedent("""
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
     import socket
+
     with socket.socket() as sock:
         sock.bind(("localhost", 0))
         port = sock.getsockname()[1]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    procs = [subprocess.Popen([sys.executable, "-c", MULTIPROCESS, str(tmp_path / f"p{i}.npz"), str(i),
-                               str(port)], env=env) for i in range(2)]
+    env = dict(
+        os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", MULTIPROCESS, str(tmp_path / f"p{i}.npz"), str(i), str(port)],
+            env=env,
+        )
+        for i in range(2)
+    ]
     assert [p.wait(timeout=300) for p in procs] == [0, 0]
-    subprocess.run([sys.executable, "-c", MULTIDEVICE, str(tmp_path / "one.npy"), "1"], check=True, env=env)
+    subprocess.run(
+        [sys.executable, "-c", MULTIDEVICE, str(tmp_path / "one.npy"), "1"], check=True, env=env
+    )
     one = np.load(tmp_path / "one.npy")
     for i in range(2):
         got = np.load(tmp_path / f"p{i}.npz")
@@ -417,4 +482,3 @@ def test_two_processes_match_one(tmp_path):
         x = np.random.default_rng(0).standard_normal((45, 6))
         want = ntk_matvec(apply_fn, params, x, block_size=4, dtype=jnp.float64).trace()
     assert float(np.load(tmp_path / "p0.npz")["trace"]) == pytest.approx(want, rel=1e-12)
-

@@ -36,7 +36,9 @@ def test_margins_brute_force(data):
     np.testing.assert_array_equal(m > 0, zs.argmax(1) == y)
     assert float(metrics.margin_error(m, 0.5)) == pytest.approx(np.mean(m <= 0.5))
     s = metrics.margin_summary(m, gammas=(0.0,))
-    assert s["median"] == pytest.approx(np.median(m)) and s["error@0"] == pytest.approx(np.mean(m <= 0))
+    assert s["median"] == pytest.approx(np.median(m)) and s["error@0"] == pytest.approx(
+        np.mean(m <= 0)
+    )
 
 
 def test_shape_errors(data):

@@ -20,7 +20,11 @@ SCRIPT = textwrap.dedent("""
 
 
 def _run(tmp_path, devices):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    env = dict(
+        os.environ,
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_PLATFORMS="cpu",
+    )
     out = tmp_path / f"run{devices}"
     subprocess.run([sys.executable, "-c", SCRIPT, str(out), str(devices)], check=True, env=env)
     with np.load(str(out) + ".npz") as f:
@@ -69,12 +73,20 @@ def test_two_processes_match_one_process(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
-               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="--xla_force_host_platform_device_count=1",
+        PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
     one, two = tmp_path / "one.npz", tmp_path / "two.npz"
-    procs = [subprocess.Popen([sys.executable, "-c", NTK_SCRIPT, str(r), port, str(two)], env=env)
-             for r in (0, 1)]
-    subprocess.run([sys.executable, "-c", NTK_SCRIPT, "-1", port, str(one)], check=True, env=env, timeout=600)
+    procs = [
+        subprocess.Popen([sys.executable, "-c", NTK_SCRIPT, str(r), port, str(two)], env=env)
+        for r in (0, 1)
+    ]
+    subprocess.run(
+        [sys.executable, "-c", NTK_SCRIPT, "-1", port, str(one)], check=True, env=env, timeout=600
+    )
     for p in procs:
         assert p.wait(timeout=600) == 0
     with np.load(one) as a, np.load(two) as b:

@@ -8,17 +8,24 @@ import textwrap
 import types
 
 import flax.linen as nn
-from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import ntkd
 from ntkd.models import get_model, init_variables
-from ntkd.ntk import (BlockOptions, ContractionOptions, as_apply_fn, empirical_ntk, empirical_ntk_fn,
-                      flax_apply_fn, ntk_vp_fn)
-from ntkd.ntk import blocking
+from ntkd.ntk import (
+    BlockOptions,
+    ContractionOptions,
+    as_apply_fn,
+    blocking,
+    empirical_ntk,
+    empirical_ntk_fn,
+    flax_apply_fn,
+    ntk_vp_fn,
+)
 from ntkd.ntk.engine import _engine, _options
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -31,10 +38,16 @@ MODES = ("full", "trace", "logit", "sum")
 # ---------------------------------------------------------------- every model kind
 # The default suite runs every kind with `structured` and every implementation on the plain
 # function and the NNX module; the rest of the grid is marked slow (compile-bound on 2 cores).
-_KIND_FAST = {(k, "structured") for k in KINDS} | {("function", i) for i in IMPLS} | {
-        ("nnx_bn", "jacobian"), ("nnx_bn", "ntvp"), ("equinox", "jacobian"), ("linen_bn", "ntvp")}
-_KIND_GRID = [pytest.param(k, i, marks=[] if (k, i) in _KIND_FAST else [pytest.mark.slow])
-              for k in KINDS for i in IMPLS]
+_KIND_FAST = (
+    {(k, "structured") for k in KINDS}
+    | {("function", i) for i in IMPLS}
+    | {("nnx_bn", "jacobian"), ("nnx_bn", "ntvp"), ("equinox", "jacobian"), ("linen_bn", "ntvp")}
+)
+_KIND_GRID = [
+    pytest.param(k, i, marks=[] if (k, i) in _KIND_FAST else [pytest.mark.slow])
+    for k in KINDS
+    for i in IMPLS
+]
 
 
 @pytest.mark.parametrize("kind,impl", _KIND_GRID)
@@ -48,7 +61,6 @@ def test_every_implementation_mode_and_model_kind_matches_oracle_float64(kind, i
             assert got.dtype == jnp.float64
             assert got.shape == want.shape, (kind, impl, mode)
             assert rel(got, want) <= 1e-6, (kind, impl, mode, rel(got, want))
-
 
 
 def _assert_structured_matches_oracle(f, p, x1, x2):
@@ -67,17 +79,28 @@ def test_structured_finds_the_layers_of_every_model_kind(kind):
     with jax.enable_x64(True):
         model, params, *_, x1, _ = KINDS[kind]()
         apply_fn, p = as_apply_fn(model, params)
-        plan, _ = trace(apply_fn.fn, p, apply_fn.state, jax.ShapeDtypeStruct((1,) + x1.shape[1:], x1.dtype))
+        plan, _ = trace(
+            apply_fn.fn, p, apply_fn.state, jax.ShapeDtypeStruct((1,) + x1.shape[1:], x1.dtype)
+        )
     kinds = sorted({t.kind for t in plan.targets})
-    want = {"linen_bn": ["conv", "dense"], "nnx_bn": ["dense"], "equinox": ["conv", "dense"],
-            "function": ["conv", "dense"], "transformer": ["dense", "embed"]}[kind]
+    want = {
+        "linen_bn": ["conv", "dense"],
+        "nnx_bn": ["dense"],
+        "equinox": ["conv", "dense"],
+        "function": ["conv", "dense"],
+        "transformer": ["dense", "embed"],
+    }[kind]
     assert kinds == want
     # biases are folded into their layer's rule; left over: BatchNorm / LayerNorm scales and
     # shifts, and the plain function's weight used twice
-    assert len(plan.leftover) == {"linen_bn": 2, "nnx_bn": 2, "equinox": 0, "function": 1,
-                                  "transformer": 6}[kind]
-    assert sum(t.bias is not None for t in plan.targets) == {
-            "linen_bn": 2, "nnx_bn": 2, "equinox": 3, "function": 2, "transformer": 7}[kind]
+    assert (
+        len(plan.leftover)
+        == {"linen_bn": 2, "nnx_bn": 2, "equinox": 0, "function": 1, "transformer": 6}[kind]
+    )
+    assert (
+        sum(t.bias is not None for t in plan.targets)
+        == {"linen_bn": 2, "nnx_bn": 2, "equinox": 3, "function": 2, "transformer": 7}[kind]
+    )
     if kind == "function":  # the weight used twice is left to the exact fallback
         names = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(p)]
         assert names.index("['shared']") in plan.leftover
@@ -107,10 +130,18 @@ def _f64(*trees):
     return [jax.tree.map(lambda l: jnp.asarray(l, jnp.float64), t) for t in trees]
 
 
-_SLOW = {("lenet5", "ntvp"), ("lenet5", "jacobian"), ("resnet", "ntvp"), ("resnet", "jacobian"),
-         ("lenet5", "structured")}
-_GRID = [pytest.param(f, i, marks=[pytest.mark.slow] if (f, i) in _SLOW else [])
-         for f in FAMILIES for i in ("jacobian", "ntvp", "structured")] + [("mlp", "auto")]
+_SLOW = {
+    ("lenet5", "ntvp"),
+    ("lenet5", "jacobian"),
+    ("resnet", "ntvp"),
+    ("resnet", "jacobian"),
+    ("lenet5", "structured"),
+}
+_GRID = [
+    pytest.param(f, i, marks=[pytest.mark.slow] if (f, i) in _SLOW else [])
+    for f in FAMILIES
+    for i in ("jacobian", "ntvp", "structured")
+] + [("mlp", "auto")]
 
 
 @pytest.mark.parametrize("family,impl", _GRID)
@@ -122,7 +153,9 @@ def test_model_families_through_flax_apply_fn_match_oracle_float64(family, impl)
         oracle = ntk_oracle_modes(apply_fn, params, x1, x2, logit=1)
         for mode in MODES:
             want = oracle[mode]
-            got = empirical_ntk_fn(apply_fn, mode=mode, logit=1, implementation=impl)(x1, x2, params)
+            got = empirical_ntk_fn(apply_fn, mode=mode, logit=1, implementation=impl)(
+                x1, x2, params
+            )
             assert got.dtype == jnp.float64
             assert rel(got, want) <= 1e-6, (family, impl, mode, rel(got, want))
 
@@ -186,16 +219,28 @@ def test_structured_lax_convolutions_with_dilations_and_layouts(layout):
     with jax.enable_x64(True):
         lhs, rhs, _ = layout
         ws = {"HWIO": (3, 2, 2, 4), "OIHW": (4, 2, 3, 2)}
-        p = {"w1": jax.random.normal(jax.random.PRNGKey(0), ws[rhs], jnp.float64),
-             "w2": jax.random.normal(jax.random.PRNGKey(1), ws[rhs], jnp.float64)[..., :1]
-             if rhs == "HWIO" else jax.random.normal(jax.random.PRNGKey(1), (1, 4, 3, 2), jnp.float64)}
+        p = {
+            "w1": jax.random.normal(jax.random.PRNGKey(0), ws[rhs], jnp.float64),
+            "w2": jax.random.normal(jax.random.PRNGKey(1), ws[rhs], jnp.float64)[..., :1]
+            if rhs == "HWIO"
+            else jax.random.normal(jax.random.PRNGKey(1), (1, 4, 3, 2), jnp.float64),
+        }
         if rhs == "HWIO":
             p["w2"] = jax.random.normal(jax.random.PRNGKey(1), (3, 2, 4, 1), jnp.float64)
 
         def f(p, x):
-            h = jax.lax.conv_general_dilated(x, p["w1"], (2, 1), ((1, 2), (0, 1)), lhs_dilation=(1, 2),
-                                             rhs_dilation=(2, 1), dimension_numbers=layout)
-            h = jax.lax.conv_general_dilated(jnp.tanh(h), p["w2"], (1, 2), "SAME", dimension_numbers=layout)
+            h = jax.lax.conv_general_dilated(
+                x,
+                p["w1"],
+                (2, 1),
+                ((1, 2), (0, 1)),
+                lhs_dilation=(1, 2),
+                rhs_dilation=(2, 1),
+                dimension_numbers=layout,
+            )
+            h = jax.lax.conv_general_dilated(
+                jnp.tanh(h), p["w2"], (1, 2), "SAME", dimension_numbers=layout
+            )
             return h.reshape(x.shape[0], -1)[:, :3]
 
         shape = (2, 7, 5) if lhs == "NCHW" else (7, 5, 2)
@@ -207,8 +252,10 @@ def test_structured_lax_convolutions_with_dilations_and_layouts(layout):
 def test_structured_dense_with_shared_axes_and_weight_on_the_left():
     """einsum with a weight batch axis (per-head weights) and W @ x (weight as lhs)."""
     with jax.enable_x64(True):
-        p = {"heads": jax.random.normal(jax.random.PRNGKey(0), (2, 4, 3), jnp.float64),
-             "left": jax.random.normal(jax.random.PRNGKey(1), (3, 6), jnp.float64)}
+        p = {
+            "heads": jax.random.normal(jax.random.PRNGKey(0), (2, 4, 3), jnp.float64),
+            "left": jax.random.normal(jax.random.PRNGKey(1), (3, 6), jnp.float64),
+        }
 
         def f(p, x):  # x: (n, 2 heads, 4)
             h = jnp.tanh(jnp.einsum("nhd,hde->nhe", x, p["heads"])).reshape(x.shape[0], -1)
@@ -222,12 +269,18 @@ def test_structured_dense_with_shared_axes_and_weight_on_the_left():
 def test_structured_embedding_lookups_out_of_range_and_repeated_tokens():
     """jnp.take (fill: out-of-range rows get no gradient), clip mode, E[ids]; repeated ids."""
     with jax.enable_x64(True):
-        p = {"e": jax.random.normal(jax.random.PRNGKey(0), (6, 3), jnp.float64),
-             "c": jax.random.normal(jax.random.PRNGKey(1), (6, 3), jnp.float64),
-             "i": jax.random.normal(jax.random.PRNGKey(2), (6, 3), jnp.float64)}
+        p = {
+            "e": jax.random.normal(jax.random.PRNGKey(0), (6, 3), jnp.float64),
+            "c": jax.random.normal(jax.random.PRNGKey(1), (6, 3), jnp.float64),
+            "i": jax.random.normal(jax.random.PRNGKey(2), (6, 3), jnp.float64),
+        }
 
         def f(p, ids):
-            h = jnp.take(p["e"], ids, axis=0, fill_value=0.0) + jnp.take(p["c"], ids + 2, axis=0, mode="clip") + p["i"][ids % 6]
+            h = (
+                jnp.take(p["e"], ids, axis=0, fill_value=0.0)
+                + jnp.take(p["c"], ids + 2, axis=0, mode="clip")
+                + p["i"][ids % 6]
+            )
             return jnp.tanh(h).sum(1)
 
         x1 = jnp.array([[0, 1, 1, 7], [5, 5, 2, 0], [3, 3, 3, 3]])
@@ -242,7 +295,9 @@ def test_gram_in_chunks_equals_one_matmul():
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(5, 7001)), rng.normal(size=(3, 7001))
     with jax.enable_x64(True):
-        got = gram(jnp.asarray(a), jnp.asarray(b), 8 * 8 * 600)  # 600 columns per step: 11 steps + 401
+        got = gram(
+            jnp.asarray(a), jnp.asarray(b), 8 * 8 * 600
+        )  # 600 columns per step: 11 steps + 401
     np.testing.assert_allclose(got, a @ b.T, rtol=1e-12, atol=1e-10)
 
 
@@ -251,19 +306,27 @@ def test_structured_vmapped_cotangents_match_oracle(family):
     """k above cotangent_loop_max takes the vmapped-VJP path (max-pooling LeNet, BatchNorm ResNet)."""
     opts = ContractionOptions(cotangent_loop_max=1, gram_chunk_bytes=4096)
     with jax.enable_x64(True):
-        for family in (family,):
-            model, variables, x1, x2 = _make(family)
-            variables, x1, x2 = _f64(variables, x1, x2)
-            apply_fn, params = flax_apply_fn(model, variables)
-            oracle = ntk_oracle_modes(apply_fn, params, x1, x2)
-            for mode in ("full", "trace"):
-                got = empirical_ntk(apply_fn, params, x1, x2, mode=mode, implementation="structured",
-                                    contraction=opts)
-                assert rel(got, oracle[mode]) <= 1e-6, (family, mode)
+        model, variables, x1, x2 = _make(family)
+        variables, x1, x2 = _f64(variables, x1, x2)
+        apply_fn, params = flax_apply_fn(model, variables)
+        oracle = ntk_oracle_modes(apply_fn, params, x1, x2)
+        for mode in ("full", "trace"):
+            got = empirical_ntk(
+                apply_fn,
+                params,
+                x1,
+                x2,
+                mode=mode,
+                implementation="structured",
+                contraction=opts,
+            )
+            assert rel(got, oracle[mode]) <= 1e-6, (family, mode)
 
 
 # ---------------------------------------------------------------- per-layer kernels
-@pytest.mark.parametrize("kind", ["linen_bn", pytest.param("transformer", marks=pytest.mark.slow), "equinox"])
+@pytest.mark.parametrize(
+    "kind", ["linen_bn", pytest.param("transformer", marks=pytest.mark.slow), "equinox"]
+)
 def test_by_layer_kernels_match_oracle_per_group_and_sum_to_whole(kind):
     from ntkd.ntk._util import leaf_groups
 
@@ -275,11 +338,16 @@ def test_by_layer_kernels_match_oracle_per_group_and_sum_to_whole(kind):
         for i, g in enumerate(groups):
             term = jnp.einsum("iap,jbp->ijab", j1[i], j2[i])
             per_group[g] = per_group.get(g, 0) + term
-        reduce = {"full": lambda k: k, "trace": lambda k: jnp.einsum("ijaa->ij", k),
-                  "sum": lambda k: k.sum((2, 3))}
+        reduce = {
+            "full": lambda k: k,
+            "trace": lambda k: jnp.einsum("ijaa->ij", k),
+            "sum": lambda k: k.sum((2, 3)),
+        }
         for impl in ("structured", "jacobian", "ntvp"):
             for mode in ("full", "trace", "sum"):
-                parts = empirical_ntk(model, params, x1, x2, mode=mode, implementation=impl, by_layer=True)
+                parts = empirical_ntk(
+                    model, params, x1, x2, mode=mode, implementation=impl, by_layer=True
+                )
                 assert sorted(parts) == sorted(per_group)
                 whole = reduce[mode](sum(per_group.values()))
                 assert rel(sum(parts.values()), whole) <= 1e-10, (impl, mode)
@@ -306,15 +374,20 @@ def test_blocked_equals_unblocked_and_symmetric_equals_explicit(mode, impl):
     tol = dict(rtol=2e-5, atol=1e-5)
     np.testing.assert_allclose(blocked(x1, None, params), ref, **tol)
     np.testing.assert_allclose(blocked(x1, x1, params), ref, **tol)
-    np.testing.assert_allclose(empirical_ntk_fn(apply_fn, mode=mode, implementation=impl)(x1, None, params),
-                               ref, **tol)
+    np.testing.assert_allclose(
+        empirical_ntk_fn(apply_fn, mode=mode, implementation=impl)(x1, None, params), ref, **tol
+    )
     # host streaming (as_numpy=True, or kernels above device_kernel_bytes) == device assembly
     for x2 in (None, x1[:5]):
         host = blocked(x1, x2, params, as_numpy=True)
         assert isinstance(host, np.ndarray)
         np.testing.assert_allclose(host, ref[:, :5] if x2 is not None else ref, **tol)
-    streamed = empirical_ntk_fn(apply_fn, mode=mode, implementation=impl,
-                                blocks=BlockOptions(block_size=3, device_kernel_bytes=0))(x1, None, params)
+    streamed = empirical_ntk_fn(
+        apply_fn,
+        mode=mode,
+        implementation=impl,
+        blocks=BlockOptions(block_size=3, device_kernel_bytes=0),
+    )(x1, None, params)
     assert isinstance(streamed, jax.Array)
     np.testing.assert_allclose(streamed, ref, **tol)
 
@@ -340,8 +413,12 @@ def test_planned_blocks_are_even_and_at_least_min_blocks():
     for mode, want in (("full", 2), ("trace", 3)):
         c, m, k, params, state = _compiled(model, variables, x1, mode, blocks=opts)
         assert blocking.plan_block(c, m, k, params, state, x1, 11, opts) == want
-        got = empirical_ntk(model, variables, x1, mode=mode, blocks=opts, implementation="structured")
-        ref = empirical_ntk(model, variables, x1, mode=mode, block_size=11, implementation="structured")
+        got = empirical_ntk(
+            model, variables, x1, mode=mode, blocks=opts, implementation="structured"
+        )
+        ref = empirical_ntk(
+            model, variables, x1, mode=mode, block_size=11, implementation="structured"
+        )
         np.testing.assert_allclose(got, ref, rtol=2e-5, atol=1e-5)
 
 
@@ -356,10 +433,15 @@ def test_planned_block_fits_xla_memory_plan():
     per_ex = sum(l.size * l.dtype.itemsize for l in jax.tree.leaves(feat))
     opts = BlockOptions(memory_bytes=int(at_n * 0.7), min_blocks=1)
     assert blocking.block_from_features(per_ex, k, m, opts) >= 64  # features alone would allow 64
-    assert c.algo.spatial  # the 1-D CNN's convolutions are factorised over S > 1 positions in `trace`
+    assert (
+        c.algo.spatial
+    )  # the 1-D CNN's convolutions are factorised over S > 1 positions in `trace`
     b = blocking.plan_block(c, m, k, params, state, x, 64, opts)
     assert 8 <= b < 64
-    assert blocking.planned_bytes(c, params, state, jax.ShapeDtypeStruct((b, 40, 1), x.dtype)) <= opts.memory_bytes
+    assert (
+        blocking.planned_bytes(c, params, state, jax.ShapeDtypeStruct((b, 40, 1), x.dtype))
+        <= opts.memory_bytes
+    )
     kernel = empirical_ntk(model, variables, x, implementation="structured", blocks=opts)
     ref = empirical_ntk(model, variables, x, implementation="jacobian", block_size=64)
     np.testing.assert_allclose(kernel, ref, rtol=2e-5, atol=1e-5 * float(np.max(np.abs(ref))))
@@ -410,16 +492,18 @@ def test_second_call_with_new_params_compiles_nothing(kind):
     """A loop over checkpoints: new params (and state) of the same structure, fresh wrappers."""
     model, variables, x1, x2 = _make("lenet5")
     calls = {
-            "linen": lambda v: empirical_ntk(model, v, x1, x2),
-            "model_apply": lambda v: empirical_ntk(model.apply, v, x1, x2),
-            "function": lambda v: empirical_ntk(_plain_lenet, v, x1, x2),
+        "linen": lambda v: empirical_ntk(model, v, x1, x2),
+        "model_apply": lambda v: empirical_ntk(model.apply, v, x1, x2),
+        "function": lambda v: empirical_ntk(_plain_lenet, v, x1, x2),
     }
     if kind in calls:
         calls[kind](variables).block_until_ready()
         fresh = _new_values(variables, 1)
         with _CompileLog() as log:
             calls[kind](fresh).block_until_ready()
-            empirical_ntk_fn(*flax_apply_fn(model, fresh)[:1])(x1, x2, flax_apply_fn(model, fresh)[1])
+            empirical_ntk_fn(*flax_apply_fn(model, fresh)[:1])(
+                x1, x2, flax_apply_fn(model, fresh)[1]
+            )
         assert not log.compiles, log.compiles
         return
     if kind == "nnx":
@@ -439,8 +523,9 @@ def test_second_call_with_new_params_compiles_nothing(kind):
     import equinox as eqx
 
     x = jnp.ones((4, 2, 6))
-    mlp = lambda key: eqx.nn.Sequential([eqx.nn.Conv1d(2, 3, 3, key=key), eqx.nn.Lambda(jnp.ravel),
-                                         eqx.nn.Linear(12, 3, key=key)])
+    mlp = lambda key: eqx.nn.Sequential(
+        [eqx.nn.Conv1d(2, 3, 3, key=key), eqx.nn.Lambda(jnp.ravel), eqx.nn.Linear(12, 3, key=key)]
+    )
     empirical_ntk(mlp(jax.random.PRNGKey(0)), None, x).block_until_ready()
     with _CompileLog() as log:
         empirical_ntk(mlp(jax.random.PRNGKey(1)), None, x).block_until_ready()
@@ -550,14 +635,18 @@ def test_clear_errors_for_model_kinds():
 
     x = jnp.ones((3, 4))
     net = _nnx_net(0)
-    with pytest.raises(ValueError, match="NNX module _NnxNet owns its parameters; pass params=None"):
+    with pytest.raises(
+        ValueError, match="NNX module _NnxNet owns its parameters; pass params=None"
+    ):
         empirical_ntk(net, {"w": 1.0}, x)
     lin = eqx.nn.Linear(4, 3, key=jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="Equinox module Linear owns its parameters"):
         empirical_ntk(lin, lin.weight, x)
     with pytest.raises(ValueError, match=r"shape \(batch, k\).*returned \(2,\).*Equinox"):
         empirical_ntk(eqx.nn.Linear(4, "scalar", key=jax.random.PRNGKey(0)), None, x)
-    with pytest.raises(ValueError, match="Linen module Dense holds no parameters; pass its variables"):
+    with pytest.raises(
+        ValueError, match="Linen module Dense holds no parameters; pass its variables"
+    ):
         empirical_ntk(nn.Dense(3), None, x)
     haiku_like = types.SimpleNamespace(init=lambda *a: None, apply=lambda *a: None)
     with pytest.raises(ValueError, match="cannot split a types.SimpleNamespace"):
@@ -574,13 +663,18 @@ def test_public_facade():
 def test_by_layer_keeps_a_bias_of_another_group_apart():
     """A bias folded into its layer's rule is split out again when it is its own group."""
     with jax.enable_x64(True):
-        p = {"b": jnp.arange(3.0) / 3, "w": jax.random.normal(jax.random.PRNGKey(0), (4, 3), jnp.float64)}
+        p = {
+            "b": jnp.arange(3.0) / 3,
+            "w": jax.random.normal(jax.random.PRNGKey(0), (4, 3), jnp.float64),
+        }
         f = lambda p, x: jnp.tanh(x @ p["w"] + p["b"])
         x1 = jax.random.normal(jax.random.PRNGKey(1), (3, 4), jnp.float64)
         x2 = jax.random.normal(jax.random.PRNGKey(2), (2, 4), jnp.float64)
         j1, j2 = jacobian_leaves(f, p, x1), jacobian_leaves(f, p, x2)
         for mode in ("full", "trace"):
-            parts = empirical_ntk(f, p, x1, x2, mode=mode, implementation="structured", by_layer=True)
+            parts = empirical_ntk(
+                f, p, x1, x2, mode=mode, implementation="structured", by_layer=True
+            )
             assert sorted(parts) == ["b", "w"]
             for i, g in enumerate(("b", "w")):
                 want = jnp.einsum("iap,jbp->ijab", j1[i], j2[i])
@@ -594,11 +688,13 @@ def test_float64_without_x64_is_refused_not_silently_float32():
     import subprocess
     import sys
 
-    code = ("import jax, numpy as np, ntkd\n"
-            "f = lambda p, x: x @ p\n"
-            "try:\n"
-            "    ntkd.empirical_ntk(f, np.ones((3, 2), np.float32), np.ones((4, 3), np.float32), dtype='float64')\n"
-            "except ValueError as e:\n"
-            "    print('refused:', e)\n")
+    code = (
+        "import jax, numpy as np, ntkd\n"
+        "f = lambda p, x: x @ p\n"
+        "try:\n"
+        "    ntkd.empirical_ntk(f, np.ones((3, 2), np.float32), np.ones((4, 3), np.float32), dtype='float64')\n"
+        "except ValueError as e:\n"
+        "    print('refused:', e)\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "refused:" in out.stdout and "jax_enable_x64" in out.stdout, out.stdout + out.stderr

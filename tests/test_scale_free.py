@@ -30,7 +30,10 @@ def test_normalised_complexity_matches_numpy_formula():
     expected = math.sqrt(C * np.trace(K) / (30 * np.sum(Y**2)))
     assert cx.normalized_adjusted_complexity(K, Y) == pytest.approx(expected, rel=1e-10)
     # Â = A(Y; K) / A(Y; I)
-    A, A_I = cx.adjusted_supervision_complexity(K, Y), cx.adjusted_supervision_complexity(np.eye(30), Y)
+    A, A_I = (
+        cx.adjusted_supervision_complexity(K, Y),
+        cx.adjusted_supervision_complexity(np.eye(30), Y),
+    )
     assert cx.normalized_adjusted_complexity(K, Y) == pytest.approx(A / A_I, rel=1e-10)
 
 
@@ -41,14 +44,17 @@ def test_normalised_complexity_is_invariant_to_scaling_targets_and_kernel():
     for cY, cK in ((7.0, 1.0), (1.0, 1e-3), (0.01, 250.0)):
         assert cx.normalized_adjusted_complexity(cK * K, cY * Y) == pytest.approx(base, rel=1e-10)
     # A is not invariant to Y → cY: that is the point of Â
-    assert cx.adjusted_supervision_complexity(K, 3 * Y) == pytest.approx(3 * cx.adjusted_supervision_complexity(K, Y))
+    assert cx.adjusted_supervision_complexity(K, 3 * Y) == pytest.approx(
+        3 * cx.adjusted_supervision_complexity(K, Y)
+    )
 
 
 def test_normalised_complexity_of_full_kernel_and_zero_targets():
     rng = np.random.default_rng(2)
     n, k = 6, 3
-    assert cx.normalized_adjusted_complexity(2.0 * np.eye(n * k).reshape(n, k, n, k).transpose(0, 2, 1, 3),
-                                             rng.normal(size=(n, k))) == pytest.approx(1.0)
+    assert cx.normalized_adjusted_complexity(
+        2.0 * np.eye(n * k).reshape(n, k, n, k).transpose(0, 2, 1, 3), rng.normal(size=(n, k))
+    ) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="all-zero"):
         cx.normalized_adjusted_complexity(np.eye(4), np.zeros((4, 2)))
 

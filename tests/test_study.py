@@ -6,24 +6,41 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import TINY_MNIST1D
 
 from ntkd.cli import main as cli_main
 from ntkd.configs import get_config, standard_criteria, standard_regimes
-from ntkd.report import write_report
 from ntkd.study import STEPS, Study, StudyConfig, run_study
-
-from conftest import TINY_MNIST1D
 
 
 def tiny_config():
     return StudyConfig(
-        name="tiny", dataset="mnist1d", dataset_options=TINY_MNIST1D,
-        teacher={"model": "cnn1d", "model_options": {"features": [8, 8, 8]}, "epochs": 4, "batch_size": 64},
-        student={"model": "mlp", "model_options": {"widths": [16]}, "epochs": 4, "batch_size": 64,
-                 "checkpoint_every": 2},
-        regimes=[r for r in standard_regimes(early_stop_epoch=2) if r["name"] in ("no-KD", "offline τ=1", "online τ=1")],
-        seeds=[0, 1], n_kernel=48,
-        complexity_regimes=["no-KD", "online τ=1"], criteria=standard_criteria())
+        name="tiny",
+        dataset="mnist1d",
+        dataset_options=TINY_MNIST1D,
+        teacher={
+            "model": "cnn1d",
+            "model_options": {"features": [8, 8, 8]},
+            "epochs": 4,
+            "batch_size": 64,
+        },
+        student={
+            "model": "mlp",
+            "model_options": {"widths": [16]},
+            "epochs": 4,
+            "batch_size": 64,
+            "checkpoint_every": 2,
+        },
+        regimes=[
+            r
+            for r in standard_regimes(early_stop_epoch=2)
+            if r["name"] in ("no-KD", "offline τ=1", "online τ=1")
+        ],
+        seeds=[0, 1],
+        n_kernel=48,
+        complexity_regimes=["no-KD", "online τ=1"],
+        criteria=standard_criteria(),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +64,10 @@ def test_results_figures_and_report_exist(study_dir):
             assert set(f["controls"]) == {"A", "identity_kernel", "label_smoothing_matched"}
     report = (study_dir / "report.md").read_text()
     assert "## Findings" in report and tiny_config().criteria_sha256 in report
-    assert json.loads((study_dir / "study.json").read_text())["criteria_sha256"] == tiny_config().criteria_sha256
+    assert (
+        json.loads((study_dir / "study.json").read_text())["criteria_sha256"]
+        == tiny_config().criteria_sha256
+    )
 
 
 def test_results_are_consistent_with_runs(study_dir):
@@ -59,12 +79,17 @@ def test_results_are_consistent_with_runs(study_dir):
         assert row["test_acc_std"] == pytest.approx(np.std(accs, ddof=1))
         assert row["test_acc_se"] == pytest.approx(np.std(accs, ddof=1) / np.sqrt(2))
     tc = json.loads((study_dir / "results" / "teacher_checkpoints.json").read_text())
-    assert [p["seed"] for p in tc["panels"]] == [0, 1]  # every analysis seed has its own student-at-init kernel
+    assert [p["seed"] for p in tc["panels"]] == [
+        0,
+        1,
+    ]  # every analysis seed has its own student-at-init kernel
     for panel in tc["panels"]:
         epochs = [r["teacher_epoch"] for r in panel["rows"] if r.get("teacher_epoch") is not None]
         assert sorted(set(epochs)) == [0, 1, 2, 3, 4] and len(epochs) == 5 * 4
         for r in panel["rows"]:
-            assert r["A_hat"] * r["A_identity"] == pytest.approx(r["A"], rel=1e-9)  # Â = A(Y; K) / A(Y; I)
+            assert r["A_hat"] * r["A_identity"] == pytest.approx(
+                r["A"], rel=1e-9
+            )  # Â = A(Y; K) / A(Y; I)
     sc = json.loads((study_dir / "results" / "student_complexity.json").read_text())
     online = [p for p in sc["panels"] if p["regime"] == "online τ=1"]
     assert [p["seed"] for p in online] == [0, 1]
@@ -73,12 +98,15 @@ def test_results_are_consistent_with_runs(study_dir):
     # at the last student epoch the online teacher is the final teacher
     for t in ("1", "4"):
         last = rows[-1]["targets"]
-        assert last[f"online_teacher_t{t}"]["A_hat"] == pytest.approx(last[f"offline_teacher_t{t}"]["A_hat"])
+        assert last[f"online_teacher_t{t}"]["A_hat"] == pytest.approx(
+            last[f"offline_teacher_t{t}"]["A_hat"]
+        )
         # equal-norm label smoothing: the control has the teacher targets' size
         assert last[f"offline_teacher_t{t}"]["ls_epsilon"] >= 0
     mar = json.loads((study_dir / "results" / "margins.json").read_text())
-    assert {(r["regime"], r["seed"]) for r in mar["rows"]} == {(r["name"], s) for r in tiny_config().main_regimes
-                                                                 for s in (0, 1)}
+    assert {(r["regime"], r["seed"]) for r in mar["rows"]} == {
+        (r["name"], s) for r in tiny_config().main_regimes for s in (0, 1)
+    }
 
 
 def test_rerun_is_identical_and_resumes_without_recomputing(study_dir, tmp_path):
@@ -90,19 +118,28 @@ def test_rerun_is_identical_and_resumes_without_recomputing(study_dir, tmp_path)
     run_study(tiny_config(), copy, progress=False, figures=False)
     after = {p.name: p.stat().st_mtime_ns for p in steps}
     assert after == before  # finished steps untouched; findings.json is derived and re-evaluated
-    assert filecmp.cmp(copy / "results" / "findings.json", study_dir / "results" / "findings.json", shallow=False)
-    assert filecmp.cmp(copy / "results" / "margins.json", study_dir / "results" / "margins.json", shallow=False)
+    assert filecmp.cmp(
+        copy / "results" / "findings.json", study_dir / "results" / "findings.json", shallow=False
+    )
+    assert filecmp.cmp(
+        copy / "results" / "margins.json", study_dir / "results" / "margins.json", shallow=False
+    )
     first = json.loads((study_dir / "timings" / "training.json").read_text())
     both = json.loads((copy / "timings" / "training.json").read_text())
-    assert both["history"][0] == first["seconds"] and len(both["history"]) == 2  # the first run's time is kept
+    assert (
+        both["history"][0] == first["seconds"] and len(both["history"]) == 2
+    )  # the first run's time is kept
     assert both["seconds"] == pytest.approx(sum(both["history"]))
 
 
 def test_second_run_from_scratch_gives_identical_results(study_dir, tmp_path):
     run_study(tiny_config(), tmp_path / "again", progress=False, figures=False)
     for step in STEPS:
-        assert filecmp.cmp(tmp_path / "again" / "results" / f"{step}.json",
-                           study_dir / "results" / f"{step}.json", shallow=False), step
+        assert filecmp.cmp(
+            tmp_path / "again" / "results" / f"{step}.json",
+            study_dir / "results" / f"{step}.json",
+            shallow=False,
+        ), step
 
 
 def test_figures_regenerate_from_results_alone(study_dir, tmp_path):
@@ -111,7 +148,9 @@ def test_figures_regenerate_from_results_alone(study_dir, tmp_path):
     shutil.copytree(study_dir / "results", copy / "results")
     shutil.copy(study_dir / "study.json", copy / "study.json")
     assert cli_main(["figures", str(copy)]) == 0
-    assert sorted(p.name for p in (copy / "figures").glob("*.png")) == sorted(f"{s}.png" for s in STEPS)
+    assert sorted(p.name for p in (copy / "figures").glob("*.png")) == sorted(
+        f"{s}.png" for s in STEPS
+    )
 
 
 def test_figures_folder_layout_redraws_study_and_theory(study_dir, tmp_path):
@@ -142,7 +181,10 @@ def test_another_config_in_the_same_folder_is_refused(study_dir):
 
 def test_a_changed_criterion_is_refused_in_the_same_folder(study_dir):
     cfg = tiny_config()
-    cfg.criteria[3] = {**cfg.criteria[3], "alpha": 0.2}  # loosening a threshold after seeing the results
+    cfg.criteria[3] = {
+        **cfg.criteria[3],
+        "alpha": 0.2,
+    }  # loosening a threshold after seeing the results
     with pytest.raises(ValueError, match="another configuration"):
         Study(cfg, study_dir)
     cfg = tiny_config()
@@ -154,7 +196,9 @@ def test_a_changed_criterion_is_refused_in_the_same_folder(study_dir):
 def test_shifted_seeds_are_disjoint():
     cfg = get_config("mnist1d")
     other = cfg.shifted_seeds(8)
-    assert not set(cfg.seeds) & set(other.seeds) and not set(cfg.analysis_seeds) & set(other.analysis_seeds)
+    assert not set(cfg.seeds) & set(other.seeds) and not set(cfg.analysis_seeds) & set(
+        other.analysis_seeds
+    )
     for a, b in zip(cfg.regimes, other.regimes):
         assert not set(cfg.regime_seeds(a)) & set(other.regime_seeds(b))
     assert other.criteria_sha256 == cfg.criteria_sha256
@@ -178,13 +222,20 @@ def test_reproduce_quick_cli(tmp_path):
     assert (out / "report.md").is_file() and len(list((out / "figures").glob("*.png"))) == 5
     findings = json.loads((out / "results" / "findings.json").read_text())
     assert len(findings) == len(get_config("mnist1d", quick=True).criteria)
-    assert all(f["verdict"] != "not tested" for f in findings)  # the quick preset exercises every criterion
+    assert all(
+        f["verdict"] != "not tested" for f in findings
+    )  # the quick preset exercises every criterion
 
 
 @pytest.mark.slow
 def test_reproduce_quick_digits_writes_findings_in_the_same_format(tmp_path):
     out = tmp_path / "digits"
-    assert cli_main(["reproduce", "--quick", "--dataset", "digits", "--out", str(out), "--no-progress"]) == 0
+    assert (
+        cli_main(
+            ["reproduce", "--quick", "--dataset", "digits", "--out", str(out), "--no-progress"]
+        )
+        == 0
+    )
     findings = json.loads((out / "results" / "findings.json").read_text())
     mnist = get_config("mnist1d", quick=True).criteria
     assert [f["name"] for f in findings] == [c["name"] for c in mnist]

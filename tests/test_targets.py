@@ -15,12 +15,15 @@ def test_one_hot_matches_numpy():
     np.testing.assert_array_equal(got, np.eye(3)[labels])
 
 
-@pytest.mark.parametrize("labels, k, match", [
-    (np.array([0, 3]), 3, "label 3 is outside \\[0, 3\\)"),
-    (np.array([-1, 0]), 3, "label -1 is outside"),
-    (np.array([0.5, 1.0]), 3, "must be integers, got dtype float64"),
-    (np.zeros((2, 2), int), 3, r"shape \(n,\), got \(2, 2\)"),
-])
+@pytest.mark.parametrize(
+    "labels, k, match",
+    [
+        (np.array([0, 3]), 3, "label 3 is outside \\[0, 3\\)"),
+        (np.array([-1, 0]), 3, "label -1 is outside"),
+        (np.array([0.5, 1.0]), 3, "must be integers, got dtype float64"),
+        (np.zeros((2, 2), int), 3, r"shape \(n,\), got \(2, 2\)"),
+    ],
+)
 def test_one_hot_rejects_bad_labels(labels, k, match):
     with pytest.raises(ValueError, match=match):
         targets.one_hot(labels, k)

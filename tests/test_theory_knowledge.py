@@ -23,12 +23,16 @@ def test_rescaling_factor_matches_autodiff(lam):
     labels = rng.integers(0, k, n)
 
     def kd(z):
-        return (1 - lam) * softmax_cross_entropy(z, labels) + lam * kd_loss(z, jnp.asarray(z_t), 1.0)
+        return (1 - lam) * softmax_cross_entropy(z, labels) + lam * kd_loss(
+            z, jnp.asarray(z_t), 1.0
+        )
 
     with jax.enable_x64(True):
         z = jnp.asarray(z_s, jnp.float64)
         g_kd = np.asarray(jax.grad(kd)(z))[np.arange(n), labels]
-        g_ce = np.asarray(jax.grad(lambda z: softmax_cross_entropy(z, labels))(z))[np.arange(n), labels]
+        g_ce = np.asarray(jax.grad(lambda z: softmax_cross_entropy(z, labels))(z))[
+            np.arange(n), labels
+        ]
     p_s = np.exp(z_s) / np.exp(z_s).sum(1, keepdims=True)
     np.testing.assert_allclose(K.rescaling_factors(p_s, p_t, labels, lam), g_kd / g_ce, rtol=1e-10)
 
@@ -39,7 +43,9 @@ def test_kd_pt_target_is_label_smoothing_with_effective_eps():
     labels = rng.integers(0, 6, 20)
     q = K.ladder_targets("kd_pt", labels, p_t, lam=0.6)
     eps = K.effective_smoothing(p_t, labels, 0.6)
-    np.testing.assert_allclose(q, (1 - eps)[:, None] * np.eye(6)[labels] + eps[:, None] / 6, atol=1e-6)
+    np.testing.assert_allclose(
+        q, (1 - eps)[:, None] * np.eye(6)[labels] + eps[:, None] / 6, atol=1e-6
+    )
     # LS uses the mean eps, so its targets are the mean of KD-pt's over the data.
     ls = K.ladder_targets("ls", labels, p_t, lam=0.6)
     assert ls[0, labels[0]] == pytest.approx(1 - eps.mean() + eps.mean() / 6, abs=1e-6)

@@ -41,8 +41,9 @@ def test_gd_converges_to_projection(w0_scale):
 def test_deep_linear_small_init_reaches_projection():
     _, x, w_star, soft = _task()
     with jax.enable_x64(True):
-        w, losses = L.fit_deep_linear_gd(x, soft, depth=2, width=16, init_scale=1e-3,
-                                         key=jax.random.PRNGKey(0), steps=5000)
+        w, losses = L.fit_deep_linear_gd(
+            x, soft, depth=2, width=16, init_scale=1e-3, key=jax.random.PRNGKey(0), steps=5000
+        )
         best = float(L.distillation_loss(L.projection_solution(x, w_star), x, soft))
     proj = L.projection_solution(x, w_star)
     assert np.linalg.norm(w - proj) / np.linalg.norm(proj) < 1e-2
@@ -64,7 +65,8 @@ def test_closed_form_risk_special_angles():
     assert L.transfer_risk_closed_form(0.0, 50, 1.0) == 0.0
     assert L.transfer_risk_closed_form(0.5 * np.pi, 50, 1.0) == pytest.approx(0.5, abs=1e-9)
     assert L.transfer_risk_closed_form(2.5, 50, 1.0) == pytest.approx(
-        1 - L.transfer_risk_closed_form(np.pi - 2.5, 50, 1.0))
+        1 - L.transfer_risk_closed_form(np.pi - 2.5, 50, 1.0)
+    )
 
 
 def test_bound_is_above_measured_risk():
@@ -73,9 +75,17 @@ def test_bound_is_above_measured_risk():
     w_star = np.eye(d)[0]
     for kappa in (0.5, 1.0, 2.0):
         for n in (1, 5, 20):
-            risks = [L.transfer_risk_closed_form(
-                L.angle(L.projection_solution(L.polynomial_angle_inputs(rng, n, d, kappa), w_star), w_star),
-                d, kappa) for _ in range(30)]
+            risks = [
+                L.transfer_risk_closed_form(
+                    L.angle(
+                        L.projection_solution(L.polynomial_angle_inputs(rng, n, d, kappa), w_star),
+                        w_star,
+                    ),
+                    d,
+                    kappa,
+                )
+                for _ in range(30)
+            ]
             assert np.mean(risks) <= L.risk_bound(n, kappa)
     assert L.risk_bound(0, 1.0) == 1.0
 
@@ -107,8 +117,9 @@ def test_errors_name_the_bad_value():
     with pytest.raises(ValueError, match="delta"):
         L.minimiser_at_angle(np.ones(3), np.ones((1, 3)), 2.0, rng)
     with pytest.raises(ValueError, match="depth"):
-        L.fit_deep_linear_gd(np.ones((2, 3)), np.ones(2), depth=1, width=2, init_scale=1.0,
-                             key=jax.random.PRNGKey(0))
+        L.fit_deep_linear_gd(
+            np.ones((2, 3)), np.ones(2), depth=1, width=2, init_scale=1.0, key=jax.random.PRNGKey(0)
+        )
 
 
 @pytest.mark.slow

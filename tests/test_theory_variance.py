@@ -53,11 +53,15 @@ def test_variance_formula_matches_empirical_and_lam_star_minimises():
         stats = V.noise_statistics(theta_star, theta_t, a, y, l2=0.05)
         lams = np.linspace(-0.5, 2.0, 11)
         for lam, formula in zip(lams, V.variance_curve(stats, lams)):
-            g = np.asarray(V.kd_per_sample_grads(theta_star, theta_t, a, y, float(lam))).reshape(len(y), -1)
+            g = np.asarray(V.kd_per_sample_grads(theta_star, theta_t, a, y, float(lam))).reshape(
+                len(y), -1
+            )
             assert formula == pytest.approx(np.mean(np.sum((g - g.mean(0)) ** 2, 1)), rel=1e-10)
     fine = np.linspace(-1, 3, 4001)
     assert np.all(V.variance_curve(stats, fine) >= stats["variance_at_lam_star"] - 1e-12)
-    assert V.variance_curve(stats, [stats["lam_star_var"]])[0] == pytest.approx(stats["variance_at_lam_star"])
+    assert V.variance_curve(stats, [stats["lam_star_var"]])[0] == pytest.approx(
+        stats["variance_at_lam_star"]
+    )
 
 
 def test_perfect_teacher_gives_zero_variance_at_lam_one():
@@ -83,9 +87,20 @@ def test_sgd_variants_behave_as_theory_predicts():
     with jax.enable_x64(True):
         theta_star = V.minimise(a, y, k, l2=0.05)
         f_star = float(V.full_loss(theta_star, a, y, 0.05))
-        run = lambda method, lam, teacher: V.run_sgd(a, y, teacher, method=method, lam=lam,
-                                                     learning_rate=0.05, epochs=30, batch_size=5,
-                                                     l2=0.05) - f_star
+        run = lambda method, lam, teacher: (
+            V.run_sgd(
+                a,
+                y,
+                teacher,
+                method=method,
+                lam=lam,
+                learning_rate=0.05,
+                epochs=30,
+                batch_size=5,
+                l2=0.05,
+            )
+            - f_star
+        )
         sgd = run("sgd", 0.0, theta_star)
         kd_perfect = run("kd", 1.0, theta_star)
         svrg = run("svrg", 1.0, theta_star)

@@ -1,7 +1,7 @@
 """Study presets. Each module's docstring holds the exact command and its runtime.
 
-    >>> from ntkd.configs import get_config
-    >>> cfg = get_config("mnist1d", quick=True)
+>>> from ntkd.configs import get_config
+>>> cfg = get_config("mnist1d", quick=True)
 """
 
 from __future__ import annotations
@@ -20,8 +20,14 @@ def get_config(name: str = "mnist1d", *, quick: bool = False) -> StudyConfig:
     return importlib.import_module(f"ntkd.configs.{name}").get_config(quick=quick)
 
 
-STANDARD_NAMES = {"none": "no-KD", "offline_t1": "offline τ=1", "offline_t4": "offline τ=4",
-                  "early_stopped_t1": "early-stopped τ=1", "online_t1": "online τ=1", "online_t4": "online τ=4"}
+STANDARD_NAMES = {
+    "none": "no-KD",
+    "offline_t1": "offline τ=1",
+    "offline_t4": "offline τ=4",
+    "early_stopped_t1": "early-stopped τ=1",
+    "online_t1": "online τ=1",
+    "online_t4": "online τ=4",
+}
 
 
 def standard_criteria(**kwargs) -> list[dict]:
@@ -32,7 +38,9 @@ def standard_criteria(**kwargs) -> list[dict]:
     return paper_criteria(regimes=STANDARD_NAMES, **kwargs)
 
 
-def capacity_regimes(students: dict[str, dict], *, seeds: list[int], temperature: float = 4.0) -> list[dict]:
+def capacity_regimes(
+    students: dict[str, dict], *, seeds: list[int], temperature: float = 4.0
+) -> list[dict]:
     """No-KD, offline and online KD at one τ for further students of the capacity-gap regression.
 
     Args:
@@ -43,11 +51,21 @@ def capacity_regimes(students: dict[str, dict], *, seeds: list[int], temperature
     out = []
     for label, spec in students.items():
         base = {"student": label, "seeds": list(seeds), **spec}
-        out += [{"name": f"no-KD · {label}", "regime": "none", **base},
-                {"name": f"offline τ={temperature:g} · {label}", "regime": "offline", "temperature": temperature,
-                 **base},
-                {"name": f"online τ={temperature:g} · {label}", "regime": "online", "temperature": temperature,
-                 **base}]
+        out += [
+            {"name": f"no-KD · {label}", "regime": "none", **base},
+            {
+                "name": f"offline τ={temperature:g} · {label}",
+                "regime": "offline",
+                "temperature": temperature,
+                **base,
+            },
+            {
+                "name": f"online τ={temperature:g} · {label}",
+                "regime": "online",
+                "temperature": temperature,
+                **base,
+            },
+        ]
     return out
 
 
@@ -58,8 +76,12 @@ def standard_regimes(*, early_stop_epoch: int) -> list[dict]:
         {"name": "no-KD", "regime": "none"},
         {"name": "offline τ=1", "regime": "offline", "temperature": 1.0},
         {"name": "offline τ=4", "regime": "offline", "temperature": 4.0},
-        {"name": "early-stopped τ=1", "regime": "early_stopped", "teacher_epoch": early_stop_epoch,
-         "temperature": 1.0},
+        {
+            "name": "early-stopped τ=1",
+            "regime": "early_stopped",
+            "teacher_epoch": early_stop_epoch,
+            "temperature": 1.0,
+        },
         {"name": "online τ=1", "regime": "online", "temperature": 1.0},
         {"name": "online τ=4", "regime": "online", "temperature": 4.0},
     ]

@@ -19,14 +19,29 @@ from ntkd.study import StudyConfig
 
 
 def get_config(quick: bool = False, num_classes: int = 10) -> StudyConfig:
-    sgd = {"optimizer": "sgd", "learning_rate": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
-           "schedule": "cosine", "batch_size": 128, "augment": True}
+    sgd = {
+        "optimizer": "sgd",
+        "learning_rate": 0.1,
+        "momentum": 0.9,
+        "weight_decay": 5e-4,
+        "schedule": "cosine",
+        "batch_size": 128,
+        "augment": True,
+    }
     teacher = {"model": "resnet56", "epochs": 200, "checkpoint_every": 5, **sgd}
     student = {"model": "resnet20", "epochs": 200, "checkpoint_every": 20, **sgd}
-    cfg = StudyConfig(name=f"CIFAR-{num_classes}", dataset=f"cifar{num_classes}", teacher=teacher, student=student,
-                      regimes=standard_regimes(early_stop_epoch=50), n_kernel=2000, ntk_mode="sum",
-                      complexity_regimes=["no-KD", "offline τ=1", "online τ=1"], ridge=1e-6,
-                      criteria=standard_criteria())
+    cfg = StudyConfig(
+        name=f"CIFAR-{num_classes}",
+        dataset=f"cifar{num_classes}",
+        teacher=teacher,
+        student=student,
+        regimes=standard_regimes(early_stop_epoch=50),
+        n_kernel=2000,
+        ntk_mode="sum",
+        complexity_regimes=["no-KD", "offline τ=1", "online τ=1"],
+        ridge=1e-6,
+        criteria=standard_criteria(),
+    )
     if quick:
         cfg.teacher.update(epochs=2, model="resnet20")
         cfg.student.update(epochs=2, model="lenet5", checkpoint_every=1)

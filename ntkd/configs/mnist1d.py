@@ -25,13 +25,25 @@ made rigorous"):
 from ntkd.configs import capacity_regimes, standard_criteria, standard_regimes
 from ntkd.study import StudyConfig
 
-CAPACITY_STUDENTS = {"MLP-64": {"model": "mlp", "model_options": {"widths": [64]}},
-                     "CNN-8": {"model": "cnn1d", "model_options": {"features": [8, 8, 8]}},
-                     "CNN-16": {"model": "cnn1d", "model_options": {"features": [16, 16, 16]}},
-                     "CNN-32": {"model": "cnn1d", "model_options": {"features": [32, 32, 32]}}}
+CAPACITY_STUDENTS = {
+    "MLP-64": {"model": "mlp", "model_options": {"widths": [64]}},
+    "CNN-8": {"model": "cnn1d", "model_options": {"features": [8, 8, 8]}},
+    "CNN-16": {"model": "cnn1d", "model_options": {"features": [16, 16, 16]}},
+    "CNN-32": {"model": "cnn1d", "model_options": {"features": [32, 32, 32]}},
+}
 
-TEACHER = {"model": "cnn1d", "epochs": 60, "optimizer": "sgd", "learning_rate": 0.05, "momentum": 0.9,
-           "weight_decay": 5e-4, "schedule": "step", "augment": True, "batch_size": 128, "checkpoint_every": 1}
+TEACHER = {
+    "model": "cnn1d",
+    "epochs": 60,
+    "optimizer": "sgd",
+    "learning_rate": 0.05,
+    "momentum": 0.9,
+    "weight_decay": 5e-4,
+    "schedule": "step",
+    "augment": True,
+    "batch_size": 128,
+    "checkpoint_every": 1,
+}
 
 
 def log_grid(epochs: int) -> list[int]:
@@ -50,22 +62,37 @@ def get_config(quick: bool = False) -> StudyConfig:
     teacher = {**TEACHER, "epochs": epochs}
     if quick:
         teacher.update(optimizer="adam", learning_rate=1e-2, weight_decay=1e-2, schedule="cosine")
-    student = {"model": "mlp", "model_options": {"widths": [128, 128] if quick else [256, 256]}, "epochs": epochs,
-               "learning_rate": 1e-2, "batch_size": 128, "checkpoint_every": 3 if quick else epochs // 10,
-               "checkpoint_epochs": log_grid(epochs)}
+    student = {
+        "model": "mlp",
+        "model_options": {"widths": [128, 128] if quick else [256, 256]},
+        "epochs": epochs,
+        "learning_rate": 1e-2,
+        "batch_size": 128,
+        "checkpoint_every": 3 if quick else epochs // 10,
+        "checkpoint_epochs": log_grid(epochs),
+    }
     students = CAPACITY_STUDENTS
     if quick:
-        students = {"MLP-32": {"model": "mlp", "model_options": {"widths": [32]}},
-                    "CNN-8": CAPACITY_STUDENTS["CNN-8"]}
+        students = {
+            "MLP-32": {"model": "mlp", "model_options": {"widths": [32]}},
+            "CNN-8": CAPACITY_STUDENTS["CNN-8"],
+        }
     cfg = StudyConfig(
-        name="MNIST-1D (quick)" if quick else "MNIST-1D", dataset="mnist1d", teacher=teacher, student=student,
-        regimes=standard_regimes(early_stop_epoch=epochs // 6) + capacity_regimes(
-            students, seeds=[0, 1] if quick else [0, 1, 2, 3]),
-        seeds=[0, 1, 2] if quick else list(range(8)), analysis_seeds=[0, 1, 2],
+        name="MNIST-1D (quick)" if quick else "MNIST-1D",
+        dataset="mnist1d",
+        teacher=teacher,
+        student=student,
+        regimes=standard_regimes(early_stop_epoch=epochs // 6)
+        + capacity_regimes(students, seeds=[0, 1] if quick else [0, 1, 2, 3]),
+        seeds=[0, 1, 2] if quick else list(range(8)),
+        analysis_seeds=[0, 1, 2],
         n_kernel=300 if quick else 1000,
         complexity_regimes=["no-KD", "offline τ=1", "online τ=1"],
-        teacher_epochs=None if quick else [0, 1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 25, 30, 40, 50, 60],
-        criteria=standard_criteria())
+        teacher_epochs=None
+        if quick
+        else [0, 1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 25, 30, 40, 50, 60],
+        criteria=standard_criteria(),
+    )
     if quick:
         cfg.dataset_options = {"num_samples": 1500}
     return cfg

@@ -37,7 +37,7 @@ import numpy as np
 import scipy.linalg
 from jax.typing import ArrayLike
 
-from ntkd.matfree.lanczos import BlockLanczos, MatvecError, NotPSDError, Operator, orthonormal_block
+from ntkd.matfree.lanczos import BlockLanczos, NotPSDError, Operator, orthonormal_block
 
 __all__ = [
     "ComplexityBounds",
@@ -58,6 +58,7 @@ def _rng(key) -> np.random.Generator:
         return np.random.default_rng(0)
     try:
         import jax
+
         data = np.asarray(jax.random.key_data(key))
     except (TypeError, ValueError):
         data = np.asarray(key)
@@ -194,9 +195,16 @@ class NystromPreconditioner:
         return self.U @ (d[:, None] * (self.U.T @ V)) + V / math.sqrt(rho)
 
 
-def nystrom_preconditioner(op: Callable[[np.ndarray], np.ndarray], n: int, rank: int,
-                           shift: float, *, key=None, eps: float = np.finfo(np.float64).eps,
-                           chunk: int = 64) -> NystromPreconditioner:
+def nystrom_preconditioner(
+    op: Callable[[np.ndarray], np.ndarray],
+    n: int,
+    rank: int,
+    shift: float,
+    *,
+    key=None,
+    eps: float = np.finfo(np.float64).eps,
+    chunk: int = 64,
+) -> NystromPreconditioner:
     """Randomized Nyström preconditioner (Frangella, Tropp & Udell, SIMAX 2023).
 
     Stable construction of Tropp, Yurtsever, Udell & Cevher (2017): sketch
@@ -219,7 +227,7 @@ def nystrom_preconditioner(op: Callable[[np.ndarray], np.ndarray], n: int, rank:
         raise ValueError(f"a Nyström preconditioner needs shift > 0, got {shift}.")
     rank = int(min(rank, n))
     Omega, _ = np.linalg.qr(_rng(key).standard_normal((n, rank)))
-    Yn = np.concatenate([op(Omega[:, i:i + chunk]) for i in range(0, rank, chunk)], axis=1)
+    Yn = np.concatenate([op(Omega[:, i : i + chunk]) for i in range(0, rank, chunk)], axis=1)
     norm = float(np.linalg.norm(Yn, 2))
     sketch_err = 10.0 * math.sqrt(n) * eps * norm
     nu = max(math.sqrt(n) * np.finfo(np.float64).eps * norm, 3.0 * sketch_err)
@@ -233,13 +241,20 @@ def nystrom_preconditioner(op: Callable[[np.ndarray], np.ndarray], n: int, rank:
         raise NotPSDError(
             f"the Nyström sketch found negative curvature ΩᵀKΩ with eigenvalue "
             f"{lam:.3g} < 0: K is not positive semi-definite. Check the kernel "
-            "computation.") from None
+            "computation."
+        ) from None
     B = scipy.linalg.solve_triangular(chol, Ynu.T, lower=True).T
     U, sig, _ = np.linalg.svd(B, full_matrices=False)
-    lam = np.maximum(sig ** 2 - nu, 0.0)
+    lam = np.maximum(sig**2 - nu, 0.0)
     margin = nu + 3.0 * sketch_err + 10.0 * rank * np.finfo(np.float64).eps * float(sig[0] ** 2)
-    return NystromPreconditioner(U=U, eigenvalues=lam, shift=float(shift), margin=float(margin),
-                                 eig_lower=float(1.0 - margin / shift), matvecs=rank)
+    return NystromPreconditioner(
+        U=U,
+        eigenvalues=lam,
+        shift=float(shift),
+        margin=float(margin),
+        eig_lower=float(1.0 - margin / shift),
+        matvecs=rank,
+    )
 
 
 def _chol(M: np.ndarray):
@@ -249,8 +264,9 @@ def _chol(M: np.ndarray):
         return None
 
 
-def _gauss_radau(T: np.ndarray, Z: np.ndarray, F: np.ndarray | None, a: float,
-                 chol_T) -> tuple[np.ndarray, np.ndarray]:
+def _gauss_radau(
+    T: np.ndarray, Z: np.ndarray, F: np.ndarray | None, a: float, chol_T
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-column (lower, upper) from T (N, N), Z = E_1 R_0 (N, M), coupling F, node a.
 
     Column sums of the matrix-sense bounds, so any group of columns can be
@@ -305,14 +321,18 @@ def _targets(Y) -> tuple[dict[str, np.ndarray], bool]:
     return out, single
 
 
-def supervision_complexity_bounds(matvec: Callable[[Any], ArrayLike],
-                                  Y: ArrayLike | Mapping[str, ArrayLike], *,
-                                  shift: float = 0.0, rtol: float = 1e-2,
-                                  max_iters: int | None = None, key=None,
-                                  eig_lower: float | None = None,
-                                  nystrom_rank: int = 0,
-                                  preconditioner: NystromPreconditioner | None = None
-                                  ) -> ComplexityBounds | dict[str, ComplexityBounds]:
+def supervision_complexity_bounds(
+    matvec: Callable[[Any], ArrayLike],
+    Y: ArrayLike | Mapping[str, ArrayLike],
+    *,
+    shift: float = 0.0,
+    rtol: float = 1e-2,
+    max_iters: int | None = None,
+    key=None,
+    eig_lower: float | None = None,
+    nystrom_rank: int = 0,
+    preconditioner: NystromPreconditioner | None = None,
+) -> ComplexityBounds | dict[str, ComplexityBounds]:
     """Certified lower and upper bounds on ``C = tr(Yᵀ (K + ρI)⁻¹ Y)``, matrix-free.
 
     Block Lanczos with full reorthogonalisation (float64, on the host) on
@@ -386,12 +406,16 @@ def supervision_complexity_bounds(matvec: Callable[[Any], ArrayLike],
         cols[name] = slice(start_col, start_col + arr.shape[1])
         start_col += arr.shape[1]
     if not (np.isfinite(shift) and shift >= 0):
-        raise ValueError(f"shift must be a finite ρ >= 0, got {shift}; "
-                         "a relative ridge λ converts with shift_from_ridge(λ, trace, n).")
+        raise ValueError(
+            f"shift must be a finite ρ >= 0, got {shift}; "
+            "a relative ridge λ converts with shift_from_ridge(λ, trace, n)."
+        )
     if not rtol > 0:
         raise ValueError(f"rtol must be > 0, got {rtol}.")
     if eig_lower is not None and not eig_lower > 0:
-        raise ValueError(f"eig_lower must be > 0 (a lower bound on λ_min(K + ρI)), got {eig_lower}.")
+        raise ValueError(
+            f"eig_lower must be > 0 (a lower bound on λ_min(K + ρI)), got {eig_lower}."
+        )
     n = Y_np.shape[0]
     rho = float(shift)
     op = Operator(matvec, n)
@@ -400,19 +424,22 @@ def supervision_complexity_bounds(matvec: Callable[[Any], ArrayLike],
     if precond is not None and (precond.shift != rho or precond.U.shape[0] != n):
         raise ValueError(
             f"the preconditioner was built for shift={precond.shift:g} and n={precond.U.shape[0]}, "
-            f"not shift={rho:g} and n={n}; build one for this shift.")
+            f"not shift={rho:g} and n={n}; build one for this shift."
+        )
     if precond is None and nystrom_rank:
         if rho <= 0:
             raise ValueError(
                 f"nystrom_rank={nystrom_rank} needs shift > 0: the preconditioner is "
-                "K̂ + ρI. Use a (relative) ridge, or nystrom_rank=0.")
+                "K̂ + ρI. Use a (relative) ridge, or nystrom_rank=0."
+            )
         precond = nystrom_preconditioner(op, n, nystrom_rank, rho, key=key, eps=op.eps)
     if precond is not None and precond.eig_lower < 0.5:
         warnings.warn(
             f"the Nyström preconditioner cannot be certified at shift={rho:.3g}: its "
             f"round-off margin {precond.margin:.3g} is not small against ρ (matvec eps "
             f"{op.eps:.2g}); running without it. Use a float64 matvec or a larger shift.",
-            stacklevel=2)
+            stacklevel=2,
+        )
         precond = None
 
     if precond is not None:
@@ -421,6 +448,7 @@ def supervision_complexity_bounds(matvec: Callable[[Any], ArrayLike],
         def lanczos_op(V):
             PV = precond.inv_sqrt(V)
             return precond.inv_sqrt(op(PV) + rho * PV)
+
         add = 0.0
         a, source, certified = precond.eig_lower, "nystrom", True
         floor = precond.eig_lower
@@ -440,28 +468,48 @@ def supervision_complexity_bounds(matvec: Callable[[Any], ArrayLike],
 
     Q1, R0 = orthonormal_block(start)
     p = Q1.shape[1]
-    common = dict(shift=rho, rtol=float(rtol), n=n, block_size=p,
-                  preconditioner=None if precond is None else f"nystrom(rank={precond.U.shape[1]})",
-                  preconditioner_matvecs=0 if precond is None or preconditioner is not None
-                  else precond.matvecs)
+    common = dict(
+        shift=rho,
+        rtol=float(rtol),
+        n=n,
+        block_size=p,
+        preconditioner=None if precond is None else f"nystrom(rank={precond.U.shape[1]})",
+        preconditioner_matvecs=0
+        if precond is None or preconditioner is not None
+        else precond.matvecs,
+    )
 
     def result(lower, upper, **kw):
         out = {}
         for name, sl in cols.items():
             lo, hi = float(np.sum(lower[sl])), float(np.sum(upper[sl]))
             out[name] = ComplexityBounds(
-                lower=lo, upper=hi, estimate=0.5 * (lo + hi) if math.isfinite(hi) else lo,
+                lower=lo,
+                upper=hi,
+                estimate=0.5 * (lo + hi) if math.isfinite(hi) else lo,
                 converged=bool(kw["exhausted"] or hi - lo <= rtol * lo),
                 target_norm2=float(np.sum(targets[name] ** 2)),
-                history=tuple((it, mv, float(np.sum(l[sl])), float(np.sum(u[sl])))
-                              for it, mv, l, u in history), **kw, **common)
+                history=tuple(
+                    (it, mv, float(np.sum(l[sl])), float(np.sum(u[sl]))) for it, mv, l, u in history
+                ),
+                **kw,
+                **common,
+            )
         return out["Y"] if single else out
 
     history = []
     if p == 0:
         zero = np.zeros(Y_np.shape[1])
-        return result(zero, zero, iterations=0, matvecs=op.matvecs, upper_certified=True,
-                      eig_lower=0.0, eig_lower_source="exact", exhausted=True)
+        return result(
+            zero,
+            zero,
+            iterations=0,
+            matvecs=op.matvecs,
+            upper_certified=True,
+            eig_lower=0.0,
+            eig_lower_source="exact",
+            exhausted=True,
+        )
     max_iters = min(math.ceil(n / p) + 1, 2000) if max_iters is None else int(max_iters)
     lz = BlockLanczos(lanczos_op, Q1, eps=lambda: op.eps)
     lower = np.zeros(Y_np.shape[1])
@@ -477,20 +525,23 @@ def supervision_complexity_bounds(matvec: Callable[[Any], ArrayLike],
                 raise NotPSDError(
                     f"Lanczos found a Rayleigh quotient {theta:.6g} of K + ρI below "
                     f"eig_lower={a:.6g} at step {lz.steps}: eig_lower is not a lower bound "
-                    "on λ_min(K + ρI) (or K is not PSD). Pass a smaller eig_lower.")
-            what = ("K" if precond is None else "the Nyström-preconditioned operator")
+                    "on λ_min(K + ρI) (or K is not PSD). Pass a smaller eig_lower."
+                )
+            what = "K" if precond is None else "the Nyström-preconditioned operator"
             raise NotPSDError(
                 f"negative curvature at Lanczos step {lz.steps}: {what} has a Rayleigh "
                 f"quotient {theta - add:.6g} below the floor {floor - add:.6g} that a PSD "
                 f"kernel guarantees (tolerance {tol:.3g}). K is not positive "
                 "semi-definite; check the kernel computation (symmetric? the matvec of a "
-                "Gram matrix JJᵀ?).")
+                "Gram matrix JJᵀ?)."
+            )
         chol_T = _chol(T)
         if chol_T is None:
             raise NotPSDError(
                 f"K restricted to the Krylov space is numerically singular at step "
                 f"{lz.steps} with shift={rho:g}: C is infinite or dominated by round-off. "
-                "Use a shift (e.g. shift_from_ridge(1e-6, trace, n)).")
+                "Use a shift (e.g. shift_from_ridge(1e-6, trace, n))."
+            )
         Z = np.zeros((N, R0.shape[1]))
         Z[:p] = R0
         if lz.exhausted:
@@ -501,9 +552,18 @@ def supervision_complexity_bounds(matvec: Callable[[Any], ArrayLike],
                 a = 0.5 * float(scipy.linalg.eigvalsh(T, subset_by_index=[0, 0])[0])
             lower, upper = _gauss_radau(T, Z, lz.F, a, chol_T)
         history.append((lz.steps, op.matvecs, lower, upper))
-        if lz.exhausted or all(np.sum(upper[sl]) - np.sum(lower[sl]) <= rtol * np.sum(lower[sl])
-                               for sl in cols.values()):
+        if lz.exhausted or all(
+            np.sum(upper[sl]) - np.sum(lower[sl]) <= rtol * np.sum(lower[sl])
+            for sl in cols.values()
+        ):
             break
-    return result(lower, upper, iterations=lz.steps, matvecs=op.matvecs,
-                  upper_certified=bool(certified), eig_lower=float(a), eig_lower_source=source,
-                  exhausted=lz.exhausted)
+    return result(
+        lower,
+        upper,
+        iterations=lz.steps,
+        matvecs=op.matvecs,
+        upper_certified=bool(certified),
+        eig_lower=float(a),
+        eig_lower_source=source,
+        exhausted=lz.exhausted,
+    )

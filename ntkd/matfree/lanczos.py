@@ -56,12 +56,15 @@ class Operator:
         if arr.shape != V.shape:
             hint = ""
             if arr.shape == (V.shape[0],) or arr.ndim == 1:
-                hint = (" A matvec of single vectors can be wrapped as "
-                        "`lambda V: np.stack([mv(v) for v in V.T], axis=1)`.")
+                hint = (
+                    " A matvec of single vectors can be wrapped as "
+                    "`lambda V: np.stack([mv(v) for v in V.T], axis=1)`."
+                )
             raise MatvecError(
                 f"{self.name} returned an array of shape {arr.shape} for V of shape "
                 f"{V.shape}; it must return K @ V with the same shape (n, m) = "
-                f"{V.shape}.{hint}")
+                f"{V.shape}.{hint}"
+            )
         if np.issubdtype(arr.dtype, np.floating):
             self.eps = max(self.eps, float(np.finfo(arr.dtype).eps))
         arr = arr.astype(np.float64, copy=False)
@@ -71,7 +74,8 @@ class Operator:
                 f"{self.name} returned a non-finite value (K @ V)[{i}, {j}] = {arr[i, j]} "
                 f"(call {self.calls + 1}, V of shape {V.shape}, finite input). Check the "
                 "kernel computation (params and inputs finite? overflow in float32? "
-                "compute the matvec in float64).")
+                "compute the matvec in float64)."
+            )
         self.calls += 1
         self.matvecs += V.shape[1]
         return arr
@@ -115,9 +119,14 @@ class BlockLanczos:
       steps: steps done.
     """
 
-    def __init__(self, op: Callable[[np.ndarray], np.ndarray], Q1: np.ndarray, *,
-                 eps: Callable[[], float] | float = np.finfo(np.float64).eps,
-                 symmetry_check: bool = True):
+    def __init__(
+        self,
+        op: Callable[[np.ndarray], np.ndarray],
+        Q1: np.ndarray,
+        *,
+        eps: Callable[[], float] | float = np.finfo(np.float64).eps,
+        symmetry_check: bool = True,
+    ):
         self._op = op
         self._eps = eps if callable(eps) else (lambda e=eps: e)
         n, p = Q1.shape
@@ -136,15 +145,15 @@ class BlockLanczos:
 
     @property
     def V(self) -> np.ndarray:
-        return self._V[:, :self._N]
+        return self._V[:, : self._N]
 
     def _append(self, Q: np.ndarray) -> None:
         need = self._N + Q.shape[1]
         if need > self._V.shape[1]:
             grown = np.empty((self.n, max(2 * self._V.shape[1], need)))
-            grown[:, :self._N] = self._V[:, :self._N]
+            grown[:, : self._N] = self._V[:, : self._N]
             self._V = grown
-        self._V[:, self._N:need] = Q
+        self._V[:, self._N : need] = Q
         self._N = need
 
     def step(self) -> None:
@@ -159,7 +168,7 @@ class BlockLanczos:
         W = W - Q @ Aj
         N0 = self._N
         if self._Bprev is not None:
-            prev = self._V[:, N0 - self._Bprev.shape[1]:N0]
+            prev = self._V[:, N0 - self._Bprev.shape[1] : N0]
             W = W - prev @ self._Bprev.T
         self._append(Q)
         self.sizes.append(p)
@@ -170,8 +179,8 @@ class BlockLanczos:
         T[N0:, N0:] = Aj
         if self._Bprev is not None:
             pp = self._Bprev.shape[1]
-            T[N0:, N0 - pp:N0] = self._Bprev
-            T[N0 - pp:N0, N0:] = self._Bprev.T
+            T[N0:, N0 - pp : N0] = self._Bprev
+            T[N0 - pp : N0, N0:] = self._Bprev.T
         self.T = T
         self.scale = max(self.scale, float(np.max(np.sum(np.abs(T), axis=1))) if N else 0.0)
         V = self.V
@@ -186,7 +195,8 @@ class BlockLanczos:
                     f"the matvec is not symmetric: Q_iᵀ K Q_j differs from (Q_jᵀ K Q_i)ᵀ "
                     f"by up to {leak:.3g} (operator size ~{self.scale:.3g}) at Lanczos step "
                     f"{self.steps + 1}. Pass a symmetric K (e.g. the Gram matrix of one "
-                    "input set with itself, or (K + Kᵀ)/2).")
+                    "input set with itself, or (K + Kᵀ)/2)."
+                )
         W = W - V @ first
         W = W - V @ (V.T @ W)
         U, s, Wt = np.linalg.svd(W, full_matrices=False)
@@ -202,7 +212,7 @@ class BlockLanczos:
         Qn = U[:, keep]
         B = s[keep, None] * Wt[keep]  # (p_next, p): W = Qn B
         F = np.zeros((B.shape[0], N))
-        F[:, N - p:] = B
+        F[:, N - p :] = B
         self.F = F
         self._Q = Qn
         self._Bprev = B

@@ -28,8 +28,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
 from jax.experimental import multihost_utils
+from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ntkd import ntk
@@ -57,8 +57,20 @@ class NtkMatvec:
         (stays constant after the first call with a given m).
     """
 
-    def __init__(self, apply_fn: Callable, params: Any, x, *, mode: str, logit: int,
-                 block_size: int, dtype, cache: str, cache_bytes: int, max_cotangents: int):
+    def __init__(
+        self,
+        apply_fn: Callable,
+        params: Any,
+        x,
+        *,
+        mode: str,
+        logit: int,
+        block_size: int,
+        dtype,
+        cache: str,
+        cache_bytes: int,
+        max_cotangents: int,
+    ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
         if cache not in ("auto", "never", "always"):
@@ -103,7 +115,8 @@ class NtkMatvec:
         rows = self.k if mode in ("trace", "full") else 1
         self._jac_bytes = self._nb * self._B * rows * self.num_params * flat.dtype.itemsize
         self.cached = not self._multi and (
-            cache == "always" or (cache == "auto" and self._jac_bytes <= cache_bytes))
+            cache == "always" or (cache == "auto" and self._jac_bytes <= cache_bytes)
+        )
         self.calls = 0
         self.traces = 0
         self._build()
@@ -118,7 +131,9 @@ class NtkMatvec:
         if self.mode == "trace":
             m = Vb.shape[1]
             eye = jnp.eye(k, dtype=dtype)
-            return (eye[:, None, None, :] * Vb.T[None, :, :, None].astype(dtype)).reshape(k * m, B, k)
+            return (eye[:, None, None, :] * Vb.T[None, :, :, None].astype(dtype)).reshape(
+                k * m, B, k
+            )
         if self.mode == "sum":
             return jnp.broadcast_to(Vb.T[:, :, None].astype(dtype), (Vb.shape[1], B, k))
         if self.mode == "logit":
@@ -160,8 +175,12 @@ class NtkMatvec:
                 return jnp.matmul(J.T, Vb.astype(J.dtype), precision=_HIGHEST)
             if self.mode == "trace":
                 return jnp.einsum("iap,im->amp", J, Vb.astype(J.dtype), precision=_HIGHEST)
-            return jnp.einsum("iap,iam->mp", J, Vb.reshape(self._B, self.k, -1).astype(J.dtype),
-                              precision=_HIGHEST)
+            return jnp.einsum(
+                "iap,iam->mp",
+                J,
+                Vb.reshape(self._B, self.k, -1).astype(J.dtype),
+                precision=_HIGHEST,
+            )
 
         def jac_pass2(J, G):
             self.traces += 1
@@ -202,22 +221,27 @@ class NtkMatvec:
         return np.asarray(multihost_utils.process_allgather(arr, tiled=True))
 
     def _block_x(self, i):
-        return self._put(self._x[i * self._B:(i + 1) * self._B], self._shard)
+        return self._put(self._x[i * self._B : (i + 1) * self._B], self._shard)
 
     def _jacobian_block(self, i) -> jax.Array:
         """Per-example Jacobian rows of superblock i: (B, k, P) or (B, P)."""
-        xb = self._x[i * self._B:(i + 1) * self._B]
+        xb = self._x[i * self._B : (i + 1) * self._B]
         rows = self.k if self.mode in ("trace", "full") else 1
         ndev = len(self.devices)
-        chunk = max(ndev, (JACOBIAN_CHUNK_BYTES // max(rows * self.num_params * 8, 1)) // ndev * ndev)
+        chunk = max(
+            ndev, (JACOBIAN_CHUNK_BYTES // max(rows * self.num_params * 8, 1)) // ndev * ndev
+        )
         chunk = min(chunk, self._B)
         parts = []
         for s in range(0, self._B, chunk):
-            xs = xb[s:s + chunk]
+            xs = xb[s : s + chunk]
             if xs.shape[0] < chunk:  # keep one compiled shape
                 xs = np.concatenate([xs, np.zeros((chunk - xs.shape[0], *xs.shape[1:]), xs.dtype)])
-            parts.append(self._per_example(self.params, jax.device_put(xs, self._shard))
-                         [:min(chunk, self._B - s)])
+            parts.append(
+                self._per_example(self.params, jax.device_put(xs, self._shard))[
+                    : min(chunk, self._B - s)
+                ]
+            )
         return jax.device_put(jnp.concatenate(parts), self._shard)
 
     # ---------------------------------------------------------------- API
@@ -229,7 +253,8 @@ class NtkMatvec:
         if V_np.ndim != 2 or V_np.shape[0] != self.size:
             raise ValueError(
                 f"V has shape {np.shape(V)}; mode={self.mode!r} on n={self.n} examples "
-                f"with k={self.k} logits needs ({self.size}, m) or ({self.size},).")
+                f"with k={self.k} logits needs ({self.size}, m) or ({self.size},)."
+            )
         m = V_np.shape[1]
         rows = self.k if self.mode == "full" else 1
         pad = self._nb * self._B * rows - self.size
@@ -237,7 +262,7 @@ class NtkMatvec:
         Vp = np.concatenate([V_np, np.zeros((pad, m), V_np.dtype)]) if pad else V_np
         Vp = Vp.astype(dtype)
         step = self._B * rows
-        blocks = [self._put(Vp[i * step:(i + 1) * step], self._shard) for i in range(self._nb)]
+        blocks = [self._put(Vp[i * step : (i + 1) * step], self._shard) for i in range(self._nb)]
         out = np.empty((self._nb * step, m), dtype)
         if self.cached:
             G = None
@@ -245,7 +270,7 @@ class NtkMatvec:
                 g = self._jac_pass1(J, Vb)
                 G = g if G is None else G + g
             for i, J in enumerate(self._jac):
-                out[i * step:(i + 1) * step] = np.asarray(self._jac_pass2(J, G))
+                out[i * step : (i + 1) * step] = np.asarray(self._jac_pass2(J, G))
         else:
             # columns in chunks so that at most max_cotangents VJPs/JVPs are
             # vmapped at once (their activations dominate the memory)
@@ -256,14 +281,16 @@ class NtkMatvec:
                 width = cols.stop - cols.start
                 G = jax.tree_util.tree_map(
                     lambda p: self._put(np.zeros((per_col * width, *p.shape), p.dtype), self._repl),
-                    self.params)
+                    self.params,
+                )
                 for i, Vb in enumerate(blocks):
                     G = self._pass1(G, self.params, self._block_x(i), Vb[:, cols])
                 for i in range(self._nb):
-                    out[i * step:(i + 1) * step, cols] = self._get(
-                        self._pass2(self.params, self._block_x(i), G, width))
+                    out[i * step : (i + 1) * step, cols] = self._get(
+                        self._pass2(self.params, self._block_x(i), G, width)
+                    )
         self.calls += 1
-        out = out[:self.size]
+        out = out[: self.size]
         return out[:, 0] if vec else out
 
     def diagonal(self) -> np.ndarray:
@@ -278,12 +305,13 @@ class NtkMatvec:
                 J = self._per_example(self.params, self._block_x(i))
                 axes = (2,) if self.mode == "full" else ((1, 2) if self.mode == "trace" else (1,))
                 d.append(self._get(jnp.sum(J * J, axis=axes)).reshape(-1))
-            return np.concatenate(d)[:self.size].astype(np.float64)
+            return np.concatenate(d)[: self.size].astype(np.float64)
         b = min(self._B, DIAGONAL_BLOCK)
         for s in range(0, self.n, b):
-            xb = jnp.asarray(self._x[s:min(s + b, self.n)])
-            Kb = np.asarray(ntk.empirical_ntk(self.apply_fn, self.params, xb, mode=self.mode,
-                                              logit=self.logit))
+            xb = jnp.asarray(self._x[s : min(s + b, self.n)])
+            Kb = np.asarray(
+                ntk.empirical_ntk(self.apply_fn, self.params, xb, mode=self.mode, logit=self.logit)
+            )
             if self.mode == "full":
                 d.append(np.einsum("iiaa->ia", Kb).reshape(-1))
             else:
@@ -295,9 +323,19 @@ class NtkMatvec:
         return float(np.sum(self.diagonal()))
 
 
-def ntk_matvec(apply_fn: Callable, params: Any, x, *, mode: str = "trace", logit: int = 0,
-               block_size: int = 512, dtype=None, cache: str = "auto",
-               cache_bytes: int = 2**30, max_cotangents: int = 20) -> NtkMatvec:
+def ntk_matvec(
+    apply_fn: Callable,
+    params: Any,
+    x,
+    *,
+    mode: str = "trace",
+    logit: int = 0,
+    block_size: int = 512,
+    dtype=None,
+    cache: str = "auto",
+    cache_bytes: int = 2**30,
+    max_cotangents: int = 20,
+) -> NtkMatvec:
     """Streaming eNTK product ``V -> K @ V`` on inputs x, never forming K.
 
     Two passes over the data per product (VJPs, then JVPs, block by block),
@@ -329,6 +367,15 @@ def ntk_matvec(apply_fn: Callable, params: Any, x, *, mode: str = "trace", logit
       >>> mv = ntk_matvec(apply_fn, params, x, mode="trace", block_size=512)
       >>> KV = mv(np.ones((x.shape[0], 3)))   # (n, 3)
     """
-    return NtkMatvec(apply_fn, params, x, mode=mode, logit=logit, block_size=block_size,
-                     dtype=dtype, cache=cache, cache_bytes=cache_bytes,
-                     max_cotangents=max_cotangents)
+    return NtkMatvec(
+        apply_fn,
+        params,
+        x,
+        mode=mode,
+        logit=logit,
+        block_size=block_size,
+        dtype=dtype,
+        cache=cache,
+        cache_bytes=cache_bytes,
+        max_cotangents=max_cotangents,
+    )

@@ -26,8 +26,9 @@ def _available_bytes() -> int:
         return 8 * 2**30
 
 
-def choose_path(n: int, *, k: int = 1, mode: str = "trace",
-                memory_budget: int | None = None) -> str:
+def choose_path(
+    n: int, *, k: int = 1, mode: str = "trace", memory_budget: int | None = None
+) -> str:
     """``"dense"`` if the dense kernel and its factor fit ``memory_budget``, else ``"matfree"``.
 
     Args:

@@ -76,9 +76,21 @@ class ProjectedNTK:
         return F @ (F.T @ V)
 
 
-def projected_ntk(apply_fn: Callable, params: Any, x, *, dim: int, mode: str = "trace",
-                  logit: int = 0, kind: str = "rademacher", key=None, block_size: int = 512,
-                  chunk: int = 64, check_n: int = 256, dtype=None) -> ProjectedNTK:
+def projected_ntk(
+    apply_fn: Callable,
+    params: Any,
+    x,
+    *,
+    dim: int,
+    mode: str = "trace",
+    logit: int = 0,
+    kind: str = "rademacher",
+    key=None,
+    block_size: int = 512,
+    chunk: int = 64,
+    check_n: int = 256,
+    dtype=None,
+) -> ProjectedNTK:
     """Random-projection eNTK features Φ = J Πᵀ, block by block, with their error.
 
     Args:
@@ -138,13 +150,13 @@ def projected_ntk(apply_fn: Callable, params: Any, x, *, dim: int, mode: str = "
         if mode == "sum":
             outs = outs.sum(-1, keepdims=True)
         elif mode == "logit":
-            outs = outs[:, :, logit:logit + 1]
+            outs = outs[:, :, logit : logit + 1]
         return jnp.transpose(outs, (1, 2, 0))  # (b, k', chunk)
 
     n = x.shape[0]
     feats = []
     for s in range(0, n, block_size):
-        xb = x[s:s + block_size]
+        xb = x[s : s + block_size]
         real = xb.shape[0]
         if real < block_size and n > block_size:  # one compiled shape
             xb = np.concatenate([xb, np.zeros((block_size - real, *xb.shape[1:]), xb.dtype)])
@@ -153,18 +165,31 @@ def projected_ntk(apply_fn: Callable, params: Any, x, *, dim: int, mode: str = "
     F = np.concatenate(feats).astype(np.float64)
     if mode in ("sum", "logit"):
         F = F[:, 0]
-    result = ProjectedNTK(features=F, mode=mode, dim=int(dim), kind=kind, error=None,
-                          max_error=None, predicted_error=None, check_n=0)
+    result = ProjectedNTK(
+        features=F,
+        mode=mode,
+        dim=int(dim),
+        kind=kind,
+        error=None,
+        max_error=None,
+        predicted_error=None,
+        check_n=0,
+    )
     m = min(check_n, n)
     if m:
-        K = np.asarray(ntk.empirical_ntk(apply_fn, params, jnp.asarray(x[:m]), mode=mode,
-                                         logit=logit), np.float64)
+        K = np.asarray(
+            ntk.empirical_ntk(apply_fn, params, jnp.asarray(x[:m]), mode=mode, logit=logit),
+            np.float64,
+        )
         if mode == "full":
             K = K.transpose(0, 2, 1, 3).reshape(m * K.shape[2], -1)
         Kh = result.kernel(slice(0, m), slice(0, m))
         fro = float(np.linalg.norm(K))
         result = dataclasses.replace(
-            result, check_n=m, error=float(np.linalg.norm(Kh - K) / fro),
+            result,
+            check_n=m,
+            error=float(np.linalg.norm(Kh - K) / fro),
             max_error=float(np.max(np.abs(Kh - K)) / np.max(np.abs(K))),
-            predicted_error=float(math.sqrt((1.0 + np.trace(K) ** 2 / fro ** 2) / dim)))
+            predicted_error=float(math.sqrt((1.0 + np.trace(K) ** 2 / fro**2) / dim)),
+        )
     return result

@@ -44,9 +44,16 @@ class Eigenpairs:
     matvecs: int
 
 
-def top_eigenpairs(matvec: Callable[[Any], ArrayLike], n: int, num: int, *,
-                   block_size: int | None = None, tol: float = 1e-8,
-                   max_iters: int | None = None, key=None) -> Eigenpairs:
+def top_eigenpairs(
+    matvec: Callable[[Any], ArrayLike],
+    n: int,
+    num: int,
+    *,
+    block_size: int | None = None,
+    tol: float = 1e-8,
+    max_iters: int | None = None,
+    key=None,
+) -> Eigenpairs:
     """The ``num`` largest eigenpairs of a symmetric PSD K by block Lanczos.
 
     Args:
@@ -76,13 +83,18 @@ def top_eigenpairs(matvec: Callable[[Any], ArrayLike], n: int, num: int, *,
         lz.step()
         theta, S = np.linalg.eigh(lz.T)
         theta, S = theta[::-1][:num], S[:, ::-1][:, :num]
-        res = (np.zeros(theta.shape) if lz.F is None
-               else np.linalg.norm(lz.F @ S, axis=0))
+        res = np.zeros(theta.shape) if lz.F is None else np.linalg.norm(lz.F @ S, axis=0)
         done = theta.size == num and bool(np.all(res <= tol * max(theta[0], 0.0)))
         if done or lz.exhausted or lz.steps >= max_iters:
             break
-    return Eigenpairs(values=theta, vectors=lz.V @ S, residuals=res, converged=done or lz.exhausted,
-                      iterations=lz.steps, matvecs=op.matvecs)
+    return Eigenpairs(
+        values=theta,
+        vectors=lz.V @ S,
+        residuals=res,
+        converged=done or lz.exhausted,
+        iterations=lz.steps,
+        matvecs=op.matvecs,
+    )
 
 
 def alignment_curve(Y: ArrayLike, eigenpairs: Eigenpairs) -> np.ndarray:
@@ -104,8 +116,10 @@ def alignment_curve(Y: ArrayLike, eigenpairs: Eigenpairs) -> np.ndarray:
     Y_np = Y_np[:, None] if Y_np.ndim == 1 else Y_np
     Z = eigenpairs.vectors
     if Y_np.ndim != 2 or Y_np.shape[0] != Z.shape[0]:
-        raise ValueError(f"Y must have shape ({Z.shape[0]}, k) or ({Z.shape[0]},) to match "
-                         f"the eigenvectors, got {np.shape(Y)}.")
+        raise ValueError(
+            f"Y must have shape ({Z.shape[0]}, k) or ({Z.shape[0]},) to match "
+            f"the eigenvectors, got {np.shape(Y)}."
+        )
     total = float(np.sum(Y_np * Y_np))
     if total == 0:
         raise ValueError("Y is all zeros; its alignment curve is undefined.")

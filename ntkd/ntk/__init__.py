@@ -27,16 +27,16 @@ from ntkd.ntk.options import BlockOptions, ContractionOptions
 from ntkd.ntk.vp import ntk_vp_fn
 
 __all__ = [
-        "MODES",
-        "IMPLEMENTATIONS",
-        "Mode",
-        "ApplyFn",
-        "FlaxApplyFn",
-        "BlockOptions",
-        "ContractionOptions",
-        "as_apply_fn",
-        "flax_apply_fn",
-        "empirical_ntk_fn",
-        "empirical_ntk",
-        "ntk_vp_fn",
+    "MODES",
+    "IMPLEMENTATIONS",
+    "Mode",
+    "ApplyFn",
+    "FlaxApplyFn",
+    "BlockOptions",
+    "ContractionOptions",
+    "as_apply_fn",
+    "flax_apply_fn",
+    "empirical_ntk_fn",
+    "empirical_ntk",
+    "ntk_vp_fn",
 ]

@@ -33,7 +33,7 @@ def gram(a: jax.Array, b: jax.Array, chunk_bytes: int) -> jax.Array:
 
     acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((r1, r2), jnp.result_type(a, b)))
     if steps * ch < kdim:
-        acc = acc + jnp.matmul(a[:, steps * ch:], b[:, steps * ch:].T, precision=HIGHEST)
+        acc = acc + jnp.matmul(a[:, steps * ch :], b[:, steps * ch :].T, precision=HIGHEST)
     return acc
 
 
@@ -61,8 +61,9 @@ def check_finite(name: str, tree: PyTree) -> None:
             where = jax.tree_util.keystr(path) or "(array)"
             bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
             raise ValueError(
-                    f"{name}{where} has {bad} non-finite value(s) (NaN/inf); the NTK "
-                    "would be meaningless. Clean the inputs or restore finite params.")
+                f"{name}{where} has {bad} non-finite value(s) (NaN/inf); the NTK "
+                "would be meaningless. Clean the inputs or restore finite params."
+            )
 
 
 def cast(tree: PyTree, dtype) -> PyTree:

@@ -9,7 +9,8 @@ symmetry and multi-host distribution are written once for all algorithms.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import jax
 
@@ -49,7 +50,7 @@ class Problem:
     def gram(self, a, b):
         return gram(a, b, self.options.gram_chunk_bytes)
 
-    def terms(self) -> "Terms":
+    def terms(self) -> Terms:
         return Terms(self)
 
 

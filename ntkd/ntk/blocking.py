@@ -40,9 +40,15 @@ class Compiled:
         # Features are per example: each device computes its slice of the block with no
         # communication. (On JAX 0.10/CPU, vmap of a conv weight gradient with a batch-sharded
         # input gave wrong values under SPMD partitioning; per-device shard_map is exact.)
-        shard = lambda f: jax.jit(jax.shard_map(
-                f, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(), rows), out_specs=rows,
-                check_vma=False))
+        shard = lambda f: jax.jit(
+            jax.shard_map(
+                f,
+                mesh=mesh,
+                in_specs=(PartitionSpec(), PartitionSpec(), rows),
+                out_specs=rows,
+                check_vma=False,
+            )
+        )
         self.row = shard(algo.row)
         self.col = self.row if algo.shares_features else shard(algo.col)
         self.pair = jax.jit(algo.pair, out_shardings=NamedSharding(mesh, rows))
@@ -96,7 +102,9 @@ def planned_bytes(c: Compiled, params, state, xb) -> int | None:
         return None
 
 
-def plan_block(c: Compiled, mode: Mode, k: int, params, state, x, n: int, opts: BlockOptions) -> int:
+def plan_block(
+    c: Compiled, mode: Mode, k: int, params, state, x, n: int, opts: BlockOptions
+) -> int:
     """Default block size: from the features' size, then XLA's memory plan, then ≥ min_blocks blocks.
 
     The feature-based guess ignores the temporaries of the row and pair
@@ -134,8 +142,21 @@ def _pad_to(x, n: int):
     return jnp.concatenate([x, reps.astype(x.dtype)], axis=0)
 
 
-def run(c: Compiled, mode: Mode, k: int, params, state, x1, x2, symmetric: bool, block: int,
-        opts: BlockOptions, as_numpy: bool, groups: list, dtype) -> dict:
+def run(
+    c: Compiled,
+    mode: Mode,
+    k: int,
+    params,
+    state,
+    x1,
+    x2,
+    symmetric: bool,
+    block: int,
+    opts: BlockOptions,
+    as_numpy: bool,
+    groups: list,
+    dtype,
+) -> dict:
     """The kernel ``{group: (n1, n2[, k, k])}`` of x1 against x2, block by block.
 
     ``groups`` names every block the algorithm's ``pair`` returns; ``dtype`` is the kernel's.
@@ -155,7 +176,7 @@ def run(c: Compiled, mode: Mode, k: int, params, state, x1, x2, symmetric: bool,
     b = int(min(block, max(n1, n2)))
     b = -(-b // ndev) * ndev  # every block splits evenly over the devices
     starts1, starts2 = list(range(0, n1, b)), list(range(0, n2, b))
-    block_of = lambda x, s: jax.device_put(_pad_to(x[s:s + b], b), c.rows)
+    block_of = lambda x, s: jax.device_put(_pad_to(x[s : s + b], b), c.rows)
     params = jax.device_put(params, c.replicated)
     state = jax.device_put(state, c.replicated)
     out_shape = mode.block_shape(n1, n2, k)
@@ -180,8 +201,9 @@ def run(c: Compiled, mode: Mode, k: int, params, state, x1, x2, symmetric: bool,
     # pairs dispatched asynchronously); a larger one, as_numpy=True, or several processes
     # stream block by block into a host buffer.
     itemsize = jnp.dtype(dtype).itemsize
-    on_device = (not as_numpy and nproc == 1
-                 and math.prod(out_shape) * itemsize <= opts.device_kernel_bytes)
+    on_device = (
+        not as_numpy and nproc == 1 and math.prod(out_shape) * itemsize <= opts.device_kernel_bytes
+    )
     tiles: dict = {}
     host: dict = {}
     for i, s1 in enumerate(starts1):
@@ -200,16 +222,25 @@ def run(c: Compiled, mode: Mode, k: int, params, state, x1, x2, symmetric: bool,
             for g, v in kij.items():
                 v = np.asarray(v)
                 buf = host.setdefault(g, np.zeros(out_shape, v.dtype))
-                buf[s1:s1 + e1, s2:s2 + e2] = v[:e1, :e2]
+                buf[s1 : s1 + e1, s2 : s2 + e2] = v[:e1, :e2]
                 if symmetric and j > i:
-                    buf[s2:s2 + e2, s1:s1 + e1] = mode.mirror(v)[:e2, :e1]
+                    buf[s2 : s2 + e2, s1 : s1 + e1] = mode.mirror(v)[:e2, :e1]
         if shared:
             col_cache.pop(i, None)  # later rows only pair with later columns
     if on_device:
-        get = lambda i, j: tiles[i, j] if (i, j) in tiles else {
-                g: mode.mirror(v) for g, v in tiles[j, i].items()}
-        return {g: jnp.concatenate([jnp.concatenate([get(i, j)[g] for j in range(len(starts2))], axis=1)
-                                    for i in range(len(starts1))], axis=0) for g in tiles[0, 0]}
+        get = lambda i, j: (
+            tiles[i, j] if (i, j) in tiles else {g: mode.mirror(v) for g, v in tiles[j, i].items()}
+        )
+        return {
+            g: jnp.concatenate(
+                [
+                    jnp.concatenate([get(i, j)[g] for j in range(len(starts2))], axis=1)
+                    for i in range(len(starts1))
+                ],
+                axis=0,
+            )
+            for g in tiles[0, 0]
+        }
     if nproc > 1:
         host = gather_processes(host, groups, out_shape, dtype)
     return host if as_numpy else {g: jnp.asarray(v) for g, v in host.items()}

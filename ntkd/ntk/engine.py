@@ -10,7 +10,8 @@ reuse them: nothing is recompiled.
 from __future__ import annotations
 
 import collections
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -40,15 +41,21 @@ def output_width(apply_fn: ApplyFn, params, x: jax.Array, mode: Mode) -> tuple[i
     try:
         out = jax.eval_shape(apply_fn.fn, params, apply_fn.state, spec)
     except Exception as e:
-        raise ValueError(f"calling the {apply_fn.kind} model on a batch of 2 inputs of per-example shape "
-                         f"{x.shape[1:]} failed: {type(e).__name__}: {e}") from e
+        raise ValueError(
+            f"calling the {apply_fn.kind} model on a batch of 2 inputs of per-example shape "
+            f"{x.shape[1:]} failed: {type(e).__name__}: {e}"
+        ) from e
     if not isinstance(out, jax.ShapeDtypeStruct) or out.ndim != 2 or out.shape[0] != 2:
         shape = getattr(out, "shape", type(out).__name__)
-        hint = ("an Equinox module must map one example to (k,) logits"
-                if apply_fn.kind == "equinox" else
-                "wrap it, e.g. `lambda p, x: f(p, x).reshape(x.shape[0], -1)`")
-        raise ValueError(f"the model must return logits of shape (batch, k); for a batch of 2 "
-                         f"inputs it returned {shape}: {hint}.")
+        hint = (
+            "an Equinox module must map one example to (k,) logits"
+            if apply_fn.kind == "equinox"
+            else "wrap it, e.g. `lambda p, x: f(p, x).reshape(x.shape[0], -1)`"
+        )
+        raise ValueError(
+            f"the model must return logits of shape (batch, k); for a batch of 2 "
+            f"inputs it returned {shape}: {hint}."
+        )
     k = out.shape[1]
     if mode.name == "logit" and mode.logit >= k:
         raise ValueError(f"logit={mode.logit} is out of range for k={k} logits; use 0..{k - 1}.")
@@ -63,8 +70,16 @@ def _spec(tree):
 class Engine:
     """Compiled pieces shared by every call with one model structure and options."""
 
-    def __init__(self, fn: Callable, mode: Mode, implementation: str, by_layer: bool, dtype,
-                 blocks: BlockOptions, contraction: ContractionOptions):
+    def __init__(
+        self,
+        fn: Callable,
+        mode: Mode,
+        implementation: str,
+        by_layer: bool,
+        dtype,
+        blocks: BlockOptions,
+        contraction: ContractionOptions,
+    ):
         self.fn, self.mode, self.implementation, self.by_layer = fn, mode, implementation, by_layer
         self.dtype, self.blocks, self.contraction = dtype, blocks, contraction
         self._k: dict = {}
@@ -73,8 +88,15 @@ class Engine:
         self._auto: dict = {}
 
     def problem(self, params, k, dtype) -> Problem:
-        return Problem(self.fn, self.mode, k, dtype, tuple(leaf_groups(params)), self.by_layer,
-                       self.contraction)
+        return Problem(
+            self.fn,
+            self.mode,
+            k,
+            dtype,
+            tuple(leaf_groups(params)),
+            self.by_layer,
+            self.contraction,
+        )
 
     def compiled(self, impl: str, sig, problem: Problem, params, state, x) -> blocking.Compiled:
         key = (impl, sig)
@@ -124,11 +146,14 @@ class Engine:
             raise ValueError(f"x1 {x1.shape} / x2 {x2.shape} must have a non-empty batch axis.")
         if x1.shape[1:] != x2.shape[1:]:
             raise ValueError(
-                    f"x1 has per-example shape {x1.shape[1:]} but x2 has {x2.shape[1:]}; "
-                    "both must hold examples of the same shape (batch first).")
+                f"x1 has per-example shape {x1.shape[1:]} but x2 has {x2.shape[1:]}; "
+                "both must hold examples of the same shape (batch first)."
+            )
         sig = (_spec(params), _spec(state), x1.shape[1:], str(x1.dtype))
         if sig not in self._k:
-            self._k[sig] = output_width(ApplyFn(self.fn, state, None, apply_fn.kind), params, x1, self.mode)
+            self._k[sig] = output_width(
+                ApplyFn(self.fn, state, None, apply_fn.kind), params, x1, self.mode
+            )
         k, out_dtype = self._k[sig]
         problem = self.problem(params, k, out_dtype)
         groups = sorted(set(problem.groups)) if self.by_layer else [""]
@@ -136,7 +161,9 @@ class Engine:
             impl = "structured" if self.implementation == "auto" else self.implementation
             algo = self.compiled(impl, sig, problem, params, state, x1).algo
             col = algo.row if algo.shares_features else algo.col
-            return self._unwrap(algo.pair(params, state, algo.row(params, state, x1), col(params, state, x2)))
+            return self._unwrap(
+                algo.pair(params, state, algo.row(params, state, x1), col(params, state, x2))
+            )
         check_finite("params", params)
         check_finite("x1", x1)
         if not symmetric:
@@ -147,8 +174,21 @@ class Engine:
             impl = self.choose(sig, problem, params, state, x1, n1, n2, symmetric)
         c = self.compiled(impl, sig, problem, params, state, x1)
         b = self.block(impl, sig, c, k, params, state, x1, max(n1, n2))
-        out = blocking.run(c, self.mode, k, params, state, x1, x2, symmetric, b, self.blocks, as_numpy,
-                           groups, out_dtype)
+        out = blocking.run(
+            c,
+            self.mode,
+            k,
+            params,
+            state,
+            x1,
+            x2,
+            symmetric,
+            b,
+            self.blocks,
+            as_numpy,
+            groups,
+            out_dtype,
+        )
         return self._unwrap(out)
 
     def _unwrap(self, out: dict):
@@ -183,10 +223,16 @@ def _engine(key, options: tuple, fn) -> Engine:
     return engine
 
 
-def _options(mode, logit, implementation, by_layer, block_size, dtype, blocks, contraction) -> tuple:
+def _options(
+    mode, logit, implementation, by_layer, block_size, dtype, blocks, contraction
+) -> tuple:
     if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation={implementation!r} is unknown; use one of {IMPLEMENTATIONS}.")
-    if mode == "logit" and (not isinstance(logit, (int, np.integer)) or isinstance(logit, bool) or logit < 0):
+        raise ValueError(
+            f"implementation={implementation!r} is unknown; use one of {IMPLEMENTATIONS}."
+        )
+    if mode == "logit" and (
+        not isinstance(logit, (int, np.integer)) or isinstance(logit, bool) or logit < 0
+    ):
         raise ValueError(f"logit={logit!r} must be a non-negative int logit index.")
     blocks = blocks or BlockOptions()
     if block_size is not None:
@@ -196,16 +242,32 @@ def _options(mode, logit, implementation, by_layer, block_size, dtype, blocks, c
     m = Mode(mode, int(logit) if mode == "logit" else 0)
     if dtype is not None and jnp.dtype(dtype).itemsize == 8 and not jax.config.jax_enable_x64:
         # JAX would silently compute in 32 bits: refuse instead of returning a float32 kernel.
-        raise ValueError(f"dtype={jnp.dtype(dtype).name} needs 64-bit JAX; call "
-                         "jax.config.update('jax_enable_x64', True) before building the kernel, or use float32.")
-    return (m, implementation, bool(by_layer), None if dtype is None else jnp.dtype(dtype), blocks,
-            contraction or ContractionOptions())
+        raise ValueError(
+            f"dtype={jnp.dtype(dtype).name} needs 64-bit JAX; call "
+            "jax.config.update('jax_enable_x64', True) before building the kernel, or use float32."
+        )
+    return (
+        m,
+        implementation,
+        bool(by_layer),
+        None if dtype is None else jnp.dtype(dtype),
+        blocks,
+        contraction or ContractionOptions(),
+    )
 
 
-def empirical_ntk_fn(model, *, mode: str = "trace", logit: int = 0, implementation: str = "auto",
-                     by_layer: bool = False, block_size: int | None = None, dtype=None,
-                     blocks: BlockOptions | None = None,
-                     contraction: ContractionOptions | None = None) -> Callable:
+def empirical_ntk_fn(
+    model,
+    *,
+    mode: str = "trace",
+    logit: int = 0,
+    implementation: str = "auto",
+    by_layer: bool = False,
+    block_size: int | None = None,
+    dtype=None,
+    blocks: BlockOptions | None = None,
+    contraction: ContractionOptions | None = None,
+) -> Callable:
     """Returns ``ntk_fn(x1, x2=None, params=None)`` computing the empirical NTK of ``model``.
 
     Θ(x, x')[a, b] = Σ_p ∂f_a(x)/∂θ_p · ∂f_b(x')/∂θ_p over the differentiated
@@ -248,7 +310,9 @@ def empirical_ntk_fn(model, *, mode: str = "trace", logit: int = 0, implementati
         >>> k = ntk_fn(x, None, variables)                    # (n, n)
         >>> k = empirical_ntk_fn(nnx_model)(x)                # NNX / Equinox
     """
-    options = _options(mode, logit, implementation, by_layer, block_size, dtype, blocks, contraction)
+    options = _options(
+        mode, logit, implementation, by_layer, block_size, dtype, blocks, contraction
+    )
 
     def ntk_fn(x1, x2=None, params=None, *, as_numpy=False):
         apply_fn, p = as_apply_fn(model, params)
@@ -257,10 +321,22 @@ def empirical_ntk_fn(model, *, mode: str = "trace", logit: int = 0, implementati
     return ntk_fn
 
 
-def empirical_ntk(model, params: PyTree = None, x1: jax.Array = None, x2: jax.Array | None = None, *,
-                  mode: str = "trace", logit: int = 0, implementation: str = "auto", by_layer: bool = False,
-                  block_size: int | None = None, dtype=None, blocks: BlockOptions | None = None,
-                  contraction: ContractionOptions | None = None, as_numpy: bool = False):
+def empirical_ntk(
+    model,
+    params: PyTree = None,
+    x1: jax.Array = None,
+    x2: jax.Array | None = None,
+    *,
+    mode: str = "trace",
+    logit: int = 0,
+    implementation: str = "auto",
+    by_layer: bool = False,
+    block_size: int | None = None,
+    dtype=None,
+    blocks: BlockOptions | None = None,
+    contraction: ContractionOptions | None = None,
+    as_numpy: bool = False,
+):
     """One-shot ``empirical_ntk_fn(model, ...)(x1, x2, params)``; options as there.
 
     Compiled functions are cached per (model structure, options, shapes,
@@ -272,6 +348,8 @@ def empirical_ntk(model, params: PyTree = None, x1: jax.Array = None, x2: jax.Ar
     """
     if x1 is None:
         raise ValueError("empirical_ntk(model, params, x1, x2=None): x1 is required.")
-    options = _options(mode, logit, implementation, by_layer, block_size, dtype, blocks, contraction)
+    options = _options(
+        mode, logit, implementation, by_layer, block_size, dtype, blocks, contraction
+    )
     apply_fn, p = as_apply_fn(model, params)
     return _engine(apply_fn.key, options, apply_fn.fn)(apply_fn, p, x1, x2, as_numpy=as_numpy)

@@ -70,5 +70,7 @@ class Jacobian:
         for name in r:
             terms.add(name, self.p.mode.contract(r[name], c[name], self.p.gram))
         any_r = next(iter(r.values()))
-        return terms.result(self.p.mode.block_shape(any_r.shape[0], next(iter(c.values())).shape[0], self.p.k),
-                            any_r.dtype)
+        return terms.result(
+            self.p.mode.block_shape(any_r.shape[0], next(iter(c.values())).shape[0], self.p.k),
+            any_r.dtype,
+        )

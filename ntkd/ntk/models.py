@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, Callable, Hashable
+from collections.abc import Callable, Hashable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -66,8 +67,12 @@ class FlaxApplyFn(ApplyFn):
     def __init__(self, module: nn.Module, frozen: dict, kwargs: dict):
         self.module, self.frozen, self.kwargs = module, frozen, kwargs
         frozen_kwargs = tuple(sorted(kwargs.items()))
-        super().__init__(functools.partial(_linen_fn, module, frozen_kwargs), frozen,
-                         ("linen", module, frozen_kwargs), "linen")
+        super().__init__(
+            functools.partial(_linen_fn, module, frozen_kwargs),
+            frozen,
+            ("linen", module, frozen_kwargs),
+            "linen",
+        )
 
     def variables(self, params: PyTree) -> dict:
         return {"params": params, **self.frozen}
@@ -92,11 +97,14 @@ def flax_apply_fn(model: nn.Module, variables: dict) -> tuple[FlaxApplyFn, PyTre
         >>> k = empirical_ntk(apply_fn, params, x)
     """
     if not isinstance(variables, dict) and not hasattr(variables, "keys"):
-        raise ValueError(f"variables must be the dict from model.init(...); got {type(variables).__name__}.")
+        raise ValueError(
+            f"variables must be the dict from model.init(...); got {type(variables).__name__}."
+        )
     if "params" not in variables:
         raise ValueError(
-                f"variables has collections {sorted(variables)} but no 'params'; pass "
-                "the dict returned by model.init(...).")
+            f"variables has collections {sorted(variables)} but no 'params'; pass "
+            "the dict returned by model.init(...)."
+        )
     frozen = {c: v for c, v in variables.items() if c != "params"}
     kwargs = {}
     if "train" in inspect.signature(model.__call__).parameters:
@@ -140,13 +148,16 @@ def _equinox_split(model):
     static = tuple(static)
     # params keep the module's shape (non-parameters None, as eqx.partition does), so their
     # paths name the layers (by_layer groups)
-    params = jax.tree.unflatten(treedef, [l if kind == "p" else None
-                                          for (kind, _), l in zip(static, leaves)])
+    params = jax.tree.unflatten(
+        treedef, [l if kind == "p" else None for (kind, _), l in zip(static, leaves)]
+    )
     try:
         hash(static)
     except TypeError as e:
-        raise ValueError(f"Equinox module {type(model).__name__} has an unhashable static field ({e}); "
-                         "mark it eqx.field(static=True) with a hashable value.") from None
+        raise ValueError(
+            f"Equinox module {type(model).__name__} has an unhashable static field ({e}); "
+            "mark it eqx.field(static=True) with a hashable value."
+        ) from None
     return treedef, static, params, state
 
 
@@ -193,32 +204,45 @@ def as_apply_fn(model, variables: PyTree | None = None) -> tuple[ApplyFn, PyTree
     """
     if isinstance(model, nn.Module):
         if variables is None:
-            raise ValueError(f"Linen module {type(model).__name__} holds no parameters; pass its "
-                             "variables (the dict from model.init(...)) as params.")
+            raise ValueError(
+                f"Linen module {type(model).__name__} holds no parameters; pass its "
+                "variables (the dict from model.init(...)) as params."
+            )
         return flax_apply_fn(model, variables)
     owner = "NNX" if _is_nnx(model) else "Equinox" if _is_equinox(model) else None
     if owner is not None and variables is not None:
-        raise ValueError(f"{owner} module {type(model).__name__} owns its parameters; pass params=None "
-                         "(the kernel is taken with respect to the module's own parameters).")
+        raise ValueError(
+            f"{owner} module {type(model).__name__} owns its parameters; pass params=None "
+            "(the kernel is taken with respect to the module's own parameters)."
+        )
     if owner == "NNX":
         from flax import nnx
 
         graphdef, params, state = nnx.split(model, nnx.Param, ...)
-        return ApplyFn(functools.partial(_nnx_fn, graphdef), state, ("nnx", graphdef), "nnx"), params
+        return ApplyFn(
+            functools.partial(_nnx_fn, graphdef), state, ("nnx", graphdef), "nnx"
+        ), params
     if owner == "Equinox":
         treedef, static, params, state = _equinox_split(model)
-        return ApplyFn(functools.partial(_equinox_fn, treedef, static), state,
-                       ("equinox", treedef, static), "equinox"), params
+        return ApplyFn(
+            functools.partial(_equinox_fn, treedef, static),
+            state,
+            ("equinox", treedef, static),
+            "equinox",
+        ), params
     if isinstance(model, ApplyFn):
         return model, variables
     if not callable(model) or inspect.isclass(model):
         raise ValueError(
-                f"cannot split a {type(model).__module__}.{type(model).__name__} into parameters and an "
-                "apply function; pass a Flax Linen / NNX or Equinox module, or a function "
-                "f(params, x) -> (batch, k) with its params.")
+            f"cannot split a {type(model).__module__}.{type(model).__name__} into parameters and an "
+            "apply function; pass a Flax Linen / NNX or Equinox module, or a function "
+            "f(params, x) -> (batch, k) with its params."
+        )
     if variables is None:
         raise ValueError("a function f(params, x) needs its params; got params=None.")
-    return ApplyFn(functools.partial(_call_function, model), None, ("function", model), "function"), variables
+    return ApplyFn(
+        functools.partial(_call_function, model), None, ("function", model), "function"
+    ), variables
 
 
 def _call_function(f, params, state, x):

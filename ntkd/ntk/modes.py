@@ -54,7 +54,7 @@ class Mode:
         if self.name in ("full", "trace"):
             return jnp.eye(k, dtype=dtype)
         if self.name == "logit":
-            return jnp.eye(k, dtype=dtype)[self.logit:self.logit + 1]
+            return jnp.eye(k, dtype=dtype)[self.logit : self.logit + 1]
         return jnp.ones((1, k), dtype)
 
     def block_shape(self, b1: int, b2: int, k: int) -> tuple:
@@ -104,5 +104,7 @@ class Mode:
             outs = jax.vmap(lambda c: push(pull(c)[0]))(cots)  # (k, n, k)
             return jnp.einsum("ana->n", outs)
         if self.name == "logit":
-            return push(pull(v[:, None] * jax.nn.one_hot(self.logit, k, dtype=v.dtype))[0])[:, self.logit]
+            return push(pull(v[:, None] * jax.nn.one_hot(self.logit, k, dtype=v.dtype))[0])[
+                :, self.logit
+            ]
         return push(pull(jnp.broadcast_to(v[:, None], (n, k)))[0]).sum(-1)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -12,8 +12,9 @@ from ntkd.ntk.engine import _options, output_width
 from ntkd.ntk.models import as_apply_fn
 
 
-def ntk_vp_fn(model, params=None, x: jax.Array = None, *, mode: str = "trace",
-              logit: int = 0) -> Callable[[jax.Array], jax.Array]:
+def ntk_vp_fn(
+    model, params=None, x: jax.Array = None, *, mode: str = "trace", logit: int = 0
+) -> Callable[[jax.Array], jax.Array]:
     """Kernel-vector product ``v -> K @ v`` on the inputs ``x``.
 
     Computes J (Jᵀ v) with one linearisation of the network at ``x`` and its
@@ -50,8 +51,10 @@ def ntk_vp_fn(model, params=None, x: jax.Array = None, *, mode: str = "trace",
     def checked(v):
         shape = m.vector_shape(n, k)
         if tuple(jnp.shape(v)) != shape:
-            raise ValueError(f"v has shape {jnp.shape(v)}; mode={mode!r} on n={n} inputs with "
-                             f"k={k} logits needs {shape}.")
+            raise ValueError(
+                f"v has shape {jnp.shape(v)}; mode={mode!r} on n={n} inputs with "
+                f"k={k} logits needs {shape}."
+            )
         return matvec(v)
 
     return checked

@@ -45,11 +45,15 @@ __all__ = [
 LADDER = ("ce", "ls", "kd_pt", "kd_sim", "kd")
 
 
-def _probs_and_labels(probs: ArrayLike, labels: ArrayLike, what: str) -> tuple[np.ndarray, np.ndarray]:
+def _probs_and_labels(
+    probs: ArrayLike, labels: ArrayLike, what: str
+) -> tuple[np.ndarray, np.ndarray]:
     probs = np.asarray(probs, dtype=np.float64)
     labels = np.asarray(labels)
     if probs.ndim != 2 or labels.shape != (probs.shape[0],):
-        raise ValueError(f"{what} must be (n, k) with labels (n,); got {probs.shape} and {labels.shape}")
+        raise ValueError(
+            f"{what} must be (n, k) with labels (n,); got {probs.shape} and {labels.shape}"
+        )
     return probs, labels
 
 
@@ -99,7 +103,9 @@ def effective_smoothing(teacher_probs: ArrayLike, labels: ArrayLike, lam: float)
     return lam * k * (1.0 - p_t[np.arange(len(labels)), labels]) / (k - 1)
 
 
-def teacher_class_similarity(teacher_probs: ArrayLike, labels: ArrayLike, num_classes: int) -> np.ndarray:
+def teacher_class_similarity(
+    teacher_probs: ArrayLike, labels: ArrayLike, num_classes: int
+) -> np.ndarray:
     """Teacher-implied class similarity ``S_jk = mean_{i: t_i = j} p_T[i, k]``, symmetrised.
 
     Args:
@@ -191,7 +197,9 @@ def calibrate_sim_temperature(teacher_head: ArrayLike, true_class_prob: float) -
     """
     k = np.asarray(teacher_head).shape[1]
     if not 1.0 / k < true_class_prob < 1.0:
-        raise ValueError(f"true_class_prob must be in (1/k, 1) = ({1.0 / k:.3g}, 1), got {true_class_prob!r}")
+        raise ValueError(
+            f"true_class_prob must be in (1/k, 1) = ({1.0 / k:.3g}, 1), got {true_class_prob!r}"
+        )
     lo, hi = np.log(1e-4), np.log(1e3)
     for _ in range(100):
         mid = 0.5 * (lo + hi)
@@ -247,7 +255,9 @@ def ladder_targets(
         q = (1.0 - lam) * y + lam * rho
     elif variant == "kd_sim":
         if sim is None:
-            raise ValueError("variant 'kd_sim' needs sim=(K, K) class targets, see sim_distributions")
+            raise ValueError(
+                "variant 'kd_sim' needs sim=(K, K) class targets, see sim_distributions"
+            )
         q = (1.0 - lam) * y + lam * np.asarray(sim)[labels]
     elif variant == "kd":
         q = (1.0 - lam) * y + lam * p_t
@@ -281,12 +291,23 @@ def _nll(probs: np.ndarray, labels: np.ndarray) -> float:
 
 DATASET_CONFIGS = {
     "gaussian": {
-        "options": {"num_classes": 12, "num_superclasses": 4, "dim": 32, "similarity": 0.7,
-                    "separation": 3.0, "noise": 1.0, "n_train": 5000, "n_test": 2000},
-        "teacher": ("mlp", {"widths": (256, 256)}), "n_student": 300,
+        "options": {
+            "num_classes": 12,
+            "num_superclasses": 4,
+            "dim": 32,
+            "similarity": 0.7,
+            "separation": 3.0,
+            "noise": 1.0,
+            "n_train": 5000,
+            "n_test": 2000,
+        },
+        "teacher": ("mlp", {"widths": (256, 256)}),
+        "n_student": 300,
     },
     "mnist1d": {
-        "options": {}, "teacher": ("cnn1d", {}), "n_student": 1000,
+        "options": {},
+        "teacher": ("cnn1d", {}),
+        "n_student": 1000,
     },
 }
 
@@ -309,19 +330,30 @@ def _run_dataset(name: str, *, quick: bool, seeds: list[int], lam: float) -> dic
 
     teacher_name, teacher_kwargs = cfg["teacher"]
     teacher = get_model(teacher_name, k, **teacher_kwargs)
-    t_vars, _ = fit(teacher, x_train, y_train, epochs=teacher_epochs, batch_size=128,
-                    learning_rate=1e-3, seed=seeds[0])
+    t_vars, _ = fit(
+        teacher,
+        x_train,
+        y_train,
+        epochs=teacher_epochs,
+        batch_size=128,
+        learning_rate=1e-3,
+        seed=seeds[0],
+    )
     p_teacher_train = _softmax(predict(teacher, t_vars, ds.x_train))
     p_teacher_test = _softmax(predict(teacher, t_vars, ds.x_test))
     teacher_head = np.asarray(t_vars["params"]["head"]["kernel"])
     s_teacher = teacher_class_similarity(p_teacher_train, ds.y_train, k)
     superclass = ds.meta.get("superclass")
-    bayes = (_softmax(gaussian_bayes_logits(ds, ds.x_train)) if name == "gaussian" else None)
+    bayes = _softmax(gaussian_bayes_logits(ds, ds.x_train)) if name == "gaussian" else None
 
     out: dict = {
-        "num_classes": k, "n_teacher_train": int(len(x_train)), "n_student": n_student,
-        "teacher": f"{teacher_name} {teacher_kwargs}", "student": "mlp {'widths': (64,)}",
-        "teacher_epochs": teacher_epochs, "student_epochs": student_epochs,
+        "num_classes": k,
+        "n_teacher_train": int(len(x_train)),
+        "n_student": n_student,
+        "teacher": f"{teacher_name} {teacher_kwargs}",
+        "student": "mlp {'widths': (64,)}",
+        "teacher_epochs": teacher_epochs,
+        "student_epochs": student_epochs,
         "teacher_test_acc": float(np.mean(p_teacher_test.argmax(1) == ds.y_test)),
         "teacher_test_nll": _nll(p_teacher_test, ds.y_test),
         "teacher_class_similarity": s_teacher.tolist(),
@@ -332,9 +364,13 @@ def _run_dataset(name: str, *, quick: bool, seeds: list[int], lam: float) -> dic
         out["teacher_similarity_contrast"] = superclass_contrast(s_teacher, superclass)
         means = ds.meta["class_means"]
         out["true_mean_cosine"] = (means @ means.T).tolist()
-        out["corr_teacher_similarity_vs_true_geometry"] = offdiag_correlation(s_teacher, means @ means.T)
+        out["corr_teacher_similarity_vs_true_geometry"] = offdiag_correlation(
+            s_teacher, means @ means.T
+        )
     if bayes is not None:
-        out["bayes_test_acc"] = float(np.mean(gaussian_bayes_logits(ds, ds.x_test).argmax(1) == ds.y_test))
+        out["bayes_test_acc"] = float(
+            np.mean(gaussian_bayes_logits(ds, ds.x_test).argmax(1) == ds.y_test)
+        )
 
     runs = {v: [] for v in LADDER}
     instance = []
@@ -347,29 +383,48 @@ def _run_dataset(name: str, *, quick: bool, seeds: list[int], lam: float) -> dic
         student = get_model("mlp", k, widths=(64,))
         for variant in LADDER:
             q = ladder_targets(variant, y, p_t, lam=lam, sim=sim)
-            s_vars, _ = fit(student, x, q, epochs=student_epochs, batch_size=32, learning_rate=1e-3, seed=seed)
+            s_vars, _ = fit(
+                student, x, q, epochs=student_epochs, batch_size=32, learning_rate=1e-3, seed=seed
+            )
             p_s = _softmax(predict(student, s_vars, ds.x_test))
             cos = class_cosine(np.asarray(s_vars["params"]["head"]["kernel"]))
-            row = {"seed": seed, "test_acc": float(np.mean(p_s.argmax(1) == ds.y_test)),
-                   "test_nll": _nll(p_s, ds.y_test), "test_ece": expected_calibration_error(p_s, ds.y_test),
-                   "corr_head_cosine_vs_teacher_similarity": offdiag_correlation(cos, s_teacher)}
+            row = {
+                "seed": seed,
+                "test_acc": float(np.mean(p_s.argmax(1) == ds.y_test)),
+                "test_nll": _nll(p_s, ds.y_test),
+                "test_ece": expected_calibration_error(p_s, ds.y_test),
+                "corr_head_cosine_vs_teacher_similarity": offdiag_correlation(cos, s_teacher),
+            }
             if superclass is not None:
                 row["head_cosine_contrast"] = superclass_contrast(cos, superclass)
             runs[variant].append(row)
 
         # Instance level: rescaling factors seen by an early-stopped CE student.
-        early, _ = fit(student, x, y, epochs=max(1, student_epochs // 10), batch_size=32,
-                       learning_rate=1e-3, seed=seed)
+        early, _ = fit(
+            student,
+            x,
+            y,
+            epochs=max(1, student_epochs // 10),
+            batch_size=32,
+            learning_rate=1e-3,
+            seed=seed,
+        )
         p_s_train = _softmax(predict(student, early, x))
         w = rescaling_factors(p_s_train, p_t, y, lam)
         rows = np.arange(len(y))
-        item = {"seed": seed, "sim_temperature": alpha, "mean_teacher_true_prob": mean_pt,
-                "eps_bar": float(np.mean(effective_smoothing(p_t, y, lam))),
-                "w_quantiles": np.quantile(w, [0.05, 0.25, 0.5, 0.75, 0.95]).tolist(),
-                "fraction_negative": float(np.mean(w < 0)),
-                "spearman_w_vs_teacher_conf": float(stats.spearmanr(w, p_t[rows, y]).statistic)}
+        item = {
+            "seed": seed,
+            "sim_temperature": alpha,
+            "mean_teacher_true_prob": mean_pt,
+            "eps_bar": float(np.mean(effective_smoothing(p_t, y, lam))),
+            "w_quantiles": np.quantile(w, [0.05, 0.25, 0.5, 0.75, 0.95]).tolist(),
+            "fraction_negative": float(np.mean(w < 0)),
+            "spearman_w_vs_teacher_conf": float(stats.spearmanr(w, p_t[rows, y]).statistic),
+        }
         if bayes is not None:
-            item["spearman_w_vs_bayes_conf"] = float(stats.spearmanr(w, bayes[idx][rows, y]).statistic)
+            item["spearman_w_vs_bayes_conf"] = float(
+                stats.spearmanr(w, bayes[idx][rows, y]).statistic
+            )
         if seed == seeds[0]:
             item["scatter"] = {"teacher_conf": p_t[rows, y].tolist(), "w": w.tolist()}
         instance.append(item)
@@ -380,8 +435,15 @@ def _run_dataset(name: str, *, quick: bool, seeds: list[int], lam: float) -> dic
 
     out["ladder"] = {}
     for v in LADDER:
-        entry = {key: summary(key) for key in ("test_acc", "test_nll", "test_ece",
-                                               "corr_head_cosine_vs_teacher_similarity")}
+        entry = {
+            key: summary(key)
+            for key in (
+                "test_acc",
+                "test_nll",
+                "test_ece",
+                "corr_head_cosine_vs_teacher_similarity",
+            )
+        }
         if superclass is not None:
             entry["head_cosine_within_minus_across"] = summary("head_cosine_contrast", "difference")
         out["ladder"][v] = entry
@@ -414,9 +476,17 @@ def run_experiment(*, quick: bool = False, seed: int = 0) -> dict:
     """
     lam = 0.7
     seeds = [seed] if quick else [seed, seed + 1, seed + 2]
-    results = {"config": {"quick": quick, "seeds": seeds, "lam": lam,
-                          "datasets": {k: {**v, "teacher": list(v["teacher"])} for k, v in DATASET_CONFIGS.items()}},
-               "datasets": {}}
+    results = {
+        "config": {
+            "quick": quick,
+            "seeds": seeds,
+            "lam": lam,
+            "datasets": {
+                k: {**v, "teacher": list(v["teacher"])} for k, v in DATASET_CONFIGS.items()
+            },
+        },
+        "datasets": {},
+    }
     for name in DATASET_CONFIGS:
         results["datasets"][name] = _run_dataset(name, quick=quick, seeds=seeds, lam=lam)
     return results

@@ -46,12 +46,12 @@ __all__ = [
 
 def _check_kappa(kappa: float) -> None:
     if not kappa > 0:
-        raise ValueError(f"kappa must be > 0 (degree of p(theta) = (2 theta/pi)^kappa), got {kappa!r}")
+        raise ValueError(
+            f"kappa must be > 0 (degree of p(theta) = (2 theta/pi)^kappa), got {kappa!r}"
+        )
 
 
-def polynomial_angle_inputs(
-    rng: np.random.Generator, n: int, d: int, kappa: float
-) -> np.ndarray:
+def polynomial_angle_inputs(rng: np.random.Generator, n: int, d: int, kappa: float) -> np.ndarray:
     """Sample inputs of the polynomial-angle task with teacher ``w_star = e_1``.
 
     ``x = s (sin(phi) e_1 + cos(phi) v)`` with ``phi = (pi/2) U^(1/kappa)``,
@@ -136,7 +136,9 @@ def transfer_risk(w: ArrayLike, w_star: ArrayLike, x: ArrayLike) -> float:
     return float(np.mean(np.sign(x @ np.asarray(w)) != np.sign(x @ np.asarray(w_star))))
 
 
-def transfer_risk_closed_form(alpha: ArrayLike, d: int, kappa: float, num_nodes: int = 256) -> np.ndarray | float:
+def transfer_risk_closed_form(
+    alpha: ArrayLike, d: int, kappa: float, num_nodes: int = 256
+) -> np.ndarray | float:
     """Exact transfer risk on the polynomial-angle task at student angle ``alpha``.
 
     With ``t = u.v`` for independent uniform unit vectors of ``e_1^⊥``,
@@ -189,9 +191,7 @@ def transfer_risk_closed_form(alpha: ArrayLike, d: int, kappa: float, num_nodes:
     return float(risk) if risk.ndim == 0 else risk
 
 
-def projection_solution(
-    x: ArrayLike, w_star: ArrayLike, w0: ArrayLike | None = None
-) -> np.ndarray:
+def projection_solution(x: ArrayLike, w_star: ArrayLike, w0: ArrayLike | None = None) -> np.ndarray:
     """Closed-form limit of gradient descent: ``w0 + P_X (w_star - w0)``.
 
     ``P_X`` projects onto the span of the rows of ``x``; from zero init this is
@@ -209,7 +209,9 @@ def projection_solution(
     w_star = np.asarray(w_star, dtype=np.float64)
     w0 = np.zeros_like(w_star) if w0 is None else np.asarray(w0, dtype=np.float64)
     if x.ndim != 2 or x.shape[1] != w_star.shape[0]:
-        raise ValueError(f"x must be (n, d) with d = len(w_star) = {w_star.shape[0]}, got {x.shape}")
+        raise ValueError(
+            f"x must be (n, d) with d = len(w_star) = {w_star.shape[0]}, got {x.shape}"
+        )
     delta = w_star - w0
     coef, *_ = np.linalg.lstsq(x, x @ delta, rcond=None)
     return w0 + coef
@@ -447,7 +449,10 @@ def _digits_binary(seed: int) -> dict[str, np.ndarray]:
     x_test, y_test = pick(ds.x_test, ds.y_test)
     teacher = LogisticRegression(C=1.0, fit_intercept=False, max_iter=5000).fit(x_train, y_train)
     return {
-        "x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test,
+        "x_train": x_train,
+        "y_train": y_train,
+        "x_test": x_test,
+        "y_test": y_test,
         "w_star": teacher.coef_[0],
     }
 
@@ -478,8 +483,9 @@ def _run(quick: bool, seed: int) -> dict:
     ns = [1, 5, 20] if quick else [1, 2, 3, 5, 10, 20, 50, 100, 200]
     draws = 5 if quick else 100
     w_star = np.eye(d)[0]
-    results: dict = {"config": {"quick": quick, "seed": seed, "d": d, "kappas": kappas, "ns": ns,
-                                "draws": draws}}
+    results: dict = {
+        "config": {"quick": quick, "seed": seed, "d": d, "kappas": kappas, "ns": ns, "draws": draws}
+    }
 
     # GD (linear and deep linear) against the closed-form limit.
     x = polynomial_angle_inputs(rng, 20, d, 1.0)
@@ -490,17 +496,32 @@ def _run(quick: bool, seed: int) -> dict:
     for depth in (2, 3):
         for scale in (1e-3, 1e-2, 1e-1):
             w_deep, losses = fit_deep_linear_gd(
-                x, soft, depth=depth, width=16, init_scale=scale,
-                key=jax.random.PRNGKey(seed), steps=2000 if quick else 20000)
-            deep.append({
-                "depth": depth, "init_scale": scale,
-                "rel_dist_to_projection": float(np.linalg.norm(w_deep - w_proj) / np.linalg.norm(w_proj)),
-                "loss_gap": float(losses[-1] - distillation_loss(w_proj, x, soft)),
-                "angle_to_teacher_deg": math.degrees(angle(w_deep, w_star)),
-            })
+                x,
+                soft,
+                depth=depth,
+                width=16,
+                init_scale=scale,
+                key=jax.random.PRNGKey(seed),
+                steps=2000 if quick else 20000,
+            )
+            deep.append(
+                {
+                    "depth": depth,
+                    "init_scale": scale,
+                    "rel_dist_to_projection": float(
+                        np.linalg.norm(w_deep - w_proj) / np.linalg.norm(w_proj)
+                    ),
+                    "loss_gap": float(losses[-1] - distillation_loss(w_proj, x, soft)),
+                    "angle_to_teacher_deg": math.degrees(angle(w_deep, w_star)),
+                }
+            )
     results["gd_check"] = {
-        "n": 20, "kappa": 1.0, "linear_steps": steps,
-        "linear_rel_dist_to_projection": float(np.linalg.norm(w_gd - w_proj) / np.linalg.norm(w_proj)),
+        "n": 20,
+        "kappa": 1.0,
+        "linear_steps": steps,
+        "linear_rel_dist_to_projection": float(
+            np.linalg.norm(w_gd - w_proj) / np.linalg.norm(w_proj)
+        ),
         "projection_angle_to_teacher_deg": math.degrees(angle(w_proj, w_star)),
         "deep_linear": deep,
     }
@@ -512,7 +533,9 @@ def _run(quick: bool, seed: int) -> dict:
         for i, n in enumerate(ns):
             for r in range(draws):
                 x = polynomial_angle_inputs(rng, n, d, kappa)
-                risks[i, r] = transfer_risk_closed_form(angle(projection_solution(x, w_star), w_star), d, kappa)
+                risks[i, r] = transfer_risk_closed_form(
+                    angle(projection_solution(x, w_star), w_star), d, kappa
+                )
         curves[str(kappa)] = {
             "mean_risk": risks.mean(1).tolist(),
             "sem_risk": (risks.std(1) / np.sqrt(draws)).tolist(),
@@ -525,10 +548,21 @@ def _run(quick: bool, seed: int) -> dict:
     for kappa in kappas:
         x = polynomial_angle_inputs(rng, 5, d, kappa)
         w = projection_solution(x, w_star)
-        mc_risk = np.mean([transfer_risk(w, w_star, polynomial_angle_inputs(rng, chunk, d, kappa))
-                           for _ in range(chunks)])
-        mc.append({"kappa": kappa, "n": 5, "closed_form": transfer_risk_closed_form(angle(w, w_star), d, kappa),
-                   "monte_carlo": float(mc_risk), "num_test": chunks * chunk})
+        mc_risk = np.mean(
+            [
+                transfer_risk(w, w_star, polynomial_angle_inputs(rng, chunk, d, kappa))
+                for _ in range(chunks)
+            ]
+        )
+        mc.append(
+            {
+                "kappa": kappa,
+                "n": 5,
+                "closed_form": transfer_risk_closed_form(angle(w, w_star), d, kappa),
+                "monte_carlo": float(mc_risk),
+                "num_test": chunks * chunk,
+            }
+        )
     results["mc_check"] = mc
 
     # Optimisation bias: other global minimisers at angle delta from the GD solution.
@@ -562,15 +596,27 @@ def _run(quick: bool, seed: int) -> dict:
             dig_err[j, r] = np.mean((digits["x_test"] @ w > 0) != (digits["y_test"] == 1))
             dig_gap = max(dig_gap, abs(float(distillation_loss(w, x, soft)) - base))
     results["optimisation_bias"] = {
-        "deltas_deg": deltas, "draws": bias_draws,
-        "synthetic": {"d": d, "n": 20, "kappa": 1.0, "mean_risk": synth.mean(1).tolist(),
-                      "sem_risk": (synth.std(1) / np.sqrt(bias_draws)).tolist(),
-                      "max_abs_loss_gap": loss_gap},
-        "digits01": {"n": n_digits, "d": int(digits["x_train"].shape[1]),
-                     "mean_risk": dig.mean(1).tolist(), "sem_risk": (dig.std(1) / np.sqrt(bias_draws)).tolist(),
-                     "mean_test_error": dig_err.mean(1).tolist(), "max_abs_loss_gap": dig_gap,
-                     "teacher_test_error": float(np.mean((digits["x_test"] @ digits["w_star"] > 0)
-                                                         != (digits["y_test"] == 1)))},
+        "deltas_deg": deltas,
+        "draws": bias_draws,
+        "synthetic": {
+            "d": d,
+            "n": 20,
+            "kappa": 1.0,
+            "mean_risk": synth.mean(1).tolist(),
+            "sem_risk": (synth.std(1) / np.sqrt(bias_draws)).tolist(),
+            "max_abs_loss_gap": loss_gap,
+        },
+        "digits01": {
+            "n": n_digits,
+            "d": int(digits["x_train"].shape[1]),
+            "mean_risk": dig.mean(1).tolist(),
+            "sem_risk": (dig.std(1) / np.sqrt(bias_draws)).tolist(),
+            "mean_test_error": dig_err.mean(1).tolist(),
+            "max_abs_loss_gap": dig_gap,
+            "teacher_test_error": float(
+                np.mean((digits["x_test"] @ digits["w_star"] > 0) != (digits["y_test"] == 1))
+            ),
+        },
     }
 
     # Monotonicity: add points one at a time.
@@ -585,9 +631,14 @@ def _run(quick: bool, seed: int) -> dict:
             ws = {"distillation": projection_solution(x, w_mono), **_hard_label_learners(x, w_mono)}
             for name, w in ws.items():
                 if w is not None:
-                    curves_mono[name][s, n - 1] = transfer_risk_closed_form(angle(w, w_mono), d_mono, 1.0)
+                    curves_mono[name][s, n - 1] = transfer_risk_closed_form(
+                        angle(w, w_mono), d_mono, 1.0
+                    )
     results["monotonicity"] = {
-        "d": d_mono, "kappa": 1.0, "n_max": n_max, "sequences": sequences,
+        "d": d_mono,
+        "kappa": 1.0,
+        "n_max": n_max,
+        "sequences": sequences,
         "increases": {k: [risk_increases(c) for c in v] for k, v in curves_mono.items()},
         "example_curves": {k: v[0].tolist() for k, v in curves_mono.items()},
         "mean_curves": {k: _nanmean_columns(v) for k, v in curves_mono.items()},

@@ -93,7 +93,11 @@ def per_sample_grads(theta: ArrayLike, a: ArrayLike, y: ArrayLike, l2: float = 0
 
 @jax.jit
 def kd_per_sample_grads(
-    theta: ArrayLike, theta_teacher: ArrayLike, a: ArrayLike, y: ArrayLike, lam: float,
+    theta: ArrayLike,
+    theta_teacher: ArrayLike,
+    a: ArrayLike,
+    y: ArrayLike,
+    lam: float,
     temperature: float = 1.0,
 ) -> jax.Array:
     """Per-sample gradients of ``(1 - lam) CE + lam tau^2 KL(p_T^tau || p_S^tau)`` (Hinton KD).
@@ -119,14 +123,20 @@ def kd_per_sample_grads(
 
 
 def control_variate_grads(
-    theta: ArrayLike, theta_teacher: ArrayLike, a: ArrayLike, y: ArrayLike, lam: float,
+    theta: ArrayLike,
+    theta_teacher: ArrayLike,
+    a: ArrayLike,
+    y: ArrayLike,
+    lam: float,
     l2: float = 0.0,
 ) -> jax.Array:
     """``grad f_xi(theta) - lam grad f_xi(theta_T)`` for every sample: (n, d, k)."""
     return per_sample_grads(theta, a, y, l2) - lam * per_sample_grads(theta_teacher, a, y, l2)
 
 
-def minimise(a: ArrayLike, y: ArrayLike, num_classes: int, l2: float, *, tol: float = 1e-12) -> np.ndarray:
+def minimise(
+    a: ArrayLike, y: ArrayLike, num_classes: int, l2: float, *, tol: float = 1e-12
+) -> np.ndarray:
     """``theta* = argmin f`` by L-BFGS in float64 (call under ``jax.enable_x64(True)``).
 
     Args:
@@ -148,8 +158,13 @@ def minimise(a: ArrayLike, y: ArrayLike, num_classes: int, l2: float, *, tol: fl
         v, g = value_and_grad(jnp.asarray(t))
         return float(v), np.asarray(g, np.float64)
 
-    res = optimize.minimize(fun, np.zeros(math.prod(shape)), jac=True, method="L-BFGS-B",
-                            options={"maxiter": 20000, "gtol": tol, "ftol": 0.0})
+    res = optimize.minimize(
+        fun,
+        np.zeros(math.prod(shape)),
+        jac=True,
+        method="L-BFGS-B",
+        options={"maxiter": 20000, "gtol": tol, "ftol": 0.0},
+    )
     return res.x.reshape(shape)
 
 
@@ -182,10 +197,15 @@ def noise_statistics(
     smooth = float(np.max(np.sum(np.asarray(a) ** 2, 1)) / 2 + l2)
     dist = float(np.linalg.norm(np.asarray(theta_teacher) - np.asarray(theta_star)))
     return {
-        "sigma_star2": s2, "sigma_teacher2": t2, "covariance": cov, "correlation": rho,
-        "lam_star_var": cov / t2, "variance_at_lam_star": s2 * (1 - rho**2),
+        "sigma_star2": s2,
+        "sigma_teacher2": t2,
+        "covariance": cov,
+        "correlation": rho,
+        "lam_star_var": cov / t2,
+        "variance_at_lam_star": s2 * (1 - rho**2),
         "bias_norm": float(np.linalg.norm(g_t.mean(0))),
-        "lam_star_smooth": s2 / (s2 + smooth**2 * dist**2), "teacher_distance": dist,
+        "lam_star_smooth": s2 / (s2 + smooth**2 * dist**2),
+        "teacher_distance": dist,
     }
 
 
@@ -204,7 +224,9 @@ def _sgd_scan(theta0, theta_teacher, a, y, batches, lam, lr, l2, method):
         theta, teacher = carry
         if method == "svrg":
             teacher = theta
-        correction = jax.grad(full_loss)(teacher, a, y, l2) if method in ("kd_unbiased", "svrg") else 0.0
+        correction = (
+            jax.grad(full_loss)(teacher, a, y, l2) if method in ("kd_unbiased", "svrg") else 0.0
+        )
 
         def step(theta, idx):
             g = batch_grad(theta, idx)
@@ -220,8 +242,17 @@ def _sgd_scan(theta0, theta_teacher, a, y, batches, lam, lr, l2, method):
 
 
 def run_sgd(
-    a: ArrayLike, y: ArrayLike, theta_teacher: ArrayLike, *, method: str, lam: float = 0.0,
-    learning_rate: float, epochs: int, batch_size: int = 10, l2: float = 0.0, seed: int = 0,
+    a: ArrayLike,
+    y: ArrayLike,
+    theta_teacher: ArrayLike,
+    *,
+    method: str,
+    lam: float = 0.0,
+    learning_rate: float,
+    epochs: int,
+    batch_size: int = 10,
+    l2: float = 0.0,
+    seed: int = 0,
 ) -> np.ndarray:
     """Minibatch SGD / KD-SGD on the linear softmax student from zero init.
 
@@ -258,17 +289,32 @@ def run_sgd(
     if steps < 1:
         raise ValueError(f"batch_size={batch_size} exceeds the number of samples {n}")
     rng = np.random.default_rng(seed)
-    batches = np.stack([rng.permutation(n)[: steps * batch_size].reshape(steps, batch_size)
-                        for _ in range(epochs)])
+    batches = np.stack(
+        [rng.permutation(n)[: steps * batch_size].reshape(steps, batch_size) for _ in range(epochs)]
+    )
     theta_teacher = jnp.asarray(theta_teacher, a.dtype)
     lam = 1.0 if method == "svrg" else lam
-    losses = _sgd_scan(jnp.zeros_like(theta_teacher), theta_teacher, a, jnp.asarray(y),
-                       jnp.asarray(batches), lam, learning_rate, l2, method)
+    losses = _sgd_scan(
+        jnp.zeros_like(theta_teacher),
+        theta_teacher,
+        a,
+        jnp.asarray(y),
+        jnp.asarray(batches),
+        lam,
+        learning_rate,
+        l2,
+        method,
+    )
     return np.asarray(losses)
 
 
 def gd_checkpoints(
-    a: ArrayLike, y: ArrayLike, num_classes: int, *, l2: float, learning_rate: float,
+    a: ArrayLike,
+    y: ArrayLike,
+    num_classes: int,
+    *,
+    l2: float,
+    learning_rate: float,
     steps: list[int],
 ) -> dict[int, np.ndarray]:
     """Teacher checkpoints along full-batch gradient descent from zero.
@@ -291,7 +337,9 @@ def gd_checkpoints(
 
     @jax.jit
     def advance(theta, count):
-        return jax.lax.fori_loop(0, count, lambda _, t: t - learning_rate * grad(t, a, y, l2), theta)
+        return jax.lax.fori_loop(
+            0, count, lambda _, t: t - learning_rate * grad(t, a, y, l2), theta
+        )
 
     for s in sorted(steps):
         theta = advance(theta, s - done)
@@ -345,8 +393,17 @@ def _run(quick: bool, seed: int) -> dict:
     last = 1 if quick else 5
     lams = [round(0.1 * i, 1) for i in range(11)] + [1.2, 1.5]
     teacher_steps = [3, 30, 300] if quick else [1, 3, 10, 30, 100, 300, 1000, 3000]
-    results: dict = {"config": {"quick": quick, "seed": seed, "l2": l2, "batch_size": batch_size,
-                                "epochs": epochs, "lam_kd": lam_kd, "plateau_last_epochs": last}}
+    results: dict = {
+        "config": {
+            "quick": quick,
+            "seed": seed,
+            "l2": l2,
+            "batch_size": batch_size,
+            "epochs": epochs,
+            "lam_kd": lam_kd,
+            "plateau_last_epochs": last,
+        }
+    }
 
     data = linear_features("mnist1d", seed)
     a, y, k = data["a"], data["y"], data["num_classes"]
@@ -377,7 +434,9 @@ def _run(quick: bool, seed: int) -> dict:
         smooth_full = float(np.linalg.norm(a, 2) ** 2 / (2 * len(y)) + l2)
         mean_smooth = float(np.mean(np.sum(a**2, 1)) / 2 + l2)
         lr = 0.5 / mean_smooth
-        checkpoints = gd_checkpoints(a, y, k, l2=l2, learning_rate=1.0 / smooth_full, steps=teacher_steps)
+        checkpoints = gd_checkpoints(
+            a, y, k, l2=l2, learning_rate=1.0 / smooth_full, steps=teacher_steps
+        )
         checkpoints["optimum"] = theta_star
 
         teachers = {}
@@ -392,20 +451,35 @@ def _run(quick: bool, seed: int) -> dict:
         lam_grid = np.linspace(0.0, 1.5, 16)
         empirical = []
         for lam in lam_grid:
-            g = np.asarray(kd_per_sample_grads(theta_star, theta_main, a, y, float(lam))).reshape(len(y), -1)
+            g = np.asarray(kd_per_sample_grads(theta_star, theta_main, a, y, float(lam))).reshape(
+                len(y), -1
+            )
             empirical.append(float(np.mean(np.sum((g - g.mean(0)) ** 2, 1))))
 
         def run(method, lam, teacher=theta_main, learning_rate=lr, run_seed=seed):
-            return run_sgd(a, y, teacher, method=method, lam=lam, learning_rate=learning_rate,
-                           epochs=epochs, batch_size=batch_size, l2=l2, seed=run_seed)
+            return run_sgd(
+                a,
+                y,
+                teacher,
+                method=method,
+                lam=lam,
+                learning_rate=learning_rate,
+                epochs=epochs,
+                batch_size=batch_size,
+                l2=l2,
+                seed=run_seed,
+            )
 
         sweep_teachers = [main_key, str(teacher_steps[-1]), "optimum"] if sweeps else []
         sweep = {}
         for key in sweep_teachers:
             teacher = checkpoints["optimum" if key == "optimum" else int(key)]
             gaps = [_plateau(run("kd", lam, teacher), f_star, last) for lam in lams]
-            sweep[key] = {"plateau": [float(g) for g in gaps], "best_lam": lams[int(np.argmin(gaps))],
-                          "lam_star_var": teachers[key]["lam_star_var"]}
+            sweep[key] = {
+                "plateau": [float(g) for g in gaps],
+                "best_lam": lams[int(np.argmin(gaps))],
+                "lam_star_var": teachers[key]["lam_star_var"],
+            }
 
         curves = {
             "sgd": run("sgd", 0.0),
@@ -418,24 +492,51 @@ def _run(quick: bool, seed: int) -> dict:
         plateau_lr = {
             "learning_rates": lrs,
             "sgd": [_plateau(run("sgd", 0.0, learning_rate=g), f_star, last) for g in lrs],
-            f"kd_lam{lam_kd}": [_plateau(run("kd", lam_kd, learning_rate=g), f_star, last) for g in lrs],
+            f"kd_lam{lam_kd}": [
+                _plateau(run("kd", lam_kd, learning_rate=g), f_star, last) for g in lrs
+            ],
         }
         plateau_teacher = {
             "teachers": list(teachers) if sweeps else [],
             "teacher_loss_gap": [teachers[t]["loss_gap"] for t in teachers],
-            f"kd_lam{lam_kd}": [_plateau(run("kd", lam_kd, checkpoints["optimum" if t == "optimum" else int(t)]),
-                                         f_star, last) for t in teachers if sweeps],
-            "kd_lam_star_var": [_plateau(run("kd", teachers[t]["lam_star_var"],
-                                             checkpoints["optimum" if t == "optimum" else int(t)]),
-                                         f_star, last) for t in teachers if sweeps],
+            f"kd_lam{lam_kd}": [
+                _plateau(
+                    run("kd", lam_kd, checkpoints["optimum" if t == "optimum" else int(t)]),
+                    f_star,
+                    last,
+                )
+                for t in teachers
+                if sweeps
+            ],
+            "kd_lam_star_var": [
+                _plateau(
+                    run(
+                        "kd",
+                        teachers[t]["lam_star_var"],
+                        checkpoints["optimum" if t == "optimum" else int(t)],
+                    ),
+                    f_star,
+                    last,
+                )
+                for t in teachers
+                if sweeps
+            ],
             "sgd": _plateau(curves["sgd"], f_star, last),
         }
         results["datasets"][name] = {
-            "n": int(len(y)), "d": int(a.shape[1]), "num_classes": k, "f_star": f_star,
-            "learning_rate": lr, "mean_smoothness": mean_smooth, "main_teacher": main_key,
+            "n": int(len(y)),
+            "d": int(a.shape[1]),
+            "num_classes": k,
+            "f_star": f_star,
+            "learning_rate": lr,
+            "mean_smoothness": mean_smooth,
+            "main_teacher": main_key,
             "teachers": teachers,
-            "variance": {"lams": lam_grid.tolist(), "formula": variance_curve(main_stats, lam_grid).tolist(),
-                         "empirical": empirical},
+            "variance": {
+                "lams": lam_grid.tolist(),
+                "formula": variance_curve(main_stats, lam_grid).tolist(),
+                "empirical": empirical,
+            },
             "lam_sweep": {"lams": lams, "teachers": sweep},
             "curves": {m: (c - f_star).tolist() for m, c in curves.items()},
             "plateau_vs_lr": plateau_lr,

@@ -32,15 +32,23 @@ class Structured:
 
     def __init__(self, problem: Problem, plan: Plan, leaf_sizes: list):
         if problem.by_layer:  # a bias folded into a layer of another group: keep it apart
-            plan = plan.unfold([t.index for t in plan.targets
-                                if t.bias is not None and problem.groups[t.bias] != problem.groups[t.leaf]])
+            plan = plan.unfold(
+                [
+                    t.index
+                    for t in plan.targets
+                    if t.bias is not None and problem.groups[t.bias] != problem.groups[t.leaf]
+                ]
+            )
         self.p, self.plan = problem, plan
         opts, m = problem.options, problem.m
         self.fact, self.grad = [], []
         for t in plan.targets:
             h, s, d, c = ft.sizes(t)
-            (self.fact if wants_factor(problem.mode, t.kind, h, s, d, c, m, opts.max_fact_positions)
-             else self.grad).append(t)
+            (
+                self.fact
+                if wants_factor(problem.mode, t.kind, h, s, d, c, m, opts.max_fact_positions)
+                else self.grad
+            ).append(t)
         # Positions > 1 in a factorised term build block² × S² temporaries: the driver then
         # prefers more, smaller blocks.
         self.spatial = any(ft.sizes(t)[:2] != (1, 1) for t in self.fact)
@@ -59,7 +67,7 @@ class Structured:
         self.layout = [(key[0], srcs) for key, srcs in layout.items()]
 
     @classmethod
-    def build(cls, problem: Problem, params, state, x_one) -> "Structured":
+    def build(cls, problem: Problem, params, state, x_one) -> Structured:
         plan, _ = trace(problem.fn, params, state, x_one)
         sizes = [int(jnp.size(l)) for l in jax.tree.leaves(params)]
         return cls(problem, plan, sizes)
@@ -70,8 +78,10 @@ class Structured:
         b = x.shape[0]
         left = plan.leftover
         left_b = [jnp.broadcast_to(leaves[i], (b,) + jnp.shape(leaves[i])) for i in left]
-        perts = [jnp.zeros((b,) + t.eqn.outvars[0].aval.shape, t.eqn.outvars[0].aval.dtype)
-                 for t in plan.targets]
+        perts = [
+            jnp.zeros((b,) + t.eqn.outvars[0].aval.shape, t.eqn.outvars[0].aval.dtype)
+            for t in plan.targets
+        ]
 
         def per_example(lv, pv, xi):
             vals = list(leaves)
@@ -80,8 +90,9 @@ class Structured:
             outs, rec = ft.evaluate(plan, vals + sleaves + [xi[None]], pv)
             return outs[0][0], rec
 
-        _, vjp, rec = jax.vjp(lambda lv, pv: jax.vmap(per_example)(lv, pv, x), left_b, perts,
-                              has_aux=True)
+        _, vjp, rec = jax.vjp(
+            lambda lv, pv: jax.vmap(per_example)(lv, pv, x), left_b, perts, has_aux=True
+        )
         basis = self.p.mode.basis(self.p.k, self.p.dtype)
         cots = jnp.broadcast_to(basis[:, None, :], (m, b, self.p.k))
         if self.convnet and m <= self.p.options.cotangent_loop_max:

@@ -7,7 +7,9 @@ import jax.numpy as jnp
 from ntkd.ntk.modes import HIGHEST, Mode
 
 
-def wants_factor(mode: Mode, kind: str, h: int, s: int, d: int, c: int, m: int, max_positions: int) -> bool:
+def wants_factor(
+    mode: Mode, kind: str, h: int, s: int, d: int, c: int, m: int, max_positions: int
+) -> bool:
     """Factorised (per example pair H·S²·(D + m·C)) vs weight gradients (m·H·D·C).
 
     ``full`` factorises only single-position layers: its three-operand
@@ -52,8 +54,9 @@ def factor_block(mode: Mode, kind: str, x1, g1, x2, g2):
     pa = _input_products(kind, x1, x2, single).astype(g1.dtype)
     if single:
         if mode.full:
-            pg = jnp.matmul(g1.reshape(b1 * m, c), g2.reshape(b2 * m, c).T,
-                            precision=HIGHEST).reshape(b1, m, b2, m)
+            pg = jnp.matmul(
+                g1.reshape(b1 * m, c), g2.reshape(b2 * m, c).T, precision=HIGHEST
+            ).reshape(b1, m, b2, m)
             return pa[:, None, :, None] * pg
         return pa * jnp.matmul(g1.reshape(b1, -1), g2.reshape(b2, -1).T, precision=HIGHEST)
     pg = jnp.einsum("ihapc,jhaqc->ijhpq", g1, g2, precision=HIGHEST)

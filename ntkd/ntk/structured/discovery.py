@@ -33,8 +33,9 @@ from jax.extend import core as jcore
 from ntkd.ntk._util import inexact
 from ntkd.ntk.structured import patches as pt
 
-VIEWS = frozenset({"transpose", "reshape", "convert_element_type", "copy", "copy_p", "squeeze",
-                   "expand_dims"})
+VIEWS = frozenset(
+    {"transpose", "reshape", "convert_element_type", "copy", "copy_p", "squeeze", "expand_dims"}
+)
 """Single-operand ops that only rearrange a parameter: its gradient's inner products are unchanged."""
 
 CALLS = frozenset({"jit", "pjit", "closed_call", "core_call"})
@@ -48,7 +49,9 @@ def bind_eqn(eqn, invals: list) -> list:
     """Evaluates one equation through a one-equation ``ClosedJaxpr`` (public API)."""
     ins = list(dict.fromkeys(v for v in eqn.invars if not isinstance(v, jcore.Literal)))
     outs = [jcore.Var(v.aval) if isinstance(v, jcore.DropVar) else v for v in eqn.outvars]
-    info = jcore.DebugInfo("ntkd structured", eqn.primitive.name, ("",) * len(ins), ("",) * len(outs))
+    info = jcore.DebugInfo(
+        "ntkd structured", eqn.primitive.name, ("",) * len(ins), ("",) * len(outs)
+    )
     sub = jcore.Jaxpr([], ins, outs, [eqn.replace(outvars=outs)], eqn.effects, info)
     env = {v: a for v, a in zip(eqn.invars, invals) if not isinstance(v, jcore.Literal)}
     return jcore.jaxpr_as_fun(jcore.ClosedJaxpr(sub, []))(*[env[v] for v in ins])
@@ -100,17 +103,25 @@ class Plan:
     inline: set
     leftover: tuple
 
-    def unfold(self, indices) -> "Plan":
+    def unfold(self, indices) -> Plan:
         """This plan with the biases of the given targets left over instead of folded."""
         indices = set(indices)
         if not indices:
             return self
-        swap = {id(t): dataclasses.replace(t, bias=None) for t in self.targets if t.index in indices}
+        swap = {
+            id(t): dataclasses.replace(t, bias=None) for t in self.targets if t.index in indices
+        }
         targets = [swap.get(id(t), t) for t in self.targets]
         by_path = {p: swap.get(id(t), t) for p, t in self.by_path.items()}
         freed = tuple(self.targets[i].bias for i in indices)
-        return Plan(self.closed, self.n_leaves, targets, by_path, self.inline,
-                    tuple(sorted(self.leftover + freed)))
+        return Plan(
+            self.closed,
+            self.n_leaves,
+            targets,
+            by_path,
+            self.inline,
+            tuple(sorted(self.leftover + freed)),
+        )
 
 
 def _is_var(v) -> bool:
@@ -119,12 +130,15 @@ def _is_var(v) -> bool:
 
 def _gather_is_lookup(eqn, table_shape) -> bool:
     dn = eqn.params["dimension_numbers"]
-    return (tuple(dn.collapsed_slice_dims) == (0,) and tuple(dn.start_index_map) == (0,)
-            and not tuple(getattr(dn, "operand_batching_dims", ()))
-            and tuple(eqn.params["slice_sizes"]) == (1,) + tuple(table_shape[1:])
-            and eqn.invars[1].aval.shape[-1:] == (1,)
-            and tuple(dn.offset_dims) == tuple(range(eqn.outvars[0].aval.ndim - len(table_shape) + 1,
-                                                     eqn.outvars[0].aval.ndim)))
+    return (
+        tuple(dn.collapsed_slice_dims) == (0,)
+        and tuple(dn.start_index_map) == (0,)
+        and not tuple(getattr(dn, "operand_batching_dims", ()))
+        and tuple(eqn.params["slice_sizes"]) == (1,) + tuple(table_shape[1:])
+        and eqn.invars[1].aval.shape[-1:] == (1,)
+        and tuple(dn.offset_dims)
+        == tuple(range(eqn.outvars[0].aval.ndim - len(table_shape) + 1, eqn.outvars[0].aval.ndim))
+    )
 
 
 def _rule(eqn, pos: int, ins: list) -> str | None:
@@ -201,7 +215,8 @@ def discover(closed, n_leaves: int, leaf_avals) -> Plan:
         t = _bias_of(leaf, uses[leaf], by_path, leaf_avals[leaf])
         if t is not None:
             targets[t.index] = by_path[next(p for p, u in by_path.items() if u is t)] = (
-                    dataclasses.replace(t, bias=leaf))
+                dataclasses.replace(t, bias=leaf)
+            )
             leftover.remove(leaf)
     return Plan(closed, n_leaves, targets, by_path, inline, tuple(leftover))
 
@@ -219,14 +234,23 @@ def _bias_of(leaf, leaf_uses, by_path, aval) -> Target | None:
         return None
     path, eqn, pos, _, chain, (var, made_by, reads) = leaf_uses[0]
     views = []
-    while (reads[var] == 1 and var in made_by and made_by[var][0] not in by_path
-           and made_by[var][1].primitive.name in ("transpose", "reshape", "squeeze", "expand_dims")
-           and len(made_by[var][1].invars) == 1):
+    while (
+        reads[var] == 1
+        and var in made_by
+        and made_by[var][0] not in by_path
+        and made_by[var][1].primitive.name in ("transpose", "reshape", "squeeze", "expand_dims")
+        and len(made_by[var][1].invars) == 1
+    ):
         views.append(made_by[var][1])
         var = made_by[var][1].invars[0]
     t = by_path.get(made_by[var][0]) if var in made_by else None
-    if (eqn.primitive.name != "add" or t is None or reads[var] != 1 or t.bias is not None
-            or t.kind not in ("dense", "conv")):
+    if (
+        eqn.primitive.name != "add"
+        or t is None
+        or reads[var] != 1
+        or t.bias is not None
+        or t.kind not in ("dense", "conv")
+    ):
         return None
     if t.kind == "dense" and pt.dense_dims(t.eqn, t.operand)[0]:
         return None  # weights shared over batch dims: a per-h bias would be needed
@@ -240,12 +264,18 @@ def _bias_of(leaf, leaf_uses, by_path, aval) -> Target | None:
         return None
     for e in views:  # back to the target's output layout
         shape = e.invars[0].aval.shape
-        val = (np.transpose(val, np.argsort(e.params["permutation"])) if e.primitive.name == "transpose"
-               else val.reshape(shape))
+        val = (
+            np.transpose(val, np.argsort(e.params["permutation"]))
+            if e.primitive.name == "transpose"
+            else val.reshape(shape)
+        )
     if val.shape != t.eqn.outvars[0].aval.shape:
         return None
-    canon = np.asarray(pt.dense_cotangents(t.eqn, t.operand, val, 0) if t.kind == "dense"
-                       else pt.conv_cotangents(t.eqn, val, 0))[0]  # (S, C)
+    canon = np.asarray(
+        pt.dense_cotangents(t.eqn, t.operand, val, 0)
+        if t.kind == "dense"
+        else pt.conv_cotangents(t.eqn, val, 0)
+    )[0]  # (S, C)
     if canon.shape[1] != size or not np.all(canon == canon[:1]):
         return None
     return t if np.array_equal(np.sort(canon[0]), np.arange(size)) else None

@@ -113,6 +113,8 @@ def weight_grads(t: Target, x, g: jax.Array, rows: int) -> jax.Array:
         w = jax.vmap(lambda tk, gg: jnp.zeros((rows, m * c), g.dtype).at[tk].add(gg))(tok, gv)
         return jnp.swapaxes(w.reshape(b, rows, m, c), 1, 2).reshape(b, m, -1)
     d = x.shape[-1]
-    w = jnp.einsum("ipd,ipe->ied", x.reshape(b * h, s, d), g.reshape(b * h, s, m * c), precision=HIGHEST)
+    w = jnp.einsum(
+        "ipd,ipe->ied", x.reshape(b * h, s, d), g.reshape(b * h, s, m * c), precision=HIGHEST
+    )
     w = w.reshape(b, h, m, c * d)
     return (w[:, 0] if h == 1 else jnp.swapaxes(w, 1, 2)).reshape(b, m, -1)

@@ -49,11 +49,14 @@ def dense_cotangents(eqn, operand: int, g: jax.Array, lead: int) -> jax.Array:
     a_b, a_free, _, w_free = dense_dims(eqn, operand)
     out = eqn.outvars[0].aval.shape
     nb, na, nw = len(a_b), len(a_free), len(w_free)
-    order = list(range(nb)) + (list(range(nb + nw, nb + nw + na)) + list(range(nb, nb + nw))
-                               if operand == 0 else list(range(nb, nb + na + nw)))
+    order = list(range(nb)) + (
+        list(range(nb + nw, nb + nw + na)) + list(range(nb, nb + nw))
+        if operand == 0
+        else list(range(nb, nb + na + nw))
+    )
     g = jnp.transpose(g, tuple(range(lead)) + tuple(lead + d for d in order))
     h = math.prod(out[:nb])
-    c = math.prod(g.shape[lead + nb + na:])
+    c = math.prod(g.shape[lead + nb + na :])
     return g.reshape(g.shape[:lead] + (h, -1, c))
 
 
@@ -75,13 +78,18 @@ def conv_patches(eqn, a: jax.Array) -> jax.Array:
     kdil = tuple(p["rhs_dilation"] or (1,) * nd)
     idil = tuple(p["lhs_dilation"] or (1,) * nd)
     b = a.shape[0]
-    x = jnp.transpose(a, (0,) + tuple(1 + d for d in (lhs_spec[0],) + tuple(lhs_spec[2:]) + (lhs_spec[1],)))
+    x = jnp.transpose(
+        a, (0,) + tuple(1 + d for d in (lhs_spec[0],) + tuple(lhs_spec[2:]) + (lhs_spec[1],))
+    )
     x = x.reshape((-1,) + x.shape[2:])  # examples × conv batch, spatial..., C_in
     cfg = [(0, 0, 0)] + [(lo, hi, d - 1) for (lo, hi), d in zip(p["padding"], idil)] + [(0, 0, 0)]
     x = jax.lax.pad(x, jnp.zeros((), x.dtype), cfg)
     cols = []
     for offs in np.ndindex(*ks):
-        idx = tuple(slice(o * d, o * d + (n - 1) * st + 1, st) for o, d, n, st in zip(offs, kdil, outs, strides))
+        idx = tuple(
+            slice(o * d, o * d + (n - 1) * st + 1, st)
+            for o, d, n, st in zip(offs, kdil, outs, strides)
+        )
         cols.append(x[(slice(None),) + idx + (slice(None),)])
     pt = jnp.stack(cols, axis=-2)  # (b·N, *outs, taps, C_in)
     return pt.reshape(b, 1, -1, len(cols) * x.shape[-1])
@@ -113,5 +121,5 @@ def embed_tokens(eqn, ids: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
 def embed_cotangents(eqn, g: jax.Array, lead: int) -> jax.Array:
     """(lead..., 1, S, C): a lookup's output is (positions..., row features...)."""
     nrow = eqn.invars[0].aval.ndim - 1
-    c = math.prod(g.shape[g.ndim - nrow:]) if nrow else 1
+    c = math.prod(g.shape[g.ndim - nrow :]) if nrow else 1
     return g.reshape(g.shape[:lead] + (1, -1, c))
