@@ -68,7 +68,7 @@ import plain_models  # noqa: E402  (benchmarks/ is on sys.path when run as a scr
 
 from ntkd import _hostmem
 from ntkd.models import get_model, init_variables
-from ntkd.ntk import empirical_ntk, empirical_ntk_fn, flax_apply_fn
+from ntkd.ntk import chosen_implementation, empirical_ntk, empirical_ntk_fn, flax_apply_fn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORK = os.path.join(HERE, "_work")
@@ -199,13 +199,55 @@ def run_reference(
     return timings, kernels
 
 
+def auto_row(workload, n, mode, found: dict, prefix: str, picked: str) -> dict | None:
+    """auto against the best fixed implementation timed in the same run.
+
+    auto runs the compiled code of the implementation it picked, so its steady
+    cost is that implementation's: ``picked / best`` compares the two medians
+    of one run (``auto / best`` adds auto's own repeats' noise).
+    """
+    fixed = {k[len(prefix) :]: v[0] for k, v in found.items() if k.startswith(prefix)}
+    auto = fixed.pop("auto", None)
+    if auto is None or not fixed:
+        return None
+    best = min(fixed, key=fixed.get)
+    return dict(
+        workload=workload,
+        n=n,
+        mode=mode,
+        picked=picked,
+        best_fixed=best,
+        best_seconds=fixed[best],
+        auto_seconds=auto,
+        auto_vs_best=auto / fixed[best],
+        picked_vs_best=fixed[picked] / fixed[best] if picked in fixed else None,
+    )
+
+
+def print_auto(rows) -> None:
+    print()
+    print(
+        "| workload | n | mode | auto picked | best fixed | best s | auto / best | picked / best |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        pv = f"{r['picked_vs_best']:.2f}" if r["picked_vs_best"] is not None else "-"
+        print(
+            f"| {r['workload']} | {r['n']} | {r['mode']} | {r['picked']} | {r['best_fixed']} | "
+            f"{r['best_seconds']:.4f} | {r['auto_vs_best']:.2f} | {pv} |"
+        )
+
+
 GENERIC_N = {"mlp784": (128, 1000), "cnn2d": (64, 500)}
 """Generic workloads: (small n, full n)."""
 
 
-def generic_rows(args, python) -> list:
-    """Every generic entry point on the plain_models networks, NT on the same plain function."""
-    rows = []
+def generic_rows(args, python) -> tuple[list, list]:
+    """Every generic entry point on the plain_models networks, NT on the same plain function.
+
+    Returns (rows, auto rows).
+    """
+    rows, autos = [], []
     for wname in filter(None, args.generic_workloads.split(",")):
         shape = plain_models.SHAPES[wname]
         init, plain = plain_models.PLAIN[wname]
@@ -246,6 +288,11 @@ def generic_rows(args, python) -> list:
                             t["compile"],
                             kernels[key] * (10 if mode == "trace" else 1),
                         )
+                if "plain auto" in found:
+                    picked = chosen_implementation(plain, params, x, mode=mode)
+                    a = auto_row(wname, n, mode, found, "plain ", picked)
+                    if a:
+                        autos.append(a)
                 ref = found["plain jacobian"][2] if "plain jacobian" in found else None
                 nt_best = min((v[0] for k, v in found.items() if k.startswith("nt-")), default=None)
                 for key, (sec, comp, kern) in found.items():
@@ -267,7 +314,7 @@ def generic_rows(args, python) -> list:
                             rel_err=err,
                         )
                     )
-    return rows
+    return rows, autos
 
 
 def _time_round_robin(entries: dict, repeats: int, label: str) -> dict:
@@ -361,7 +408,7 @@ def main() -> None:
         f"neural-tangents' {'same' if args.nt_tuned_malloc else 'glibc defaults'}",
         flush=True,
     )
-    rows = []
+    rows, autos = [], []
     for wname in filter(None, args.workloads.split(",")):
         name, kwargs, shape, n = WORKLOADS[wname]
         n = max(8, int(round(n * args.n_scale)))
@@ -404,6 +451,11 @@ def main() -> None:
                     found[key] = (t["seconds"], t["compile"], kern)
             if not found:
                 continue
+            if "ntkd-auto" in found:
+                picked = chosen_implementation(apply_fn, params, x, mode=mode)
+                a = auto_row(wname, n, mode, found, "ntkd-", picked)
+                if a:
+                    autos.append(a)
             ref = found.get("ntkd-jacobian", next(iter(found.values())))[2]
             nt_best = min((v[0] for k, v in found.items() if k.startswith("nt-")), default=None)
             for key, (sec, comp, kern) in found.items():
@@ -423,13 +475,24 @@ def main() -> None:
                         rel_err=err,
                     )
                 )
-    generic = generic_rows(args, python) if args.generic else []
+    generic, generic_autos = generic_rows(args, python) if args.generic else ([], [])
+    autos += generic_autos
     with open(args.json, "w") as f:
         json.dump(
-            {"peak_gflops": peak, "rows": rows, "generic": generic, "argv": sys.argv}, f, indent=1
+            {
+                "peak_gflops": peak,
+                "rows": rows,
+                "generic": generic,
+                "auto": autos,
+                "argv": sys.argv,
+            },
+            f,
+            indent=1,
         )
     if generic:
         print_generic(generic)
+    if autos:
+        print_auto(autos)
     print()
     print(
         "| workload | n | mode | contender | seconds | compile s | speed-up vs NT best | "

@@ -21,6 +21,7 @@ from ntkd.ntk import (
     ContractionOptions,
     as_apply_fn,
     blocking,
+    chosen_implementation,
     empirical_ntk,
     empirical_ntk_fn,
     flax_apply_fn,
@@ -170,6 +171,22 @@ def test_model_apply_as_a_plain_function_matches_oracle():
             for mode in ("full", "trace"):
                 got = empirical_ntk(model.apply, variables, x1, x2, mode=mode, implementation=impl)
                 assert rel(got, oracle[mode]) <= 1e-6, (impl, mode)
+
+
+def test_chosen_implementation_is_what_auto_runs():
+    """auto's choice is one exact algorithm, it is cached, and running it gives auto's kernel."""
+    with jax.enable_x64(True):
+        model, variables, x1, _ = _make("mlp")
+        variables, x1 = _f64(variables, x1)
+        picked = chosen_implementation(model, variables, x1)
+        assert picked in ("structured", "jacobian", "ntvp")
+        assert chosen_implementation(model, variables, x1) == picked  # cached, not re-measured
+        assert chosen_implementation(model, variables, x1, implementation="ntvp") == "ntvp"
+        auto = empirical_ntk(model, variables, x1)
+        fixed = empirical_ntk(model, variables, x1, implementation=picked)
+        assert rel(auto, fixed) <= 1e-12
+        with pytest.raises(ValueError, match="x1 is required"):
+            chosen_implementation(model, variables)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

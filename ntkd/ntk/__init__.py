@@ -20,7 +20,12 @@ blocking / sharding / multi-host driver; :mod:`~ntkd.ntk.auto` measures the
 candidates; :mod:`~ntkd.ntk.engine` holds the entry points and the cache.
 """
 
-from ntkd.ntk.engine import IMPLEMENTATIONS, empirical_ntk, empirical_ntk_fn
+from ntkd.ntk.engine import (
+    IMPLEMENTATIONS,
+    chosen_implementation,
+    empirical_ntk,
+    empirical_ntk_fn,
+)
 from ntkd.ntk.models import ApplyFn, FlaxApplyFn, as_apply_fn, flax_apply_fn
 from ntkd.ntk.modes import MODES, Mode
 from ntkd.ntk.options import BlockOptions, ContractionOptions
@@ -38,5 +43,6 @@ __all__ = [
     "flax_apply_fn",
     "empirical_ntk_fn",
     "empirical_ntk",
+    "chosen_implementation",
     "ntk_vp_fn",
 ]

@@ -136,7 +136,8 @@ class Engine:
             self._auto[key] = _agreed(IMPLEMENTATIONS, best[1])
         return self._auto[key]
 
-    def __call__(self, apply_fn: ApplyFn, params, x1, x2, *, as_numpy=False):
+    def _prepare(self, apply_fn: ApplyFn, params, x1, x2):
+        """Cast and checked inputs, the structure signature, k and the problem."""
         params = cast(params, self.dtype)
         state = cast(apply_fn.state, self.dtype)
         x1 = cast(jnp.asarray(x1), self.dtype)
@@ -156,6 +157,22 @@ class Engine:
             )
         k, out_dtype = self._k[sig]
         problem = self.problem(params, k, out_dtype)
+        return params, state, x1, x2, symmetric, sig, k, out_dtype, problem
+
+    def implementation_for(self, apply_fn: ApplyFn, params, x1, x2) -> str:
+        """The implementation a call with these arguments runs (``auto``: measured, cached)."""
+        params, state, x1, x2, symmetric, sig, _, _, problem = self._prepare(
+            apply_fn, params, x1, x2
+        )
+        if self.implementation != "auto":
+            return self.implementation
+        n1, n2 = x1.shape[0], x2.shape[0]
+        return self.choose(sig, problem, params, state, x1, n1, n2, symmetric)
+
+    def __call__(self, apply_fn: ApplyFn, params, x1, x2, *, as_numpy=False):
+        params, state, x1, x2, symmetric, sig, k, out_dtype, problem = self._prepare(
+            apply_fn, params, x1, x2
+        )
         groups = sorted(set(problem.groups)) if self.by_layer else [""]
         if is_tracer(x1, x2, params, state):
             impl = "structured" if self.implementation == "auto" else self.implementation
@@ -353,3 +370,38 @@ def empirical_ntk(
     )
     apply_fn, p = as_apply_fn(model, params)
     return _engine(apply_fn.key, options, apply_fn.fn)(apply_fn, p, x1, x2, as_numpy=as_numpy)
+
+
+def chosen_implementation(
+    model,
+    params: PyTree = None,
+    x1: jax.Array = None,
+    x2: jax.Array | None = None,
+    *,
+    mode: str = "trace",
+    logit: int = 0,
+    implementation: str = "auto",
+    by_layer: bool = False,
+    block_size: int | None = None,
+    dtype=None,
+    blocks: BlockOptions | None = None,
+    contraction: ContractionOptions | None = None,
+) -> str:
+    """The implementation :func:`empirical_ntk` runs for these arguments.
+
+    With ``implementation="auto"`` this is the measured choice (made once per
+    model structure, options and shapes, then cached; the same decision the
+    kernel call uses, so calling this first costs nothing later). Options as in
+    :func:`empirical_ntk_fn`.
+
+    Example:
+        >>> chosen_implementation(model, variables, x, mode="trace")
+        'structured'
+    """
+    if x1 is None:
+        raise ValueError("chosen_implementation(model, params, x1, x2=None): x1 is required.")
+    options = _options(
+        mode, logit, implementation, by_layer, block_size, dtype, blocks, contraction
+    )
+    apply_fn, p = as_apply_fn(model, params)
+    return _engine(apply_fn.key, options, apply_fn.fn).implementation_for(apply_fn, p, x1, x2)
