@@ -206,7 +206,11 @@ def auto_row(workload, n, mode, found: dict, prefix: str, picked: str) -> dict |
     cost is that implementation's: ``picked / best`` compares the two medians
     of one run (``auto / best`` adds auto's own repeats' noise).
     """
-    fixed = {k[len(prefix) :]: v[0] for k, v in found.items() if k.startswith(prefix)}
+    fixed = {
+        k[len(prefix) :]: v[0]
+        for k, v in found.items()
+        if k.startswith(prefix) and k[len(prefix) :] in NTKD_IMPLS
+    }
     auto = fixed.pop("auto", None)
     if auto is None or not fixed:
         return None
@@ -373,7 +377,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
     parser.add_argument("--modes", default="full,trace")
-    parser.add_argument("--impls", default=",".join(NTKD_IMPLS + ("naive",)))
+    parser.add_argument(
+        "--impls",
+        default=",".join(NTKD_IMPLS + ("naive",)),
+        help="ntkd implementations through flax_apply_fn, 'naive', and 'model.apply' (auto "
+        "through empirical_ntk(model.apply, variables, x), the entry point a notebook uses)",
+    )
     parser.add_argument("--reference", action="store_true", help="also time neural-tangents 0.6.5")
     parser.add_argument("--nt-impls", default="nt-jacobian,nt-ntvp,nt-structured")
     parser.add_argument(
@@ -421,12 +430,14 @@ def main() -> None:
             flops = jc_flops(apply_fn, params, x, 10, mode)
             found = {}
             for impl in filter(None, args.impls.split(",")):  # --impls "" times NT only
-                fn = (
-                    naive_ntk_fn(apply_fn, mode)
-                    if impl == "naive"
-                    else empirical_ntk_fn(apply_fn, mode=mode, implementation=impl)
-                )
-                call = (lambda: fn(params, x)) if impl == "naive" else (lambda: fn(x, None, params))
+                if impl == "naive":
+                    fn = naive_ntk_fn(apply_fn, mode)
+                    call = lambda: fn(params, x)
+                elif impl == "model.apply":  # the generic entry point, bound method fresh each call
+                    call = lambda: empirical_ntk(model.apply, variables, x, mode=mode)
+                else:
+                    fn = empirical_ntk_fn(apply_fn, mode=mode, implementation=impl)
+                    call = lambda: fn(x, None, params)
                 try:
                     sec, comp, kern = _time(call, args.repeats)
                     found["ntkd-" + impl if impl != "naive" else "naive"] = (sec, comp, kern)
