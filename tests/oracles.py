@@ -175,6 +175,47 @@ def equinox_mlp():
     return model, None, f, params, x1, x2
 
 
+def equinox_bn():
+    """A stateful Equinox module (``eqx.nn.make_with_state``): conv → BatchNorm ("ema") →
+    dropout → Linear → BatchNorm ("batch") → Linear, passed to ntkd as ``(model, state)``
+    in training mode; the oracle is the inference-mode function with the state fixed."""
+    import equinox as eqx
+
+    class Net(eqx.Module):
+        conv: eqx.nn.Conv1d
+        bn1: eqx.nn.BatchNorm
+        drop: eqx.nn.Dropout
+        l1: eqx.nn.Linear
+        bn2: eqx.nn.BatchNorm
+        l2: eqx.nn.Linear
+
+        def __init__(self, key):
+            k1, k2, k3 = jax.random.split(key, 3)
+            f64 = jnp.float64
+            self.conv = eqx.nn.Conv1d(2, 3, 3, padding=1, key=k1, dtype=f64)
+            self.bn1 = eqx.nn.BatchNorm(3, "batch", mode="ema", dtype=f64)
+            self.drop = eqx.nn.Dropout(0.5)
+            self.l1 = eqx.nn.Linear(18, 5, key=k2, dtype=f64)
+            self.bn2 = eqx.nn.BatchNorm(5, "batch", mode="batch", dtype=f64)
+            self.l2 = eqx.nn.Linear(5, 3, key=k3, dtype=f64)
+
+        def __call__(self, x, state):
+            h, state = self.bn1(self.conv(x), state)
+            h, state = self.bn2(self.l1(self.drop(jnp.tanh(h)).reshape(-1)), state)
+            return self.l2(jnp.tanh(h)), state
+
+    model, state = eqx.nn.make_with_state(Net)(jax.random.PRNGKey(0))
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    params = jitter(params, jax.random.PRNGKey(3))
+    state = jitter(state, jax.random.PRNGKey(4))  # running statistics away from 0 / 1
+    model = eqx.combine(params, static)
+    static = eqx.partition(eqx.nn.inference_mode(model), eqx.is_inexact_array)[1]
+    f = lambda p, x: jax.vmap(lambda xi: eqx.combine(p, static)(xi, state)[0])(x)
+    x1 = jax.random.normal(jax.random.PRNGKey(1), (3, 2, 6), jnp.float64)
+    x2 = jax.random.normal(jax.random.PRNGKey(2), (2, 2, 6), jnp.float64)
+    return (model, state), None, f, params, x1, x2
+
+
 def plain_function():
     """A jnp function f(params, x): conv via lax, a shared weight, an embedding-free MLP."""
     key = jax.random.split(jax.random.PRNGKey(0), 5)
@@ -209,6 +250,7 @@ KINDS = {
     "linen_bn": linen_bn,
     "nnx_bn": nnx_bn,
     "equinox": equinox_mlp,
+    "equinox_bn": equinox_bn,
     "function": plain_function,
     "transformer": transformer,
 }

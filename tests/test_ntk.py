@@ -43,6 +43,7 @@ _KIND_FAST = (
     {(k, "structured") for k in KINDS}
     | {("function", i) for i in IMPLS}
     | {("nnx_bn", "jacobian"), ("nnx_bn", "ntvp"), ("equinox", "jacobian"), ("linen_bn", "ntvp")}
+    | {("equinox_bn", "jacobian")}
 )
 _KIND_GRID = [
     pytest.param(k, i, marks=[] if (k, i) in _KIND_FAST else [pytest.mark.slow])
@@ -88,6 +89,7 @@ def test_structured_finds_the_layers_of_every_model_kind(kind):
         "linen_bn": ["conv", "dense"],
         "nnx_bn": ["dense"],
         "equinox": ["conv", "dense"],
+        "equinox_bn": ["conv", "dense"],
         "function": ["conv", "dense"],
         "transformer": ["dense", "embed"],
     }[kind]
@@ -96,11 +98,25 @@ def test_structured_finds_the_layers_of_every_model_kind(kind):
     # shifts, and the plain function's weight used twice
     assert (
         len(plan.leftover)
-        == {"linen_bn": 2, "nnx_bn": 2, "equinox": 0, "function": 1, "transformer": 6}[kind]
+        == {
+            "linen_bn": 2,
+            "nnx_bn": 2,
+            "equinox": 0,
+            "equinox_bn": 4,
+            "function": 1,
+            "transformer": 6,
+        }[kind]
     )
     assert (
         sum(t.bias is not None for t in plan.targets)
-        == {"linen_bn": 2, "nnx_bn": 2, "equinox": 3, "function": 2, "transformer": 7}[kind]
+        == {
+            "linen_bn": 2,
+            "nnx_bn": 2,
+            "equinox": 3,
+            "equinox_bn": 3,
+            "function": 2,
+            "transformer": 7,
+        }[kind]
     )
     if kind == "function":  # the weight used twice is left to the exact fallback
         names = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(p)]
@@ -342,7 +358,8 @@ def test_structured_vmapped_cotangents_match_oracle(family):
 
 # ---------------------------------------------------------------- per-layer kernels
 @pytest.mark.parametrize(
-    "kind", ["linen_bn", pytest.param("transformer", marks=pytest.mark.slow), "equinox"]
+    "kind",
+    ["linen_bn", pytest.param("transformer", marks=pytest.mark.slow), "equinox", "equinox_bn"],
 )
 def test_by_layer_kernels_match_oracle_per_group_and_sum_to_whole(kind):
     from ntkd.ntk._util import leaf_groups
@@ -504,7 +521,9 @@ def _new_values(tree, seed):
     return jitter(tree, jax.random.PRNGKey(seed), 0.1)
 
 
-@pytest.mark.parametrize("kind", ["linen", "model_apply", "nnx", "equinox", "function"])
+@pytest.mark.parametrize(
+    "kind", ["linen", "model_apply", "nnx", "equinox", "equinox_bn", "function"]
+)
 def test_second_call_with_new_params_compiles_nothing(kind):
     """A loop over checkpoints: new params (and state) of the same structure, fresh wrappers."""
     model, variables, x1, x2 = _make("lenet5")
@@ -540,6 +559,27 @@ def test_second_call_with_new_params_compiles_nothing(kind):
     import equinox as eqx
 
     x = jnp.ones((4, 2, 6))
+    if kind == "equinox_bn":  # (model, state): new params and new statistics, another instance
+        net = lambda key: eqx.nn.Sequential(
+            [
+                eqx.nn.Conv1d(2, 3, 3, key=key),
+                eqx.nn.BatchNorm(3, "batch", mode="batch"),
+                eqx.nn.Lambda(jnp.ravel),
+                eqx.nn.Linear(12, 3, key=key),
+            ]
+        )
+        model, state = eqx.nn.make_with_state(net)(jax.random.PRNGKey(0))
+        empirical_ntk((model, state), None, x).block_until_ready()
+        fresh = eqx.combine(
+            _new_values(eqx.filter(model, eqx.is_inexact_array), 1),
+            eqx.filter(model, eqx.is_inexact_array, inverse=True),
+        )
+        other = eqx.nn.make_with_state(net)(jax.random.PRNGKey(1))
+        with _CompileLog() as log:
+            empirical_ntk((fresh, _new_values(state, 2)), None, x).block_until_ready()
+            empirical_ntk_fn(other)(x).block_until_ready()
+        assert not log.compiles, log.compiles
+        return
     mlp = lambda key: eqx.nn.Sequential(
         [eqx.nn.Conv1d(2, 3, 3, key=key), eqx.nn.Lambda(jnp.ravel), eqx.nn.Linear(12, 3, key=key)]
     )
@@ -661,6 +701,30 @@ def test_clear_errors_for_model_kinds():
         empirical_ntk(lin, lin.weight, x)
     with pytest.raises(ValueError, match=r"shape \(batch, k\).*returned \(2,\).*Equinox"):
         empirical_ntk(eqx.nn.Linear(4, "scalar", key=jax.random.PRNGKey(0)), None, x)
+    # stateful Equinox: the state comes with the module, as (model, state)
+    bn_net = lambda key: eqx.nn.Sequential(
+        [eqx.nn.Linear(4, 3, key=key), eqx.nn.BatchNorm(3, "batch", mode="batch")]
+    )
+    model, state = eqx.nn.make_with_state(bn_net)(jax.random.PRNGKey(0))
+    with pytest.raises(
+        ValueError,
+        match=r"Equinox module Sequential is stateful .* pass it together with its "
+        r"eqx.nn.State as the model: empirical_ntk\(\(model, state\), None, x\)",
+    ):
+        empirical_ntk(model, None, x)
+    with pytest.raises(
+        ValueError,
+        match=r"Equinox module Linear has no eqx.nn.StateIndex, so it takes no state; "
+        r"pass the module alone",
+    ):
+        empirical_ntk((lin, state), None, x)
+    with pytest.raises(ValueError, match="state must be the eqx.nn.State .* got dict"):
+        empirical_ntk((model, {}), None, x)
+    _, other_state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(3, "b", mode="batch")
+    with pytest.raises(ValueError, match="the eqx.nn.State has no value for StateIndex"):
+        empirical_ntk((model, other_state), None, x)
+    with pytest.raises(ValueError, match="Equinox module Sequential owns its parameters"):
+        empirical_ntk((model, state), state, x)
     with pytest.raises(
         ValueError, match="Linen module Dense holds no parameters; pass its variables"
     ):
@@ -670,6 +734,47 @@ def test_clear_errors_for_model_kinds():
         empirical_ntk(haiku_like, {}, x)
     with pytest.raises(ValueError, match="needs its params"):
         empirical_ntk(lambda p, x: x, None, x)
+
+
+def test_equinox_state_is_a_constant_and_the_new_state_is_discarded():
+    """A layer that updates its state even in inference mode: the kernel is that of the
+    function at the given state, and the caller's eqx.nn.State stays valid and unchanged."""
+    import equinox as eqx
+
+    class Shift(eqx.Module):
+        index: eqx.nn.StateIndex
+
+        def __init__(self):
+            self.index = eqx.nn.StateIndex(jnp.full(3, 0.5, jnp.float64))
+
+        def __call__(self, x, state):
+            s = state.get(self.index)
+            return x * s, state.set(self.index, s + x)  # a state update, discarded
+
+    class Net(eqx.Module):
+        lin: eqx.nn.Linear
+        shift: Shift
+
+        def __call__(self, x, state):
+            return self.shift(jnp.tanh(self.lin(x)), state)
+
+    with jax.enable_x64(True):
+        make = lambda: Net(
+            eqx.nn.Linear(4, 3, key=jax.random.PRNGKey(0), dtype=jnp.float64), Shift()
+        )
+        model, state = eqx.nn.make_with_state(make)()
+        x = jax.random.normal(jax.random.PRNGKey(1), (5, 4), jnp.float64)
+        p, static = eqx.partition(model, eqx.is_inexact_array)
+        clone = lambda: jax.tree.map(lambda l: l, state)  # State.set invalidates its object
+        f = lambda p, x: jax.vmap(lambda xi: eqx.combine(p, static)(xi, clone())[0])(x)
+        want = ntk_oracle_modes(f, p, x, x)["full"]
+        for impl in ("structured", "jacobian"):
+            got = empirical_ntk((model, state), None, x, mode="full", implementation=impl)
+            assert rel(got, want) <= 1e-10, impl
+        apply_fn, params = as_apply_fn((model, state))
+        for _ in range(2):  # eager calls, each from the same fixed state
+            np.testing.assert_allclose(apply_fn(params, x), f(p, x), rtol=1e-12)
+        np.testing.assert_array_equal(state.get(model.shift.index), np.full(3, 0.5))
 
 
 def test_public_facade():

@@ -296,9 +296,13 @@ def empirical_ntk_fn(
             ``"params"`` differentiated, other collections fixed, eval mode), a
             Flax NNX module or an Equinox module (they own their parameters:
             ``params=None``; NNX differentiates ``nnx.Param``s, Equinox its
-            inexact arrays, both in eval mode with other state fixed), an
-            ``apply_fn`` from :func:`as_apply_fn` / :func:`flax_apply_fn`, or any
-            ``f(params, x) -> (batch, k)`` (all of ``params`` differentiated).
+            inexact arrays, both in eval mode with other state fixed), a
+            stateful Equinox module as the pair ``(model, state)`` of
+            ``eqx.nn.make_with_state`` (``params=None``; the ``eqx.nn.State``
+            held fixed, ``eqx.nn.inference_mode``, the returned new state
+            discarded), an ``apply_fn`` from :func:`as_apply_fn` /
+            :func:`flax_apply_fn`, or any ``f(params, x) -> (batch, k)`` (all of
+            ``params`` differentiated).
             Examples must be independent (eval mode).
         mode: ``"full"`` (n1, n2, k, k); ``"trace"`` (n1, n2) = Σ_a Θ[a, a], the
             SUM over logits (neural-tangents' ``trace_axes=(-1,)`` is this / k);
@@ -326,6 +330,7 @@ def empirical_ntk_fn(
         >>> ntk_fn = empirical_ntk_fn(model, mode="trace")   # Linen
         >>> k = ntk_fn(x, None, variables)                    # (n, n)
         >>> k = empirical_ntk_fn(nnx_model)(x)                # NNX / Equinox
+        >>> k = empirical_ntk_fn(eqx.nn.make_with_state(Net)(key))(x)  # Equinox + State
     """
     options = _options(
         mode, logit, implementation, by_layer, block_size, dtype, blocks, contraction
@@ -362,6 +367,7 @@ def empirical_ntk(
     Example:
         >>> k = empirical_ntk(model, variables, x, mode="full")   # (n, n, k, k)
         >>> k = empirical_ntk(eqx_model, None, x)                 # (n, n)
+        >>> k = empirical_ntk((eqx_model, state), None, x)        # stateful Equinox
     """
     if x1 is None:
         raise ValueError("empirical_ntk(model, params, x1, x2=None): x1 is required.")

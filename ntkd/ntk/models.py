@@ -13,8 +13,12 @@ Supported kinds (:func:`as_apply_fn`):
 - Flax NNX module (owns its parameters): ``nnx.Param`` differentiated, every
   other variable (``BatchStat``, RNG state, …) fixed, run in eval mode.
 - Equinox module (owns its parameters): its inexact arrays differentiated,
-  other arrays fixed; called on one example at a time and vmapped over the
-  batch, as Equinox models are written.
+  other arrays fixed, run in inference mode (``eqx.nn.inference_mode``);
+  called on one example at a time and vmapped over the batch, as Equinox
+  models are written. A stateful one (``eqx.nn.BatchNorm`` …) comes as the
+  pair ``(model, state)`` of ``eqx.nn.make_with_state``: the ``eqx.nn.State``
+  is fixed, ``model(x, state) -> (y, new_state)`` is called per example and
+  ``new_state`` discarded.
 - Any function ``f(params, x) -> (batch, k)``: all of ``params`` differentiated.
 """
 
@@ -125,15 +129,48 @@ def _equinox_fn(treedef, static, params, state, x):
     return jax.vmap(model)(x)
 
 
+def _equinox_stateful_fn(treedef, static, params, state, x):
+    """``model(x_i, eqx_state)[0]`` per example: the ``eqx.nn.State`` is a constant."""
+    arrays, eqx_state = state
+    model = jax.tree.unflatten(treedef, _combine(static, jax.tree.leaves(params), arrays))
+    # a copy: State.set invalidates the object it is called on, which must stay usable
+    eqx_state = jax.tree.map(lambda l: l, eqx_state)
+
+    def one(xi):
+        out = model(xi, eqx_state)
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise TypeError(
+                f"a stateful Equinox module must return (y, state) from model(x, state); "
+                f"{type(model).__name__} returned {type(out).__name__}"
+            )
+        return out[0]  # the new state is discarded: the kernel is of the fixed-state function
+
+    return jax.vmap(one)(x)
+
+
 def _combine(static, params, state):
     p, s = iter(params), iter(state)
     return [next(p) if kind == "p" else next(s) if kind == "s" else v for kind, v in static]
 
 
-def _equinox_split(model):
-    """(treedef, static, params, state) of an Equinox module: inexact arrays are params."""
+def _equinox_state_indices(model) -> list:
+    """The ``eqx.nn.StateIndex``es of a module: it is called as ``model(x, state)``."""
     import equinox as eqx
 
+    is_index = lambda l: isinstance(l, eqx.nn.StateIndex)
+    return [l for l in jax.tree.leaves(model, is_leaf=is_index) if is_index(l)]
+
+
+def _equinox_split(model):
+    """(treedef, static, params, state) of an Equinox module: inexact arrays are params.
+
+    The module is put in inference mode (``eqx.nn.inference_mode``: BatchNorm uses
+    its running statistics, dropout is off) and stripped of the initial values its
+    ``StateIndex``es may still hold (never read once the state exists).
+    """
+    import equinox as eqx
+
+    model = eqx.nn.inference_mode(eqx.nn.delete_init_state(model))
     leaves, treedef = jax.tree.flatten(model)
     static, params, state = [], [], []
     for leaf in leaves:
@@ -177,14 +214,67 @@ def _is_equinox(model) -> bool:
     return isinstance(model, eqx.Module)
 
 
+def _is_equinox_pair(model) -> bool:
+    return isinstance(model, tuple) and len(model) == 2 and _is_equinox(model[0])
+
+
+def _equinox_apply_fn(model, eqx_state=None, paired=False) -> tuple[ApplyFn, PyTree]:
+    import equinox as eqx
+
+    name = type(model).__name__
+    indices = _equinox_state_indices(model)
+    if not paired and indices:
+        raise ValueError(
+            f"Equinox module {name} is stateful ({len(indices)} eqx.nn.StateIndex, e.g. "
+            "BatchNorm statistics) and is called as model(x, state); pass it together with "
+            "its eqx.nn.State as the model: empirical_ntk((model, state), None, x), "
+            f"(model, state) as returned by eqx.nn.make_with_state({name})(...)."
+        )
+    if paired and not indices:
+        raise ValueError(
+            f"Equinox module {name} has no eqx.nn.StateIndex, so it takes no state; "
+            "pass the module alone: empirical_ntk(model, None, x)."
+        )
+    treedef, static, params, state = _equinox_split(model)
+    if not paired:
+        return ApplyFn(
+            functools.partial(_equinox_fn, treedef, static),
+            state,
+            ("equinox", treedef, static),
+            "equinox",
+        ), params
+    if not isinstance(eqx_state, eqx.nn.State):
+        raise ValueError(
+            f"(model, state): state must be the eqx.nn.State of Equinox module {name} "
+            f"(from eqx.nn.make_with_state); got {type(eqx_state).__name__}."
+        )
+    try:  # only this module's entries, each one present
+        eqx_state = eqx_state.substate(model)
+    except KeyError as e:
+        raise ValueError(
+            f"the eqx.nn.State has no value for StateIndex {e} of Equinox module {name}; "
+            "pass the state made with this module (eqx.nn.make_with_state)."
+        ) from None
+    except ValueError as e:
+        raise ValueError(f"cannot use this eqx.nn.State with module {name}: {e}") from None
+    return ApplyFn(
+        functools.partial(_equinox_stateful_fn, treedef, static),
+        (state, eqx_state),
+        ("equinox+state", treedef, static),
+        "equinox",
+    ), params
+
+
 def as_apply_fn(model, variables: PyTree | None = None) -> tuple[ApplyFn, PyTree]:
     """Splits any supported model into ``(apply_fn, params)``.
 
     Args:
         model: a Flax Linen module (pass ``variables``), a Flax NNX module or an
-            Equinox module (they own their parameters: ``variables=None``), an
-            :class:`ApplyFn`, or a function ``f(params, x) -> (batch, k)`` (pass
-            its params as ``variables``).
+            Equinox module (they own their parameters: ``variables=None``), a
+            stateful Equinox module with its ``eqx.nn.State`` as the pair
+            ``(model, state)`` (as ``eqx.nn.make_with_state`` returns it;
+            ``variables=None``), an :class:`ApplyFn`, or a function
+            ``f(params, x) -> (batch, k)`` (pass its params as ``variables``).
         variables: Linen variables, or the params of a function; None for NNX
             and Equinox modules.
 
@@ -194,13 +284,26 @@ def as_apply_fn(model, variables: PyTree | None = None) -> tuple[ApplyFn, PyTree
         Equinox: the module with every non-parameter leaf None, as
         ``eqx.partition(model, eqx.is_inexact_array)[0]``).
 
+        Every model runs in eval mode with its non-parameter state held fixed:
+        Linen with ``train=False`` and fixed collections (``batch_stats``), NNX
+        after ``.eval()`` with fixed ``BatchStat``s, Equinox in
+        ``eqx.nn.inference_mode``. A stateful Equinox module is called per
+        example as ``model(x_i, state) -> (y_i, new_state)``: ``state`` is a
+        constant (its running statistics are not differentiated; in inference
+        mode BatchNorm reads them and needs no batch ``axis_name``) and
+        ``new_state`` is discarded, so the kernel is that of the deterministic
+        inference-mode function.
+
     Raises:
         ValueError: params given for a module that owns them, missing for one
-            that does not, or a model kind that cannot be split.
+            that does not, a stateful Equinox module without its state (or state
+            with a module that has none, or another module's state), or a model
+            kind that cannot be split.
 
     Example:
         >>> apply_fn, params = as_apply_fn(nnx_model)            # NNX / Equinox
         >>> apply_fn, params = as_apply_fn(linen_model, variables)
+        >>> apply_fn, params = as_apply_fn(eqx.nn.make_with_state(Net)(key))  # (model, state)
     """
     if isinstance(model, nn.Module):
         if variables is None:
@@ -209,10 +312,12 @@ def as_apply_fn(model, variables: PyTree | None = None) -> tuple[ApplyFn, PyTree
                 "variables (the dict from model.init(...)) as params."
             )
         return flax_apply_fn(model, variables)
-    owner = "NNX" if _is_nnx(model) else "Equinox" if _is_equinox(model) else None
+    paired = _is_equinox_pair(model)
+    module = model[0] if paired else model
+    owner = "NNX" if _is_nnx(module) else "Equinox" if _is_equinox(module) else None
     if owner is not None and variables is not None:
         raise ValueError(
-            f"{owner} module {type(model).__name__} owns its parameters; pass params=None "
+            f"{owner} module {type(module).__name__} owns its parameters; pass params=None "
             "(the kernel is taken with respect to the module's own parameters)."
         )
     if owner == "NNX":
@@ -223,20 +328,14 @@ def as_apply_fn(model, variables: PyTree | None = None) -> tuple[ApplyFn, PyTree
             functools.partial(_nnx_fn, graphdef), state, ("nnx", graphdef), "nnx"
         ), params
     if owner == "Equinox":
-        treedef, static, params, state = _equinox_split(model)
-        return ApplyFn(
-            functools.partial(_equinox_fn, treedef, static),
-            state,
-            ("equinox", treedef, static),
-            "equinox",
-        ), params
+        return _equinox_apply_fn(module, model[1] if paired else None, paired)
     if isinstance(model, ApplyFn):
         return model, variables
     if not callable(model) or inspect.isclass(model):
         raise ValueError(
             f"cannot split a {type(model).__module__}.{type(model).__name__} into parameters and an "
-            "apply function; pass a Flax Linen / NNX or Equinox module, or a function "
-            "f(params, x) -> (batch, k) with its params."
+            "apply function; pass a Flax Linen / NNX or Equinox module, a stateful Equinox "
+            "module as (model, state), or a function f(params, x) -> (batch, k) with its params."
         )
     if variables is None:
         raise ValueError("a function f(params, x) needs its params; got params=None.")
