@@ -14,6 +14,13 @@ network is the very function ntkd's benchmark times, with all of its params
 differentiated. OUT.npz receives
 each implementation's kernel (``trace`` is neural-tangents' MEAN over logits)
 and a JSON ``timings`` record.
+
+With ``--serve`` it compiles every implementation, prints one JSON line
+``{"ready": {impl: first-call seconds}}`` and then times one call of the
+implementation named on each line of stdin, answering with its seconds (an
+empty line or EOF ends it and writes OUT.npz). ``ntk_speed.py`` uses this to
+interleave neural-tangents' repeats with ntkd's on a shared machine, so load
+from other jobs falls on both alike.
 """
 
 import argparse
@@ -55,12 +62,40 @@ def _unflatten(flat: dict) -> dict:
     return tree
 
 
+def serve(apply_fn, params, x, trace_axes, names, out) -> None:
+    """Compile each implementation, then time one call per stdin line naming it."""
+    fns, results, first, errors = {}, {}, {}, {}
+    for name in names:
+        fn = jax.jit(
+            nt.empirical_ntk_fn(
+                apply_fn, trace_axes=trace_axes, vmap_axes=0, implementation=IMPLEMENTATIONS[name]
+            )
+        )
+        try:
+            t0 = time.perf_counter()
+            results[name] = np.asarray(fn(x, None, params))
+            first[name] = time.perf_counter() - t0
+            fns[name] = fn
+        except Exception as e:  # report, serve the others
+            errors[name] = f"{type(e).__name__}: {str(e)[:300]}"
+    print(json.dumps({"ready": first, "errors": errors}), flush=True)
+    for line in sys.stdin:
+        name = line.strip()
+        if not name:
+            break
+        t0 = time.perf_counter()
+        fns[name](x, None, params).block_until_ready()
+        print(json.dumps({"seconds": time.perf_counter() - t0}), flush=True)
+    np.savez(out, timings=json.dumps({}), **results)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("inp")
     parser.add_argument("out")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--impls", default=",".join(IMPLEMENTATIONS))
+    parser.add_argument("--serve", action="store_true", help="time calls named on stdin")
     args = parser.parse_args()
 
     data = np.load(args.inp)
@@ -79,6 +114,9 @@ def main() -> None:
             return model.apply({"params": params, **rest}, xx, train=False)
 
     trace_axes = () if meta["mode"] == "full" else (-1,)
+    if args.serve:
+        serve(apply_fn, variables["params"], x, trace_axes, args.impls.split(","), args.out)
+        return
     results, timings = {}, {}
     for name in args.impls.split(","):
         fn = jax.jit(

@@ -275,23 +275,20 @@ def generic_rows(args, python) -> tuple[list, list]:
                     entries["plain " + impl] = lambda impl=impl: empirical_ntk(
                         plain, params, x, mode=mode, implementation=impl
                     )
-                found = _time_round_robin(entries, args.repeats, f"  {wname} n={n} {mode}")
-                if python:
+                server = None
+                if python:  # neural-tangents' calls join the round robin
                     inp = os.path.join(WORK, f"g_{wname}_{n}_{mode}_in.npz")
                     out = os.path.join(WORK, f"g_{wname}_{n}_{mode}_out.npz")
                     export(inp, wname, {}, params, x, mode, 10, plain=wname)
-                    timings, kernels = run_reference(
-                        python, inp, out, args.repeats, args.nt_impls, args.nt_tuned_malloc
-                    )
-                    for key, t in timings.items():
-                        if "error" in t:
-                            print(f"  {wname} {mode} {key}: {t['error']}")
-                            continue
-                        found[key] = (
-                            t["seconds"],
-                            t["compile"],
-                            kernels[key] * (10 if mode == "trace" else 1),
-                        )
+                    server = NTServer(python, inp, out, args.nt_impls, args.nt_tuned_malloc)
+                    for key, err in server.errors.items():
+                        print(f"  {wname} {mode} {key}: {err}")
+                    entries.update({key: Served(server, key) for key in server.first})
+                found = _time_round_robin(entries, args.repeats, f"  {wname} n={n} {mode}")
+                if server is not None:
+                    for key, kernel in server.close().items():
+                        sec, comp, _ = found[key]
+                        found[key] = (sec, comp, kernel * (10 if mode == "trace" else 1))
                 if "plain auto" in found:
                     picked = chosen_implementation(plain, params, x, mode=mode)
                     a = auto_row(wname, n, mode, found, "plain ", picked)
@@ -321,14 +318,63 @@ def generic_rows(args, python) -> tuple[list, list]:
     return rows, autos
 
 
+class NTServer:
+    """neural-tangents in its venv, timing one call per request (``nt_reference.py --serve``)."""
+
+    def __init__(self, python: str, inp: str, out: str, impls: str, tuned_malloc: bool):
+        env = dict(os.environ, PYTHONPATH="", TF_CPP_MIN_LOG_LEVEL="3")
+        if tuned_malloc:
+            env["GLIBC_TUNABLES"] = _hostmem.GLIBC_TUNABLES
+        script = os.path.join(HERE, "nt_reference.py")
+        self.out = out
+        self.proc = subprocess.Popen(
+            [python, script, inp, out, "--serve", "--impls", impls],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        ready = json.loads(self.proc.stdout.readline())
+        self.first, self.errors = ready["ready"], ready["errors"]
+
+    def time(self, name: str) -> float:
+        self.proc.stdin.write(name + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())["seconds"]
+
+    def close(self) -> dict:
+        """Ends the server; returns its kernels (``trace``: neural-tangents' mean over logits)."""
+        self.proc.stdin.write("\n")
+        self.proc.stdin.flush()
+        self.proc.wait()
+        data = np.load(self.out)
+        return {n: data[n] for n in data.files if n.startswith("nt-")}
+
+
+class Served:
+    """One neural-tangents implementation of an :class:`NTServer`, as a round-robin entry."""
+
+    def __init__(self, server: NTServer, name: str):
+        self.server, self.name, self.first = server, name, server.first[name]
+
+    def run(self) -> float:
+        return self.server.time(self.name)
+
+
 def _time_round_robin(entries: dict, repeats: int, label: str) -> dict:
     """{key: (median s, compile s, kernel)}: a warm-up call each, then repeats taken in turn.
 
     Taking the entries in turn spreads the load of a shared machine over all
     of them instead of penalising whichever ran while another job was busy.
+    A :class:`Served` entry (neural-tangents in its own process) is timed
+    inside that process, one call per turn like the others; its kernel is
+    None here (the server returns it on close).
     """
     first, out, runs = {}, {}, {}
     for key, call in entries.items():
+        if isinstance(call, Served):
+            first[key], out[key], runs[key] = call.first, None, []
+            continue
         try:
             t0 = time.perf_counter()
             out[key] = np.asarray(call())
@@ -338,6 +384,9 @@ def _time_round_robin(entries: dict, repeats: int, label: str) -> dict:
             print(f"{label} {key}: {type(e).__name__}: {str(e)[:200]}")
     for _ in range(repeats):
         for key in runs:
+            if isinstance(entries[key], Served):
+                runs[key].append(entries[key].run())
+                continue
             t0 = time.perf_counter()
             jax.block_until_ready(entries[key]())
             runs[key].append(time.perf_counter() - t0)
