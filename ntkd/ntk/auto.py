@@ -1,7 +1,8 @@
 """``implementation="auto"``: the fastest exact algorithm, measured on the actual shapes.
 
 Each candidate's feature pass and one block pair are compiled and timed
-(best of a few runs) at the block size the driver will use, and the totals (blocks × feature pass +
+(fastest of a few interleaved rounds) at the block size the driver will use,
+and the totals (blocks × feature pass +
 block pairs × pair) compared. Candidates the flop model rules out are not
 compiled at all: NTK-vector products only compete when 3·O·[FP] is within
 2× of the Jacobian contraction's O·P per example pair ([FP] from XLA's cost
@@ -46,34 +47,56 @@ def _timed(f) -> float:
     return time.perf_counter() - t0
 
 
-def _best_of(f, repeats: int, budget_s: float) -> float:
-    """Fastest of up to ``repeats`` timed runs, stopping once ``budget_s`` is spent.
+class Candidate:
+    """One implementation, compiled, with the block counts of the kernel it would compute.
 
-    The minimum, not one run: on a shared machine a single timing can be 2×
-    off, which flips close decisions (MLP trace, n = 128: structured vs a
-    slower fixed path measured once under load).
+    Its features live only while it is being timed, so candidates measured in
+    turn never hold their (possibly large) features at the same time.
     """
-    best, spent = float("inf"), 0.0
-    for _ in range(max(1, repeats)):
-        t = _timed(f)
-        best, spent = min(best, t), spent + t
-        if spent >= budget_s:
+
+    def __init__(self, name: str, c, params, state, xb, nblocks: int, npairs: int):
+        self.name, self.nblocks, self.npairs = name, nblocks, npairs
+        self._c, self._args = c, (params, state, xb)
+        self.t_row = self.t_pair = float("inf")
+        self.time_once(record=False)  # compiles both pieces
+
+    def time_once(self, record: bool = True) -> float:
+        """Times one feature pass and one pair; returns the seconds spent."""
+        c, (params, state, xb) = self._c, self._args
+        t0 = time.perf_counter()
+        feats = jax.block_until_ready(c.row(params, state, xb))
+        r = time.perf_counter() - t0
+        cfeats = (
+            feats if c.algo.shares_features else jax.block_until_ready(c.col(params, state, xb))
+        )
+        q = _timed(lambda: c.pair(params, state, feats, cfeats))
+        if record:
+            self.t_row, self.t_pair = min(self.t_row, r), min(self.t_pair, q)
+        return r + q
+
+    @property
+    def estimate(self) -> float:
+        """Seconds of the whole kernel: nblocks feature passes + npairs pairs (fastest runs)."""
+        return self.nblocks * self.t_row + self.npairs * self.t_pair
+
+
+def choose(
+    candidates: list[Candidate], min_rounds: int = 2, rounds: int = 3, budget_s: float = 2.0
+) -> str:
+    """The candidate with the smallest estimated kernel time.
+
+    Candidates are timed in turn, round after round (each piece keeps its
+    fastest run), so load from other jobs on a shared machine falls on all of
+    them alike instead of on whichever ran while it peaked; a single
+    sequential timing flipped the 1-D CNN `full` choice (n = 1000: jacobian
+    picked, 1.44× slower than structured, at load 6 on 2 cores). At least
+    ``min_rounds`` rounds run; more, up to ``rounds``, while under ``budget_s``
+    seconds in all.
+    """
+    spent = 0.0
+    for i in range(max(1, rounds)):
+        for cand in candidates:
+            spent += cand.time_once()
+        if i + 1 >= min_rounds and spent >= budget_s:
             break
-    return best
-
-
-def measure(
-    c, params, state, xb, nblocks: int, npairs: int, repeats: int = 3, budget_s: float = 1.0
-) -> float:
-    """Estimated seconds of a whole kernel: nblocks feature passes + npairs pairs.
-
-    Each piece is compiled by a first call, then timed as the best of up to
-    ``repeats`` runs within ``budget_s`` seconds (a slow candidate is timed once).
-    """
-    row = lambda: c.row(params, state, xb)
-    feats = jax.block_until_ready(row())  # compiles
-    cfeats = feats if c.algo.shares_features else jax.block_until_ready(c.col(params, state, xb))
-    jax.block_until_ready(c.pair(params, state, feats, cfeats))  # compiles
-    t_row = _best_of(row, repeats, budget_s)
-    t_pair = _best_of(lambda: c.pair(params, state, feats, cfeats), repeats, budget_s)
-    return nblocks * t_row + npairs * t_pair
+    return min(candidates, key=lambda c: c.estimate).name

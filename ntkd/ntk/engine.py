@@ -121,7 +121,7 @@ class Engine:
     def choose(self, sig, problem, params, state, x1, n1, n2, symmetric) -> str:
         key = (sig, n1, n2, symmetric)
         if key not in self._auto:
-            best = None
+            cands = []
             for impl in auto.candidates(self.fn, self.mode, problem.k, params, state, x1):
                 c = self.compiled(impl, sig, problem, params, state, x1)
                 b = self.block(impl, sig, c, problem.k, params, state, x1, max(n1, n2))
@@ -130,10 +130,8 @@ class Engine:
                 pairs = nb1 * (nb1 + 1) // 2 if symmetric else nb1 * nb2
                 xb = jax.device_put(blocking._pad_to(x1[:b], b), c.rows)
                 blocks = nb1 if symmetric and c.algo.shares_features else nb1 + nb2
-                seconds = auto.measure(c, params, state, xb, blocks, pairs)
-                if best is None or seconds < best[0]:
-                    best = (seconds, impl)
-            self._auto[key] = _agreed(IMPLEMENTATIONS, best[1])
+                cands.append(auto.Candidate(impl, c, params, state, xb, blocks, pairs))
+            self._auto[key] = _agreed(IMPLEMENTATIONS, auto.choose(cands))
         return self._auto[key]
 
     def _prepare(self, apply_fn: ApplyFn, params, x1, x2):
