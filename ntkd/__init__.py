@@ -17,11 +17,18 @@ Library modules:
 - ``ntkd.findings``, ``ntkd.stats``: pre-registered criteria, paired tests, Holm (docs/study.md).
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
 
 from ntkd import _hostmem
+from ntkd._hostmem import tune as tune_host_memory
 
-_hostmem.tune()  # before JAX starts its CPU threads: see ntkd/_hostmem.py
+try:
+    __version__ = version("ntkd")
+except PackageNotFoundError:  # a source tree on PYTHONPATH that was never installed
+    __version__ = "0+unknown"
+
+if _hostmem.requested_at_import():  # opt-in; must precede JAX's first computation
+    tune_host_memory()
 
 from ntkd.complexity import (  # noqa: E402
     adjusted_supervision_complexity,
