@@ -54,7 +54,7 @@ import os
 import re
 import time
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -704,11 +704,11 @@ class Study:
 
 def teacher_complexity_table(
     student_dir: str | os.PathLike,
-    teacher_dirs,
+    teacher_dirs: str | os.PathLike | Sequence[str | os.PathLike],
     *,
     student_epoch: int = 0,
     teacher_epochs: list[int] | None = None,
-    temperatures=(1.0, 2.0, 4.0, 8.0),
+    temperatures: Sequence[float] = (1.0, 2.0, 4.0, 8.0),
     n: int = 1000,
     mode: str = "trace",
     ridge: float = 0.0,
@@ -727,7 +727,9 @@ def teacher_complexity_table(
         teacher_dirs: one or more teacher run folders.
         student_epoch: the student checkpoint (0 = initialisation).
         teacher_epochs: teacher checkpoints to use (None: every saved one).
-        temperatures, mode, ridge: see :func:`ntkd.complexity.compare_teachers`.
+        temperatures: softmax temperatures of the teacher targets.
+        mode: scalar eNTK mode (see :func:`ntkd.complexity.compare_teachers`).
+        ridge: relative ridge of the complexity solves.
         n: number of training examples.
         data_dir: folder with local archives, when the dataset needs one.
     """

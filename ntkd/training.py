@@ -1,4 +1,4 @@
-"""Losses, optimisers, and teacher/student training (SPEC §4).
+"""Losses, optimisers, and teacher/student training (docs/definitions.md#training-regimes).
 
 Regimes for students (``TrainConfig.regime``):
 
@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import flax.errors
+import flax.linen
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -479,7 +480,7 @@ def _init_state(model, tx, key, input_shape) -> TrainState:
 
 def online_teacher_epoch(student_epoch: int, saved_epochs: Iterable[int]) -> int:
     """Teacher checkpoint used at (1-based) student epoch e in online KD:
-    the latest saved teacher epoch not after e (SPEC §4).
+    the latest saved teacher epoch not after e (docs/definitions.md#training-regimes).
 
     Raises:
         ValueError: when no saved epoch is ≤ e.
@@ -909,7 +910,7 @@ def _history_at(workdir: Path, meta: dict, epoch: int) -> list[dict]:
 
 
 def fit(
-    model,
+    model: flax.linen.Module,
     x: ArrayLike,
     targets: ArrayLike,
     *,
@@ -932,9 +933,14 @@ def fit(
         model: a Linen model.
         x: (n, *input_shape) inputs.
         targets: (n,) integer labels or (n, k) probabilities.
-        epochs, batch_size, learning_rate, optimizer, schedule: training setup.
+        epochs: training epochs.
+        batch_size: examples per batch.
+        learning_rate: peak learning rate.
+        optimizer: ``"adam"`` or ``"sgd"`` (see :func:`make_optimizer`).
+        schedule: learning-rate schedule (see :func:`make_optimizer`).
         seed: initialisation and data order.
-        x_test, y_test: optional test set; its accuracy is logged per epoch.
+        x_test: optional test inputs; their accuracy is logged per epoch.
+        y_test: labels of ``x_test``.
 
     Returns:
         ``(variables, history)`` with one history row per epoch.
