@@ -1,10 +1,17 @@
-"""The ``ntkd`` command line: a thin layer over the library.
+"""The ``ntkd`` command line: a thin layer over the library, and the only one.
 
 Each subcommand is one ``_cmd_*`` function that parses nothing itself and
-calls library functions; ``_COMMANDS`` registers them.
+calls library functions; ``_COMMANDS`` registers them. The training flags of
+``train-teacher`` and ``distill`` are generated from the fields of
+:class:`ntkd.training.TrainConfig` (type, default, help and flag name in each
+field's metadata), so a new training option is one new field. ``reproduce``
+and ``step`` take ``--set KEY=VALUE`` overrides of the study preset
+(:meth:`ntkd.study.StudyConfig.with_overrides`). The scripts in
+``experiments/`` call :func:`main`.
 
     ntkd train-teacher --out runs/teacher
     ntkd distill --teacher runs/teacher --regime online --out runs/online
+    ntkd reproduce --quick --set seeds=[0,1] --set analysis_seeds=[0,1]
 """
 
 from __future__ import annotations
