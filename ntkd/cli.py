@@ -85,8 +85,7 @@ _GROUP_TITLES = {
 
 def _flag_type(annotation, *, positive: bool):
     """The argparse ``type`` of a TrainConfig field from its annotation."""
-    kinds = [t for t in (typing.get_args(annotation) or (annotation,)) if t is not type(None)]
-    kind = kinds[0]
+    kind = next(t for t in typing.get_args(annotation) or (annotation,) if t is not type(None))
     if kind is dict:
         return _json_object
     if kind is int:
@@ -117,21 +116,29 @@ def _add_train_args(p: argparse.ArgumentParser, *, distill: bool, **defaults) ->
     groups: dict[str, argparse._ArgumentGroup] = {}
     for f in _train_fields(distill=distill):
         m = f.metadata
-        group = groups.get(m["group"]) or groups.setdefault(
-            m["group"], p.add_argument_group(_GROUP_TITLES[m["group"]])
-        )
+        if m["group"] not in groups:
+            groups[m["group"]] = p.add_argument_group(_GROUP_TITLES[m["group"]])
+        group = groups[m["group"]]
         flags = m["flags"] or ("--" + f.name.replace("_", "-"),)
         default = defaults.get(
             f.name, f.default_factory() if f.default is dataclasses.MISSING else f.default
         )
         if hints[f.name] is bool:
-            group.add_argument(*flags, dest=f.name, action="store_true", help=m["help"])
+            group.add_argument(
+                *flags,
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=default,
+                help=m["help"],
+            )
             continue
         kwargs = {"nargs": "+"} if list in (typing.get_args(hints[f.name]) or ()) else {}
         if m["choices"]:
             kwargs["choices"] = m["choices"]
         else:
-            kwargs["metavar"] = "JSON" if hints[f.name] is dict else flags[0].lstrip("-").upper()
+            kwargs["metavar"] = (
+                "JSON" if hints[f.name] is dict else flags[0].lstrip("-").upper().replace("-", "_")
+            )
         group.add_argument(
             *flags,
             dest=f.name,

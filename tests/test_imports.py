@@ -11,19 +11,21 @@ import sys
 PROBE = """
 import matplotlib
 before = matplotlib.get_backend()
-import ntkd, ntkd.plotting, ntkd.theory.plots
+import ntkd, ntkd.plotting, ntkd.theory.plots, ntkd.cli, ntkd.study, ntkd.configs
+from jax._src import xla_bridge
 from ntkd import _hostmem
-print(before, matplotlib.get_backend(), _hostmem.TUNED)
+print(before, matplotlib.get_backend(), _hostmem.TUNED, xla_bridge.backends_are_initialized())
 """
 
 
 def test_import_leaves_the_backend_and_the_allocator_alone():
+    """No backend chosen, no mallopt, no JAX backend started (so the CLI tunes before JAX)."""
     env = {k: v for k, v in os.environ.items() if k != "NTKD_TUNE_MALLOC"}
     env["MPLBACKEND"] = "svg"
     out = subprocess.run(
         [sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, check=True
     ).stdout.split()
-    assert out == ["svg", "svg", "False"], out
+    assert out == ["svg", "svg", "False", "False"], out
 
 
 def test_the_version_comes_from_the_package_metadata():
