@@ -84,3 +84,11 @@ def test_cited_definition_anchors_exist():
     assert cited, "no docstring cites docs/definitions.md"
     missing = sorted(f"{p}: #{a}" for p, a in cited if a not in anchors)
     assert not missing, missing
+
+
+def test_the_facade_page_lists_every_export():
+    import ntkd
+
+    page = (REPO / "docs" / "api" / "ntkd.md").read_text()
+    missing = [n for n in ntkd.__all__ if n != "__version__" and f"`ntkd.{n}`" not in page]
+    assert not missing, f"add these to docs/api/ntkd.md: {missing}"
