@@ -64,3 +64,10 @@ def test_the_public_api_is_annotated():
         if gaps - NTK_UNANNOTATED.get(name, set()):
             missing[name] = sorted(gaps)
     assert not missing, missing
+
+
+def test_the_study_does_not_import_its_presets():
+    """ntkd.configs builds StudyConfigs; ntkd.study must not import it back (no cycle)."""
+    code = "import sys, ntkd.study; print('ntkd.configs' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False"], out.stdout
