@@ -141,6 +141,17 @@ class StudyConfig:
                 f"analysis_seeds {missing} are not among seeds {self.seeds}; the NTK analyses use "
                 "trained runs, so pick analysis seeds from seeds"
             )
+        epochs = self.teacher.get("epochs", TrainConfig.epochs)
+        late = sorted(
+            {e for e in self.teacher_epochs or [] if e > epochs}
+            | {r["teacher_epoch"] for r in self.regimes if (r.get("teacher_epoch") or 0) > epochs}
+        )
+        if late:
+            raise ValueError(
+                f"teacher epochs {late} (teacher_epochs, or a regime's teacher_epoch) are after the "
+                f"teacher's last epoch {epochs}; shorten them with the teacher (e.g. --set "
+                "teacher_epochs=[0,1,2,4,8])"
+            )
 
     def to_dict(self) -> dict:
         """The JSON form written to ``study.json`` (``overrides`` only when there are any, so

@@ -182,6 +182,10 @@ def test_set_without_equals_is_a_usage_error(capsys):
         ("n_kernel=1.5", "override n_kernel=1.5: expected int, got float"),
         ("seeds=3", "override seeds=3: expected list, got int"),
         ("epochs=many", "override epochs='many': expected int, got str"),
+        (
+            "teacher_epochs=[0,99]",
+            "teacher epochs [99] (teacher_epochs, or a regime's teacher_epoch)",
+        ),
     ],
 )
 def test_a_bad_override_names_the_key_and_writes_nothing(tmp_path, capsys, override, message):
