@@ -13,8 +13,11 @@ import time
 import jax
 import numpy as np
 
+import ntkd
 from ntkd.models import get_model, init_variables
 from ntkd.ntk import empirical_ntk_fn, flax_apply_fn
+
+ntkd.tune_host_memory()  # before any JAX computation, as the ntkd CLI does (ntkd/_hostmem.py)
 
 
 def main() -> None:

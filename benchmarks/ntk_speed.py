@@ -45,8 +45,9 @@ once, on the same params and inputs. Quick generic run:
 
     PYTHONPATH=. python benchmarks/ntk_speed.py --generic --reference --workloads ""
 
-``import ntkd`` makes glibc keep freed host memory (ntkd/_hostmem.py; off
-with ``NTKD_TUNE_MALLOC=0``); ``--nt-tuned-malloc`` runs neural-tangents'
+The benchmark makes glibc keep freed host memory, as the ``ntkd`` command line
+does (``ntkd.tune_host_memory()``, ntkd/_hostmem.py; off with
+``NTKD_TUNE_MALLOC=0``); ``--nt-tuned-malloc`` runs neural-tangents'
 process with the same allocator settings (``GLIBC_TUNABLES``), to separate
 the engine's speed from the allocator's. ``--impls ""`` times NT only.
 """
@@ -69,6 +70,8 @@ import plain_models  # noqa: E402  (benchmarks/ is on sys.path when run as a scr
 from ntkd import _hostmem
 from ntkd.models import get_model, init_variables
 from ntkd.ntk import chosen_implementation, empirical_ntk, empirical_ntk_fn, flax_apply_fn
+
+_hostmem.tune()  # before any JAX computation: the allocator settings of the ntkd CLI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORK = os.path.join(HERE, "_work")
@@ -178,7 +181,7 @@ def run_reference(
 ) -> tuple[dict, dict]:
     env = dict(os.environ, PYTHONPATH="", TF_CPP_MIN_LOG_LEVEL="3")
     if tuned_malloc:
-        env["GLIBC_TUNABLES"] = _hostmem.GLIBC_TUNABLES  # what `import ntkd` sets
+        env["GLIBC_TUNABLES"] = _hostmem.GLIBC_TUNABLES  # what _hostmem.tune() sets
     subprocess.run(
         [
             python,

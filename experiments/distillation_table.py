@@ -5,11 +5,14 @@ small-gap student), 3 seeds: student test accuracy mean ± std, train and test
 fidelity, test KL(teacher ‖ student); Markdown + CSV.
 
 Command:   python experiments/distillation_table.py --dataset mnist1d --out results/mnist1d
+           (runs ``ntkd step distillation`` with the same arguments; ``--set KEY=VALUE`` overrides the preset)
 Runtime:   ~7 min on 2 CPU cores (training 28 runs); the table itself is instant.
 Output:    results/mnist1d/results/distillation.{json,csv,md}, figures/distillation.png
 """
 
-from ntkd.study import step_main
+import sys
+
+from ntkd.cli import main
 
 if __name__ == "__main__":
-    step_main("distillation", __doc__)
+    sys.exit(main(["step", "distillation", *sys.argv[1:]]))

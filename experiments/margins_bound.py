@@ -6,11 +6,14 @@ predictions on the training subset, and the terms of the margin bound
 term) over a γ grid, with the trained student's NTK and the regime's targets.
 
 Command:   python experiments/margins_bound.py --dataset mnist1d --out results/mnist1d
+           (runs ``ntkd step margins`` with the same arguments; ``--set KEY=VALUE`` overrides the preset)
 Runtime:   ~15 s once the runs exist; training first ~7 min on 2 CPU cores.
 Output:    results/mnist1d/results/margins.json, figures/margins.png
 """
 
-from ntkd.study import step_main
+import sys
+
+from ntkd.cli import main
 
 if __name__ == "__main__":
-    step_main("margins", __doc__)
+    sys.exit(main(["step", "margins", *sys.argv[1:]]))

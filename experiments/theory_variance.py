@@ -4,12 +4,14 @@ Command (about 30 s on 2 CPU cores, 29 s measured; ``--quick``: seconds):
 
     PYTHONPATH=. python experiments/theory_variance.py --out figures
 
-Equivalent CLI: ``ntkd theory variance --out figures``. Writes
+Runs ``ntkd theory variance`` with the same arguments. Writes
 ``figures/theory_variance.json`` and ``figures/theory_variance.png``; ``ntkd figures``
 redraws the PNG from the JSON alone.
 """
 
-from ntkd.theory.plots import experiment_main
+import sys
+
+from ntkd.cli import main
 
 if __name__ == "__main__":
-    experiment_main("variance", __doc__)
+    sys.exit(main(["theory", "variance", *sys.argv[1:]]))

@@ -17,11 +17,18 @@ Library modules:
 - ``ntkd.findings``, ``ntkd.stats``: pre-registered criteria, paired tests, Holm (docs/study.md).
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
 
 from ntkd import _hostmem
+from ntkd._hostmem import tune as tune_host_memory
 
-_hostmem.tune()  # before JAX starts its CPU threads: see ntkd/_hostmem.py
+try:
+    __version__ = version("ntkd")
+except PackageNotFoundError:  # a source tree on PYTHONPATH that was never installed
+    __version__ = "0+unknown"
+
+if _hostmem.requested_at_import():  # opt-in; must precede JAX's first computation
+    tune_host_memory()
 
 from ntkd.complexity import (  # noqa: E402
     adjusted_supervision_complexity,
@@ -58,3 +65,39 @@ from ntkd.targets import (  # noqa: E402
     random_labels,
     softmax_targets,
 )
+
+__all__ = [
+    "__version__",
+    "tune_host_memory",
+    "adjusted_supervision_complexity",
+    "alignment_curve",
+    "alignment_spectrum",
+    "as_apply_fn",
+    "compare_teachers",
+    "empirical_ntk",
+    "empirical_ntk_fn",
+    "estimate_alignment",
+    "factor_kernel",
+    "flax_apply_fn",
+    "format_table",
+    "hutchinson_trace",
+    "hutchpp_trace",
+    "kernel_alignment",
+    "kernel_margin_bound",
+    "label_smoothing",
+    "margin_bound",
+    "matched_label_smoothing",
+    "normalized_adjusted_complexity",
+    "ntk_matvec",
+    "ntk_vp_fn",
+    "one_hot",
+    "projected_ntk",
+    "random_labels",
+    "shift_from_ridge",
+    "softmax_targets",
+    "supervision_complexity",
+    "supervision_complexity_bounds",
+    "supervision_complexity_cg",
+    "top_eigenpairs",
+    "write_table",
+]

@@ -9,12 +9,17 @@ faults cost about a fifth of ResNet-20's structured feature pass (23.6 →
 19.1 ms/example, 330 000 → 0 faults per 64-example block) and half of a
 batched per-example weight-gradient matmul (52 → 112 GFLOP/s).
 
-``tune()`` asks glibc, through ``mallopt``, for one arena, no ``mmap``'d
-chunks and no trimming, so freed buffers are reused. The price: the process
-keeps its peak host memory until it exits. It takes effect for threads started
-afterwards, i.e. when called before JAX creates its CPU client (``import
-ntkd`` does, first thing). Set ``NTKD_TUNE_MALLOC=0`` to leave the allocator
-alone; on a non-glibc platform it does nothing.
+``tune()`` (public as ``ntkd.tune_host_memory()``) asks glibc, through
+``mallopt``, for one arena, no ``mmap``'d chunks and no trimming, so freed
+buffers are reused. The price: the process keeps its peak host memory until
+it exits, which is why it is an opt-in that changes the whole process and not
+something ``import ntkd`` does. The arena setting only reaches threads started
+afterwards, so it must run before JAX creates its CPU client (its first
+computation): the ``ntkd`` command line calls it first thing, a script or
+notebook calls ``ntkd.tune_host_memory()`` before any JAX work, or sets
+``NTKD_TUNE_MALLOC=1`` so that ``import ntkd`` does. ``NTKD_TUNE_MALLOC=0``
+makes every call a no-op (the command line included); on a non-glibc platform
+it does nothing.
 """
 
 from __future__ import annotations
@@ -40,8 +45,17 @@ TUNED = False
 """Whether ``tune()`` changed the allocator in this process."""
 
 
+def requested_at_import() -> bool:
+    """Whether ``NTKD_TUNE_MALLOC=1`` asks ``import ntkd`` to call :func:`tune`."""
+    return os.environ.get("NTKD_TUNE_MALLOC") == "1"
+
+
 def tune() -> bool:
-    """Apply the allocator settings once; returns whether they are in effect."""
+    """Apply the allocator settings once; returns whether they are in effect.
+
+    Call it before the first JAX computation (see the module docstring);
+    ``NTKD_TUNE_MALLOC=0`` turns it into a no-op.
+    """
     global TUNED
     if (
         TUNED

@@ -35,6 +35,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import flax.linen
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -309,7 +310,9 @@ def load_checkpoint(
     return Checkpoint(int(epoch), variables, restored.get("opt_state"), dict(restored["meta"]))
 
 
-def restore_model(run_dir: str | os.PathLike, epoch: int | None = None):
+def restore_model(
+    run_dir: str | os.PathLike, epoch: int | None = None
+) -> tuple[flax.linen.Module, dict, dict]:
     """Rebuilds the model of a run and restores its variables.
 
     Returns:

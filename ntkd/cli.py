@@ -1,17 +1,27 @@
-"""The ``ntkd`` command line: a thin layer over the library.
+"""The ``ntkd`` command line: a thin layer over the library, and the only one.
 
 Each subcommand is one ``_cmd_*`` function that parses nothing itself and
-calls library functions; ``_COMMANDS`` registers them.
+calls library functions; ``_COMMANDS`` registers them. The training flags of
+``train-teacher`` and ``distill`` are generated from the fields of
+:class:`ntkd.training.TrainConfig` (type, default, help and flag name in each
+field's metadata), so a new training option is one new field. ``reproduce``
+and ``step`` take ``--set KEY=VALUE`` overrides of the study preset
+(:meth:`ntkd.study.StudyConfig.with_overrides`). The scripts in
+``experiments/`` call :func:`main`.
 
     ntkd train-teacher --out runs/teacher
     ntkd distill --teacher runs/teacher --regime online --out runs/online
+    ntkd reproduce --quick --set seeds=[0,1] --set analysis_seeds=[0,1]
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import dataclasses
 import json
 import sys
+import typing
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,6 +39,21 @@ def _json_object(text: str) -> dict:
             "e.g. '{\"widths\": [256, 256]}'"
         )
     return value
+
+
+def _override(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` of ``--set``: VALUE as JSON, else a Python literal, else a plain string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not KEY=VALUE; e.g. --set seeds=[0,1] or --set teacher.epochs=30"
+        )
+    for parse in (json.loads, ast.literal_eval):
+        try:
+            return key.strip(), parse(raw)
+        except (ValueError, SyntaxError):
+            pass
+    return key.strip(), raw
 
 
 def _positive_int(text: str) -> int:
@@ -51,54 +76,77 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _add_train_args(p: argparse.ArgumentParser, *, model: str, epochs: int, lr: float) -> None:
-    g = p.add_argument_group("data")
-    g.add_argument(
-        "--dataset",
-        default="mnist1d",
-        help="mnist1d, digits, cifar10, cifar100, tinyimagenet, gaussian",
-    )
-    g.add_argument(
-        "--dataset-options",
-        type=_json_object,
-        default={},
-        metavar="JSON",
-        help="loader options, e.g. '{\"num_samples\": 2000}'",
-    )
-    g.add_argument(
-        "--data-dir", default=None, help="folder with local archives (CIFAR, Tiny-ImageNet)"
-    )
-    g = p.add_argument_group("model and optimisation")
-    g.add_argument(
-        "--model", default=model, help="mlp, cnn1d, lenet5, resnet20, resnet56, resnet110"
-    )
-    g.add_argument(
-        "--model-options",
-        type=_json_object,
-        default={},
-        metavar="JSON",
-        help="model options, e.g. '{\"widths\": [512, 512]}' or '{\"width\": 8}'",
-    )
-    g.add_argument("--epochs", type=_positive_int, default=epochs)
-    g.add_argument("--batch-size", type=_positive_int, default=128)
-    g.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
-    g.add_argument("--lr", type=_positive_float, default=lr, help="peak learning rate (> 0)")
-    g.add_argument("--schedule", choices=("constant", "cosine", "step"), default="cosine")
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--warmup-epochs", type=int, default=0)
-    g.add_argument(
-        "--augment",
-        action="store_true",
-        help="random crop + flip (images) or random shift + noise (1-D signals)",
-    )
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument(
-        "--checkpoint-every",
-        type=_positive_int,
-        default=1,
-        help="save every N epochs (0 and last always)",
-    )
+_GROUP_TITLES = {
+    "data": "data",
+    "training": "model and optimisation",
+    "distillation": "distillation",
+}
+
+
+def _flag_type(annotation, *, positive: bool):
+    """The argparse ``type`` of a TrainConfig field from its annotation."""
+    kind = next(t for t in typing.get_args(annotation) or (annotation,) if t is not type(None))
+    if kind is dict:
+        return _json_object
+    if kind is int:
+        return _positive_int if positive else int
+    if kind is float:
+        return _positive_float if positive else float
+    if kind is list:
+        return int  # with nargs="+": checkpoint_epochs
+    return str
+
+
+def _train_fields(*, distill: bool) -> list[dataclasses.Field]:
+    from ntkd.training import TrainConfig
+
+    return [
+        f
+        for f in dataclasses.fields(TrainConfig)
+        if distill or f.metadata["group"] != "distillation"
+    ]
+
+
+def _add_train_args(p: argparse.ArgumentParser, *, distill: bool, **defaults) -> None:
+    """One flag per TrainConfig field (type, default and help from the field), ``defaults``
+    replacing the dataclass's for this command."""
+    from ntkd.training import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in _train_fields(distill=distill):
+        m = f.metadata
+        if m["group"] not in groups:
+            groups[m["group"]] = p.add_argument_group(_GROUP_TITLES[m["group"]])
+        group = groups[m["group"]]
+        flags = m["flags"] or ("--" + f.name.replace("_", "-"),)
+        default = defaults.get(
+            f.name, f.default_factory() if f.default is dataclasses.MISSING else f.default
+        )
+        if hints[f.name] is bool:
+            group.add_argument(
+                *flags,
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=default,
+                help=m["help"],
+            )
+            continue
+        kwargs = {"nargs": "+"} if list in (typing.get_args(hints[f.name]) or ()) else {}
+        if m["choices"]:
+            kwargs["choices"] = m["choices"]
+        else:
+            kwargs["metavar"] = (
+                "JSON" if hints[f.name] is dict else flags[0].lstrip("-").upper().replace("-", "_")
+            )
+        group.add_argument(
+            *flags,
+            dest=f.name,
+            type=_flag_type(hints[f.name], positive=m["positive"]),
+            default=default,
+            help=f"{m['help']} (default: {default})" if default not in (None, {}) else m["help"],
+            **kwargs,
+        )
     p.add_argument(
         "--out", required=True, help="run folder; rerunning on it resumes an interrupted run"
     )
@@ -112,28 +160,13 @@ def _add_train_args(p: argparse.ArgumentParser, *, model: str, epochs: int, lr: 
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
-def _config_from_args(args, **extra):
+def _config_from_args(args, *, distill: bool):
     from ntkd.training import TrainConfig
 
-    return TrainConfig(
-        dataset=args.dataset,
-        dataset_options=args.dataset_options,
-        data_dir=args.data_dir,
-        model=args.model,
-        model_options=args.model_options,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        optimizer=args.optimizer,
-        learning_rate=args.lr,
-        schedule=args.schedule,
-        momentum=args.momentum,
-        weight_decay=args.weight_decay,
-        warmup_epochs=args.warmup_epochs,
-        augment=args.augment,
-        seed=args.seed,
-        checkpoint_every=args.checkpoint_every,
-        **extra,
-    )
+    fields = {f.name: getattr(args, f.name) for f in _train_fields(distill=distill)}
+    if fields.get("teacher_dir"):
+        fields["teacher_dir"] = str(Path(fields["teacher_dir"]).resolve())
+    return TrainConfig(**fields)
 
 
 def _print_summary(result: dict) -> None:
@@ -164,7 +197,7 @@ def _cmd_train_teacher(args) -> int:
 
     _print_summary(
         train_teacher(
-            _config_from_args(args),
+            _config_from_args(args, distill=False),
             args.out,
             progress=not args.no_progress,
             amend_optimizer=args.amend_optimizer,
@@ -180,22 +213,14 @@ def _parser_train_teacher(sub) -> None:
         description="Train a teacher with cross-entropy on labels; saves a checkpoint every "
         "--checkpoint-every epochs (epoch 0 = init) for later KD and analysis.",
     )
-    _add_train_args(p, model="cnn1d", epochs=60, lr=1e-2)
+    _add_train_args(p, distill=False)
     p.set_defaults(func=_cmd_train_teacher)
 
 
 def _cmd_distill(args) -> int:
     from ntkd.training import train_student
 
-    teacher = str(Path(args.teacher).resolve()) if args.teacher else None
-    cfg = _config_from_args(
-        args,
-        regime=args.regime,
-        teacher_dir=teacher,
-        teacher_epoch=args.teacher_epoch,
-        temperature=args.temperature,
-        alpha=args.alpha,
-    )
+    cfg = _config_from_args(args, distill=True)
     _print_summary(
         train_student(
             cfg, args.out, progress=not args.no_progress, amend_optimizer=args.amend_optimizer
@@ -212,18 +237,7 @@ def _parser_distill(sub) -> None:
         "early_stopped (teacher checkpoint --teacher-epoch), online (at student "
         "epoch e the teacher checkpoint of epoch e, or the latest saved before).",
     )
-    _add_train_args(p, model="mlp", epochs=60, lr=1e-2)
-    p.add_argument(
-        "--regime", choices=("none", "offline", "early_stopped", "online"), default="offline"
-    )
-    p.add_argument("--teacher", default=None, help="the teacher's run folder (its --out)")
-    p.add_argument(
-        "--teacher-epoch", type=int, default=None, help="checkpoint for --regime early_stopped"
-    )
-    p.add_argument("--temperature", "-T", type=float, default=1.0, help="KD temperature tau")
-    p.add_argument(
-        "--alpha", type=float, default=1.0, help="weight of the KD term (1 - alpha on labels)"
-    )
+    _add_train_args(p, distill=True, model="mlp", regime="offline")
     p.set_defaults(func=_cmd_distill)
 
 
@@ -309,8 +323,44 @@ def _parser_complexity(sub) -> None:
     p.set_defaults(func=_cmd_complexity)
 
 
-def _cmd_reproduce(args) -> int:
+def _add_preset_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dataset", default="mnist1d", help="preset: mnist1d (default), digits, cifar10, cifar100"
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="a small smoke-test version (about 2 minutes)"
+    )
+    p.add_argument("--out", default=None, help="study folder (default results/<dataset>[_quick])")
+    p.add_argument("--data-dir", default=None, help="folder with local archives (CIFAR)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        type=_override,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field of the preset (repeatable): VALUE is JSON or a Python literal "
+        "(a bare word is a string); dotted keys reach into nested fields, e.g. --set seeds=[0,1] "
+        "--set analysis_seeds=[0] --set teacher.epochs=30; a bare training field (epochs) sets "
+        "the teacher's and the students'. Recorded in study.json; a folder holding another "
+        "configuration (or other pre-registered criteria) refuses it",
+    )
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def _preset(args, suffix: str = ""):
+    """The study configuration of the preset flags, and its default folder."""
     from ntkd.configs import get_config
+
+    cfg = get_config(args.dataset, quick=args.quick)
+    if args.overrides:
+        cfg = cfg.with_overrides(dict(args.overrides))
+    if args.data_dir:
+        cfg.data_dir = args.data_dir
+    return cfg, args.out or f"results/{args.dataset}{'_quick' if args.quick else ''}{suffix}"
+
+
+def _cmd_reproduce(args) -> int:
     from ntkd.study import run_study
 
     if args.seed_offset < 0:
@@ -322,15 +372,9 @@ def _cmd_reproduce(args) -> int:
             file=sys.stderr,
         )
         return 2
-    cfg = get_config(args.dataset, quick=args.quick)
+    cfg, out = _preset(args, f"_seeds+{args.seed_offset}" if args.seed_offset else "")
     if args.seed_offset:
         cfg = cfg.shifted_seeds(args.seed_offset)
-    if args.data_dir:
-        cfg.data_dir = args.data_dir
-    suffix = ("_quick" if args.quick else "") + (
-        f"_seeds+{args.seed_offset}" if args.seed_offset else ""
-    )
-    out = args.out or f"results/{args.dataset}{suffix}"
     path = run_study(cfg, out, progress=not args.no_progress)
     if args.compare_with:
         from ntkd.findings import compare_findings
@@ -355,14 +399,7 @@ def _parser_reproduce(sub) -> None:
         "similarity, margins and bound), draw the figures and write report.md. "
         "Interrupted runs resume; finished steps are not recomputed.",
     )
-    p.add_argument(
-        "--dataset", default="mnist1d", help="preset: mnist1d (default), digits, cifar10, cifar100"
-    )
-    p.add_argument(
-        "--quick", action="store_true", help="a small smoke-test version (about 2 minutes)"
-    )
-    p.add_argument("--out", default=None, help="study folder (default results/<dataset>[_quick])")
-    p.add_argument("--data-dir", default=None, help="folder with local archives (CIFAR)")
+    _add_preset_args(p)
     p.add_argument(
         "--seed-offset",
         type=int,
@@ -376,8 +413,33 @@ def _parser_reproduce(sub) -> None:
         help="after the run, compare its verdicts with STUDY_DIR's (run on other seeds) and add the "
         "comparison to STUDY_DIR's report",
     )
-    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_reproduce)
+
+
+def _cmd_step(args) -> int:
+    from ntkd.study import run_study_step
+
+    cfg, out = _preset(args)
+    figure = run_study_step(cfg, out, args.step, progress=not args.no_progress)
+    print(f"results: {Path(out) / 'results' / (args.step + '.json')}")
+    if figure:
+        print(f"figure: {figure}")
+    return 0
+
+
+def _parser_step(sub) -> None:
+    from ntkd.study import STEPS
+
+    p = sub.add_parser(
+        "step",
+        help="one analysis of the study (training what it needs first)",
+        description="Train (or resume) the study's runs, then run one of its analyses and draw "
+        "its figure; the experiments/*.py scripts call this. `ntkd reproduce` runs them all "
+        "and adds the findings and the report.",
+    )
+    p.add_argument("step", choices=STEPS)
+    _add_preset_args(p)
+    p.set_defaults(func=_cmd_step)
 
 
 def _cmd_figures(args) -> int:
@@ -437,6 +499,7 @@ _COMMANDS: list[Callable] = [
     _parser_distill,
     _parser_complexity,
     _parser_reproduce,
+    _parser_step,
     _parser_figures,
     _parser_theory,
 ]
@@ -464,7 +527,19 @@ def _enable_compilation_cache() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``ntkd`` console script."""
+    """Entry point of the ``ntkd`` console script (and of ``experiments/*.py``).
+
+    Before any JAX work it applies the process-wide settings a library import leaves alone:
+    glibc's allocator keeps freed host memory (:func:`ntkd.tune_host_memory`; ``NTKD_TUNE_MALLOC=0``
+    opts out), figures render with matplotlib's file-only Agg backend, and XLA compilations are
+    cached on disk.
+    """
+    from ntkd import _hostmem
+
+    _hostmem.tune()
+    import matplotlib
+
+    matplotlib.use("Agg")
     args = build_parser().parse_args(argv)
     _enable_compilation_cache()
     try:

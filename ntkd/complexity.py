@@ -1,6 +1,6 @@
 """Supervision complexity of targets in a student's kernel, and the margin bound.
 
-For a student kernel matrix K on n training points and targets Y (SPEC §2):
+For a student kernel matrix K on n training points and targets Y (docs/definitions.md#supervision-complexity):
 
     C(Y; K) = tr(Yᵀ K⁻¹ Y)                 (supervision complexity)
     A(Y; K) = sqrt(C(Y; K) · tr K) / n      (adjusted, invariant to K → cK)
@@ -358,8 +358,8 @@ def factor_kernel(K: ArrayLike, *, ridge: float = 0.0) -> KernelFactor:
 
 def supervision_complexity(
     K: ArrayLike, Y: ArrayLike, *, ridge: float = 0.0, return_info: bool = False
-):
-    """Supervision complexity ``C(Y; K) = tr(Yᵀ K⁻¹ Y)`` (SPEC §2).
+) -> float | tuple[float, SolveInfo]:
+    """Supervision complexity ``C(Y; K) = tr(Yᵀ K⁻¹ Y)`` (docs/definitions.md#supervision-complexity).
 
     The squared RKHS norm of the minimum-norm interpolant of Y in the kernel K
     (Harutyunyan et al., ICLR 2023, arXiv 2301.12245). See
@@ -386,11 +386,11 @@ def supervision_complexity(
 
 def adjusted_supervision_complexity(
     K: ArrayLike, Y: ArrayLike, *, ridge: float = 0.0, return_info: bool = False
-):
+) -> float | tuple[float, SolveInfo]:
     """Adjusted supervision complexity ``A = sqrt(C(Y; K) · tr K) / n``.
 
     Invariant to rescaling K (ridge is relative, so it scales too); K ∝ I with
-    one-hot Y gives exactly 1 (SPEC §2, Harutyunyan et al., ICLR 2023, arXiv
+    one-hot Y gives exactly 1 (docs/definitions.md#adjusted-supervision-complexity, Harutyunyan et al., ICLR 2023, arXiv
     2301.12245). ``tr K`` is the trace of K as given, without ridge; for a full
     kernel it is ``Σ_i Σ_a K[i, i, a, a]`` and n is the number of examples.
 
@@ -447,7 +447,7 @@ def supervision_complexity_cg(
     tol: float = 1e-6,
     maxiter: int | None = None,
     return_info: bool = False,
-):
+) -> float | tuple[float, SolveInfo]:
     """Matrix-free supervision complexity by conjugate gradients.
 
     Solves ``(K + ρ I) X = Y`` for every column with CG on the host in float64,
@@ -563,7 +563,9 @@ def supervision_complexity_cg(
 
 @dataclasses.dataclass(frozen=True)
 class MarginBound:
-    """Terms of the SPEC §2 margin bound on the student's error probability.
+    """Terms of the v0.1 margin bound on the student's error probability.
+
+    See docs/definitions.md#the-v01-margin-bound.
 
     Attributes:
       teacher_error: teacher's training error against the true labels.
@@ -603,7 +605,7 @@ def margin_bound(
     delta: float = 0.05,
     multiclass_factor: float = 1.0,
 ) -> MarginBound:
-    """The margin bound of SPEC §2, split into its terms.
+    """The v0.1 margin bound (docs/definitions.md#the-v01-margin-bound), split into its terms.
 
     ``P(error) <= teacher_error + margin_error
     + (2 / (γ n)) sqrt(C · tr K) + 3 sqrt(ln(2/δ) / (2n))``, where the first
@@ -891,11 +893,12 @@ def compare_teachers(
     Returns:
       A list of dict rows, ready for :func:`write_table` / :func:`format_table`.
 
-    >>> rows = compare_teachers(None, None, np.zeros((2, 1)), np.array([0, 1]),
-    ...                         {"t": np.eye(2)}, temperatures=(1,),
-    ...                         kernel=np.eye(2), student_logits=np.eye(2))
-    >>> [r["target"] for r in rows]
-    ['t', 'labels', 'random']
+    Examples:
+      >>> rows = compare_teachers(None, None, np.zeros((2, 1)), np.array([0, 1]),
+      ...                         {"t": np.eye(2)}, temperatures=(1,),
+      ...                         kernel=np.eye(2), student_logits=np.eye(2))
+      >>> [r["target"] for r in rows]
+      ['t', 'labels', 'random']
     """
     labels_np = np.asarray(labels)
     n = labels_np.shape[0]
@@ -977,10 +980,11 @@ def write_table(rows: Sequence[Mapping[str, Any]], path_stem: str) -> tuple[str,
     Returns:
       ``(csv_path, json_path)``.
 
-    >>> import tempfile, os
-    >>> d = tempfile.mkdtemp()
-    >>> [os.path.basename(p) for p in write_table([{"a": 1}], os.path.join(d, "t"))]
-    ['t.csv', 't.json']
+    Examples:
+      >>> import tempfile, os
+      >>> d = tempfile.mkdtemp()
+      >>> [os.path.basename(p) for p in write_table([{"a": 1}], os.path.join(d, "t"))]
+      ['t.csv', 't.json']
     """
     columns = _columns(rows)
     clean = [{c: _json_value(r.get(c)) for c in columns} for r in rows]

@@ -476,7 +476,8 @@ def iterate_batches(
     Args:
         n: number of examples.
         batch_size: examples per batch; if larger than n, one batch of n.
-        seed, epoch: define the permutation (see :func:`epoch_permutation`).
+        seed: with ``epoch``, defines the permutation (see :func:`epoch_permutation`).
+        epoch: the epoch whose permutation is used.
         shuffle: permute before batching.
         drop_last: drop the final incomplete batch (keeps shapes static under jit).
     """

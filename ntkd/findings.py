@@ -34,7 +34,7 @@ with ``name``, ``verdict``, ``effect``, ``ci`` ([lo, hi]), ``p``,
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -319,7 +319,7 @@ def _c(name, statistic, criterion, *, kind, direction=1, alpha=0.05, **params) -
 def paper_criteria(
     *,
     regimes: Mapping[str, str],
-    temperatures=(1.0, 4.0),
+    temperatures: Sequence[float] = (1.0, 4.0),
     capacity_temperature: float = 4.0,
     alpha: float = 0.05,
 ) -> list[dict]:

@@ -1,5 +1,5 @@
 """Kernel similarity: alignment, CKA, target–kernel alignment spectrum, and
-their matrix-free estimators (SPEC §3).
+their matrix-free estimators (docs/definitions.md#ntk-similarity).
 
 Dense functions take kernel matrices (``(n, n)`` or full ``(n, n, k, k)``,
 flattened in the order described in :mod:`ntkd.complexity`) and compute in
@@ -55,7 +55,7 @@ def kernel_alignment(K1: ArrayLike, K2: ArrayLike, *, centered: bool = False) ->
     makes it invariant to adding a constant ``c·11ᵀ``. Both forms are
     invariant to positive rescaling of either kernel, and a kernel is aligned
     with itself at 1 (Cristianini et al., NeurIPS 2001; Cortes, Mohri,
-    Rostamizadeh, JMLR 2012; used on student/teacher eNTKs in SPEC §3).
+    Rostamizadeh, JMLR 2012; see docs/definitions.md#ntk-similarity).
 
     Args:
       K1: ``(n, n)`` or ``(n, n, k, k)`` kernel.
@@ -95,7 +95,8 @@ def alignment_spectrum(K: ArrayLike, Y: ArrayLike) -> np.ndarray:
     ``curve[m-1] = Σ_{i<=m} ‖u_iᵀ Y‖² / ‖Y‖²_F`` with ``u_1, u_2, ...`` the
     eigenvectors of K by decreasing eigenvalue. A curve rising fast means
     the targets live in the kernel's top eigenspace, i.e. are easy to learn
-    (SPEC §3; Harutyunyan et al., ICLR 2023, arXiv 2301.12245).
+    (docs/definitions.md#targetkernel-alignment-spectrum; Harutyunyan et al., ICLR 2023,
+    arXiv 2301.12245).
 
     Args:
       K: ``(n, n)`` or full ``(n, n, k, k)`` kernel.
@@ -163,7 +164,11 @@ def _mean_and_stderr(samples: np.ndarray) -> tuple[float, float]:
 
 
 def hutchinson_trace(
-    matvec: Callable, shape, *, num_probes: int = 32, key: jax.Array | None = None
+    matvec: Callable,
+    shape: int | tuple[int, int],
+    *,
+    num_probes: int = 32,
+    key: jax.Array | None = None,
 ) -> Estimate:
     """Hutchinson's estimate of ``tr K`` from Rademacher probes ``zᵀ K z``.
 
@@ -194,7 +199,11 @@ def hutchinson_trace(
 
 
 def hutchpp_trace(
-    matvec: Callable, shape, *, num_matvecs: int = 48, key: jax.Array | None = None
+    matvec: Callable,
+    shape: int | tuple[int, int],
+    *,
+    num_matvecs: int = 48,
+    key: jax.Array | None = None,
 ) -> Estimate:
     """Hutch++ estimate of ``tr K`` (Meyer, Musco, Musco, Woodruff, SOSA 2021).
 
@@ -237,7 +246,7 @@ def hutchpp_trace(
 def estimate_alignment(
     matvec1: Callable,
     matvec2: Callable,
-    shape,
+    shape: int | tuple[int, int],
     *,
     centered: bool = False,
     method: str = "hutchpp",

@@ -1,4 +1,5 @@
-"""Prediction metrics: accuracy, fidelity, KL, margins (SPEC §3).
+"""Prediction metrics: accuracy, fidelity, KL, margins (docs/definitions.md#margins,
+docs/definitions.md#fidelity).
 
 All functions take logits ``(n, k)`` and are jittable.
 

@@ -9,13 +9,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from ntkd._io import read_json, write_bytes  # noqa: E402
+from ntkd._io import read_json, write_bytes
 
 _STYLE = {
     "figure.dpi": 110,

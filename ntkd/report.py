@@ -10,6 +10,7 @@ NTK similarities, all with their uncertainty.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -310,6 +311,12 @@ def write_report(study_dir: str | os.PathLike) -> Path:
     for f in findings:
         f["statistic_name"] = names.get(f["name"])
     against = [f for f in findings if f["verdict"] != "reproduced"]
+    overrides = cfg.get("overrides", {})
+    criteria_origin = (
+        "by `--set` overrides of the preset"
+        if any(k.split(".")[0] == "criteria" for k in overrides)
+        else "in the preset"
+    )
     parts = [
         f"# ntkd study: {cfg['name']}",
         "",
@@ -318,7 +325,17 @@ def write_report(study_dir: str | os.PathLike) -> Path:
         f"{cfg['seeds']}, NTK analyses on seeds {cfg.get('analysis_seeds')} and the first {cfg['n_kernel']} "
         f"training examples, `{cfg['ntk_mode']}` kernel.",
         "",
-        f"The {len(cfg.get('criteria', []))} criteria below were fixed in the preset before any training; their "
+        *(
+            [
+                "Overrides of the preset (`ntkd reproduce --set`): "
+                + ", ".join(f"`{k}={json.dumps(v)}`" for k, v in overrides.items())
+                + ".",
+                "",
+            ]
+            if overrides
+            else []
+        ),
+        f"The {len(cfg.get('criteria', []))} criteria below were fixed {criteria_origin} before any training; their "
         f"SHA-256 is `{cfg.get('criteria_sha256', '–')}` (in `study.json`, refused if changed in this folder). "
         "Verdicts: **reproduced** = Holm-adjusted p < α in the paper's direction; **not reproduced** = "
         "significant the other way; **inconclusive** = neither. Complexity findings are decided on the "

@@ -46,13 +46,17 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
 import os
 import re
 import time
+import typing
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -102,6 +106,9 @@ class StudyConfig:
         criteria: the pre-registered findings (see :mod:`ntkd.findings`): fixed before any
             training, hashed into ``study.json`` as ``criteria_sha256`` and printed in the
             report. Changing one is a changed configuration.
+        overrides: the changes :meth:`with_overrides` made to the preset (``ntkd reproduce
+            --set``), recorded in ``study.json`` and the report; omitted from
+            :meth:`to_dict` when empty.
     """
 
     name: str = "mnist1d"
@@ -123,6 +130,7 @@ class StudyConfig:
     gammas: list = dataclasses.field(default_factory=lambda: [0.05, 0.1, 0.2, 0.4, 0.8])
     delta: float = 0.05
     criteria: list = dataclasses.field(default_factory=list)
+    overrides: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if self.analysis_seeds is None:
@@ -133,9 +141,58 @@ class StudyConfig:
                 f"analysis_seeds {missing} are not among seeds {self.seeds}; the NTK analyses use "
                 "trained runs, so pick analysis seeds from seeds"
             )
+        epochs = self.teacher.get("epochs", TrainConfig.epochs)
+        late = sorted(
+            {e for e in self.teacher_epochs or [] if e > epochs}
+            | {r["teacher_epoch"] for r in self.regimes if (r.get("teacher_epoch") or 0) > epochs}
+        )
+        if late:
+            raise ValueError(
+                f"teacher epochs {late} (teacher_epochs, or a regime's teacher_epoch) are after the "
+                f"teacher's last epoch {epochs}; shorten them with the teacher (e.g. --set "
+                "teacher_epochs=[0,1,2,4,8])"
+            )
 
     def to_dict(self) -> dict:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        """The JSON form written to ``study.json`` (``overrides`` only when there are any, so
+        that a folder written before overrides existed still matches its preset)."""
+        d = json.loads(json.dumps(dataclasses.asdict(self)))
+        if not d["overrides"]:
+            del d["overrides"]
+        return d
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> StudyConfig:
+        """A copy with fields replaced, e.g. ``{"seeds": [0, 1], "teacher.epochs": 30}``.
+
+        A key names a field; dots walk into it: ``teacher.epochs`` and ``student.model_options``
+        are TrainConfig fields of the teacher and student (type-checked like the top-level
+        fields); a bare TrainConfig field (``epochs``) sets it for the teacher and the students
+        alike (a regime's own fields still win); ``dataset_options.num_samples`` a loader option, ``regimes.0.temperature`` an
+        entry of a list. Below the typed levels the value is not checked here; the study
+        checks every run's configuration before it writes anything. The overrides are
+        recorded in :attr:`overrides`; the result is a new configuration, so a study folder
+        holding the preset (or other overrides) refuses it, and a changed ``criteria`` changes
+        ``criteria_sha256`` like any other change of the pre-registered criteria.
+
+        Raises:
+            ValueError: an unknown key (naming the valid ones) or a value of the wrong type.
+        """
+        changes: dict[str, Any] = {}
+        for key, value in overrides.items():
+            name, *path = key.split(".")
+            if name not in _STUDY_FIELDS and name in _TRAIN_FIELDS:
+                for run in ("teacher", "student"):
+                    changes[run] = self._override_path(changes, key, run, [name, *path], value)
+                continue
+            if name not in _STUDY_FIELDS:
+                raise ValueError(_unknown_key(key, name, _STUDY_FIELDS, "StudyConfig"))
+            if not path:
+                _check_type(key, value, _STUDY_FIELDS[name])
+                changes[name] = copy.deepcopy(value)
+                continue
+            changes[name] = self._override_path(changes, key, name, path, value)
+        recorded = {**self.overrides, **json.loads(json.dumps(dict(overrides)))}
+        return dataclasses.replace(self, **changes, overrides=recorded)
 
     def shifted_seeds(self, offset: int) -> StudyConfig:
         """The same study on disjoint seeds (every seed + ``offset``): the stability check."""
@@ -150,6 +207,15 @@ class StudyConfig:
             analysis_seeds=[s + offset for s in self.analysis_seeds],
             name=f"{self.name}, seeds +{offset}",
         )
+
+    def _override_path(self, changes: dict, key: str, name: str, path: list[str], value: Any):
+        root = copy.deepcopy(changes.get(name, getattr(self, name)))
+        if name in ("teacher", "student"):
+            if path[0] not in _TRAIN_FIELDS:
+                raise ValueError(_unknown_key(key, path[0], _TRAIN_FIELDS, "TrainConfig"))
+            if len(path) == 1:
+                _check_type(key, value, _TRAIN_FIELDS[path[0]])
+        return _set_path(root, key, path, copy.deepcopy(value))
 
     def regime_seeds(self, regime: dict) -> list[int]:
         """The seeds of one regime: its own ``seeds`` or the study's."""
@@ -191,6 +257,58 @@ class StudyConfig:
             if r["name"] == name:
                 return r
         raise ValueError(f"no regime named {name!r}; regimes: {[r['name'] for r in self.regimes]}")
+
+
+_STUDY_FIELDS = {
+    name: t for name, t in typing.get_type_hints(StudyConfig).items() if name != "overrides"
+}
+_TRAIN_FIELDS = typing.get_type_hints(TrainConfig)
+
+
+def _unknown_key(key: str, name: str, valid: Mapping, where: str) -> str:
+    also = "; or a TrainConfig field for teacher and students" if where == "StudyConfig" else ""
+    return f"unknown key {name!r} in override {key!r}; valid {where} keys: {', '.join(valid)}{also}"
+
+
+def _check_type(key: str, value: Any, annotation: Any) -> None:
+    """Refuses a value whose type does not fit the field's annotation (int passes for float)."""
+    allowed = typing.get_args(annotation) or (annotation,)
+    if float in allowed:
+        allowed += (int,)
+    if isinstance(value, bool) and bool not in allowed:
+        ok = False
+    else:
+        ok = any(value is None if t is type(None) else isinstance(value, t) for t in allowed)
+    if not ok:
+        names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
+        raise ValueError(f"override {key}={value!r}: expected {names}, got {type(value).__name__}")
+
+
+def _set_path(container: Any, key: str, path: list[str], value: Any) -> Any:
+    """``container`` with the entry at ``path`` (dict keys, list indices) set to ``value``."""
+    node = container
+    for i, part in enumerate(path):
+        last = i == len(path) - 1
+        if isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+        elif isinstance(node, list):
+            if not (part.isdigit() and int(part) < len(node)):
+                raise ValueError(
+                    f"override {key!r}: {part!r} is not an index of a list of {len(node)} entries"
+                )
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        else:
+            done = ".".join(path[:i])
+            raise ValueError(
+                f"override {key!r}: {done or 'the field'} is {node!r}, not a dict or list to index"
+            )
+    return container
 
 
 def _slug(name: str) -> str:
@@ -597,11 +715,11 @@ class Study:
 
 def teacher_complexity_table(
     student_dir: str | os.PathLike,
-    teacher_dirs,
+    teacher_dirs: str | os.PathLike | Sequence[str | os.PathLike],
     *,
     student_epoch: int = 0,
     teacher_epochs: list[int] | None = None,
-    temperatures=(1.0, 2.0, 4.0, 8.0),
+    temperatures: Sequence[float] = (1.0, 2.0, 4.0, 8.0),
     n: int = 1000,
     mode: str = "trace",
     ridge: float = 0.0,
@@ -620,7 +738,9 @@ def teacher_complexity_table(
         teacher_dirs: one or more teacher run folders.
         student_epoch: the student checkpoint (0 = initialisation).
         teacher_epochs: teacher checkpoints to use (None: every saved one).
-        temperatures, mode, ridge: see :func:`ntkd.complexity.compare_teachers`.
+        temperatures: softmax temperatures of the teacher targets.
+        mode: scalar eNTK mode (see :func:`ntkd.complexity.compare_teachers`).
+        ridge: relative ridge of the complexity solves.
         n: number of training examples.
         data_dir: folder with local archives, when the dataset needs one.
     """
@@ -670,42 +790,6 @@ def _config_digest(config: StudyConfig) -> str:
     return hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def step_main(step: str, doc: str, argv: list[str] | None = None) -> Path:
-    """Command-line entry of one experiment script in ``experiments/``: trains
-    what the step needs (resuming), runs the step, redraws its figure.
-
-    Args:
-        step: one of :data:`STEPS`.
-        doc: the script's docstring (shown by ``--help``).
-        argv: arguments (default: ``sys.argv[1:]``).
-    """
-    import argparse
-
-    from ntkd.configs import get_config
-    from ntkd.plotting import plot_study
-
-    parser = argparse.ArgumentParser(
-        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--dataset", default="mnist1d", help="study preset (ntkd.configs)")
-    parser.add_argument("--quick", action="store_true", help="the small smoke-test version")
-    parser.add_argument(
-        "--out", default=None, help="study folder (default results/<dataset>[_quick])"
-    )
-    parser.add_argument("--data-dir", default=None)
-    args = parser.parse_args(argv)
-    cfg = get_config(args.dataset, quick=args.quick)
-    if args.data_dir:
-        cfg.data_dir = args.data_dir
-    study = Study(cfg, args.out or f"results/{args.dataset}{'_quick' if args.quick else ''}")
-    study.train_all()
-    study.run_step(step)
-    for path in plot_study(study.out):
-        if path.stem == step:
-            print(path)
-    return study.out
-
-
 def _record_training_time(path: Path, seconds: float) -> None:
     """Appends this invocation's training wall time; a resumed run keeps the earlier ones.
 
@@ -724,6 +808,25 @@ def _record_training_time(path: Path, seconds: float) -> None:
         history = []
     history.append(seconds)
     write_json(path, {"seconds": sum(history), "history": history})
+
+
+def run_study_step(
+    config: StudyConfig, out: str | os.PathLike, step: str, *, progress: bool = True
+) -> Path | None:
+    """Trains (or resumes) what the study needs, runs one analysis step and draws the
+    figures of the steps whose results exist (``ntkd step``, ``experiments/*.py``).
+
+    Returns:
+        The figure of ``step`` (None if it has none).
+    """
+    from ntkd.plotting import plot_study
+
+    if step not in STEPS:
+        raise ValueError(f"unknown step {step!r}; steps: {', '.join(STEPS)}")
+    study = Study(config, out, progress=progress)
+    study.train_all()
+    study.run_step(step)
+    return {p.stem: p for p in plot_study(study.out)}.get(step)
 
 
 def run_study(

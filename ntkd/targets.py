@@ -1,12 +1,10 @@
 """Supervision targets whose complexity ntkd measures.
 
-SPEC §2 names the conventions: one-hot labels, random labels, and teacher
-soft labels softmax(z / τ), optionally centred by subtracting 1/k so that every
-row sums to zero. All functions return float32 ``jax.Array`` targets of shape
-``(n, k)``.
-
-Reference: Harutyunyan, Rawat, Menon, Kim, Kumar, "Supervision Complexity and
-its Role in Knowledge Distillation", ICLR 2023, arXiv 2301.12245.
+The conventions (docs/definitions.md#targets-and-temperature): one-hot labels,
+random labels, and teacher soft labels softmax(z / τ), optionally centred by
+subtracting 1/k so that every row sums to zero; these return float32
+``jax.Array`` targets of shape ``(n, k)``. Label smoothing, the size control,
+returns float64 NumPy targets.
 """
 
 from __future__ import annotations
@@ -86,7 +84,7 @@ def softmax_targets(
     """Teacher soft labels ``softmax(logits / temperature)``.
 
     Higher temperatures give smoother targets and, in the student's NTK, lower
-    supervision complexity (SPEC §2, §5; Harutyunyan et al., ICLR 2023,
+    supervision complexity (docs/definitions.md#supervision-complexity; Harutyunyan et al., ICLR 2023,
     arXiv 2301.12245).
 
     Args:

@@ -1,4 +1,4 @@
-"""Losses, optimisers, and teacher/student training (SPEC §4).
+"""Losses, optimisers, and teacher/student training (docs/definitions.md#training-regimes).
 
 Regimes for students (``TrainConfig.regime``):
 
@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import flax.errors
+import flax.linen
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -171,6 +172,20 @@ def make_optimizer(
 # ----------------------------------------------------------------------------- config and state
 
 
+def _field(default, help: str, *, flags=(), choices=None, positive=False, group="training"):
+    """A TrainConfig field whose metadata the command line turns into a flag (``ntkd.cli``).
+
+    ``flags`` replaces the default ``--field-name``; ``positive`` makes the flag refuse
+    values below 1 (ints) or not > 0 (floats); ``group`` is the flag's section in ``--help``
+    (``distillation`` fields are flags of ``ntkd distill`` only).
+    """
+    metadata = {"help": help, "flags": tuple(flags), "choices": choices, "positive": positive}
+    metadata["group"] = group
+    if callable(default):
+        return dataclasses.field(default_factory=default, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
 @dataclasses.dataclass
 class TrainConfig:
     """Everything that defines a training run (saved as ``config.json``).
@@ -198,30 +213,48 @@ class TrainConfig:
         eval_batch_size: batch size for evaluation passes.
     """
 
-    dataset: str = "mnist1d"
-    dataset_options: dict = dataclasses.field(default_factory=dict)
-    data_dir: str | None = None
-    data_seed: int = 0
-    model: str = "cnn1d"
-    model_options: dict = dataclasses.field(default_factory=dict)
-    epochs: int = 60
-    batch_size: int = 128
-    optimizer: str = "adam"
-    learning_rate: float = 1e-2
-    schedule: str = "cosine"
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    warmup_epochs: int = 0
-    augment: bool = False
-    seed: int = 0
-    checkpoint_every: int = 1
-    checkpoint_epochs: list | None = None
-    regime: str = "none"
-    teacher_dir: str | None = None
-    teacher_epoch: int | None = None
-    temperature: float = 1.0
-    alpha: float = 1.0
-    eval_batch_size: int = 1000
+    dataset: str = _field(
+        "mnist1d", "mnist1d, digits, cifar10, cifar100, tinyimagenet, gaussian", group="data"
+    )
+    dataset_options: dict = _field(
+        dict, "loader options, e.g. '{\"num_samples\": 2000}'", group="data"
+    )
+    data_dir: str | None = _field(
+        None, "folder with local archives (CIFAR, Tiny-ImageNet)", group="data"
+    )
+    data_seed: int = _field(0, "seed of generated data and splits", group="data")
+    model: str = _field("cnn1d", "mlp, cnn1d, lenet5, resnet20, resnet56, resnet110")
+    model_options: dict = _field(
+        dict, "model options, e.g. '{\"widths\": [512, 512]}' or '{\"width\": 8}'"
+    )
+    epochs: int = _field(60, "training epochs", positive=True)
+    batch_size: int = _field(128, "global batch size", positive=True)
+    optimizer: str = _field("adam", "optimiser", choices=("adam", "sgd"))
+    learning_rate: float = _field(1e-2, "peak learning rate (> 0)", flags=("--lr",), positive=True)
+    schedule: str = _field(
+        "cosine", "learning-rate schedule", choices=("constant", "cosine", "step")
+    )
+    momentum: float = _field(0.9, "SGD momentum")
+    weight_decay: float = _field(0.0, "decoupled weight decay")
+    warmup_epochs: int = _field(0, "linear warm-up epochs")
+    augment: bool = _field(
+        False, "random crop + flip (images) or random shift + noise (1-D signals)"
+    )
+    seed: int = _field(0, "initialisation, batch order and augmentation")
+    checkpoint_every: int = _field(1, "save every N epochs (0 and last always)", positive=True)
+    checkpoint_epochs: list | None = _field(None, "further epochs to save, e.g. 1 2 4 8")
+    regime: str = _field("none", "student regime", choices=REGIMES, group="distillation")
+    teacher_dir: str | None = _field(
+        None, "the teacher's run folder (its --out)", flags=("--teacher",), group="distillation"
+    )
+    teacher_epoch: int | None = _field(
+        None, "checkpoint for --regime early_stopped", group="distillation"
+    )
+    temperature: float = _field(
+        1.0, "KD temperature tau", flags=("--temperature", "-T"), group="distillation"
+    )
+    alpha: float = _field(1.0, "weight of the KD term (1 - alpha on labels)", group="distillation")
+    eval_batch_size: int = _field(1000, "batch size of evaluation passes", positive=True)
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -447,7 +480,7 @@ def _init_state(model, tx, key, input_shape) -> TrainState:
 
 def online_teacher_epoch(student_epoch: int, saved_epochs: Iterable[int]) -> int:
     """Teacher checkpoint used at (1-based) student epoch e in online KD:
-    the latest saved teacher epoch not after e (SPEC §4).
+    the latest saved teacher epoch not after e (docs/definitions.md#training-regimes).
 
     Raises:
         ValueError: when no saved epoch is ≤ e.
@@ -877,7 +910,7 @@ def _history_at(workdir: Path, meta: dict, epoch: int) -> list[dict]:
 
 
 def fit(
-    model,
+    model: flax.linen.Module,
     x: ArrayLike,
     targets: ArrayLike,
     *,
@@ -900,9 +933,14 @@ def fit(
         model: a Linen model.
         x: (n, *input_shape) inputs.
         targets: (n,) integer labels or (n, k) probabilities.
-        epochs, batch_size, learning_rate, optimizer, schedule: training setup.
+        epochs: training epochs.
+        batch_size: examples per batch.
+        learning_rate: peak learning rate.
+        optimizer: ``"adam"`` or ``"sgd"`` (see :func:`make_optimizer`).
+        schedule: learning-rate schedule (see :func:`make_optimizer`).
         seed: initialisation and data order.
-        x_test, y_test: optional test set; its accuracy is logged per epoch.
+        x_test: optional test inputs; their accuracy is logged per epoch.
+        y_test: labels of ``x_test``.
 
     Returns:
         ``(variables, history)`` with one history row per epoch.

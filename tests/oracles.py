@@ -20,11 +20,14 @@ def jacobian_leaves(f, params, x) -> list:
     return [j.reshape(j.shape[:2] + (-1,)) for j in jax.tree.leaves(jac)]
 
 
-def ntk_oracle(f, params, x1, x2, mode: str, logit: int = 0, leaves=None):
-    """Brute-force empirical NTK; ``leaves`` (indices) restricts the sum to those parameter leaves."""
+def ntk_oracle_leaves(f, params, x1, x2) -> list:
+    """Full kernel (n1, n2, k, k) of each parameter leaf; they sum to the whole kernel."""
     j1, j2 = jacobian_leaves(f, params, x1), jacobian_leaves(f, params, x2)
-    idx = range(len(j1)) if leaves is None else leaves
-    full = sum(jnp.einsum("iap,jbp->ijab", j1[i], j2[i]) for i in idx)
+    return [jnp.einsum("iap,jbp->ijab", a, b) for a, b in zip(j1, j2)]
+
+
+def reduce_full(full, mode: str, logit: int = 0):
+    """A full kernel (n1, n2, k, k) in ``mode``: ntkd's ``trace`` is the SUM over logits."""
     if mode == "full":
         return full
     if mode == "trace":
@@ -34,15 +37,21 @@ def ntk_oracle(f, params, x1, x2, mode: str, logit: int = 0, leaves=None):
     return full.sum((2, 3))
 
 
+def as_matrix(full):
+    """A full kernel (n1, n2, k, k) as the (n1·k, n2·k) matrix with row index i·k + a."""
+    n1, n2, k, _ = full.shape
+    return jnp.transpose(full, (0, 2, 1, 3)).reshape(n1 * k, n2 * k)
+
+
+def ntk_oracle(f, params, x1, x2=None, mode: str = "trace", logit: int = 0):
+    """Brute-force empirical NTK of ``f(params, x) -> (batch, k)``; ``x2=None``: x2 = x1."""
+    return reduce_full(sum(ntk_oracle_leaves(f, params, x1, x1 if x2 is None else x2)), mode, logit)
+
+
 def ntk_oracle_modes(f, params, x1, x2, logit: int = 0) -> dict:
     """{mode: kernel} for every mode, from one pair of Jacobians."""
     full = ntk_oracle(f, params, x1, x2, "full")
-    return {
-        "full": full,
-        "trace": jnp.einsum("ijaa->ij", full),
-        "logit": full[:, :, logit, logit],
-        "sum": full.sum((2, 3)),
-    }
+    return {mode: reduce_full(full, mode, logit) for mode in ("full", "trace", "logit", "sum")}
 
 
 def rel(a, b) -> float:

@@ -111,3 +111,119 @@ def test_complexity_accepts_a_float32_kernel_cast_to_float64():
     noise = rng.normal(size=(n, n)) * 1e-9 * scale
     with pytest.raises(ValueError, match="not positive semi-definite"):
         cx.factor_kernel(K64 + (noise + noise.T) / 2)
+
+
+# ---------------------------------------------------------------- flags from TrainConfig
+@pytest.mark.parametrize("command, distill", [("train-teacher", False), ("distill", True)])
+def test_train_flags_are_the_config_fields_with_their_defaults(tmp_path, command, distill):
+    """Every TrainConfig field is a flag; parsing no flags gives the dataclass's defaults
+    (distill: an MLP student and offline KD)."""
+    import dataclasses
+
+    from ntkd.cli import _config_from_args, build_parser
+
+    args = build_parser().parse_args([command, "--out", str(tmp_path)])
+    got = _config_from_args(args, distill=distill)
+    want = TrainConfig(**({"model": "mlp", "regime": "offline"} if distill else {}))
+    assert got == want
+    dests = {a.dest for a in build_parser()._subparsers._group_actions[0].choices[command]._actions}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    kd = {"regime", "teacher_dir", "teacher_epoch", "temperature", "alpha"}
+    assert fields - (set() if distill else kd) <= dests
+    assert distill or not kd & dests
+
+
+def test_train_flags_reach_the_config(tmp_path):
+    from ntkd.cli import _config_from_args, build_parser
+
+    argv = ["distill", "--out", str(tmp_path), "--lr", "0.5", "-T", "4", "--augment"]
+    argv += [
+        "--teacher",
+        "t",
+        "--checkpoint-epochs",
+        "1",
+        "2",
+        "--model-options",
+        '{"widths": [8]}',
+    ]
+    cfg = _config_from_args(build_parser().parse_args(argv), distill=True)
+    assert (cfg.learning_rate, cfg.temperature, cfg.augment) == (0.5, 4.0, True)
+    assert cfg.checkpoint_epochs == [1, 2] and cfg.model_options == {"widths": [8]}
+    assert cfg.teacher_dir == str((tmp_path.cwd() / "t").resolve())
+
+
+# ---------------------------------------------------------------- reproduce --set
+def test_set_parses_json_literals_and_words():
+    from ntkd.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["reproduce", "--set", "seeds=[0,1]", "--set", "ntk_mode=sum", "--set", "ridge=1e-6"]
+        + ["--set", "teacher.augment=False"]
+    )
+    assert args.overrides == [
+        ("seeds", [0, 1]),
+        ("ntk_mode", "sum"),
+        ("ridge", 1e-6),
+        ("teacher.augment", False),
+    ]
+
+
+def test_set_without_equals_is_a_usage_error(capsys):
+    assert "argument --set: 'seeds' is not KEY=VALUE" in _usage_error(
+        capsys, ["reproduce", "--set", "seeds"]
+    )
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("epochz=3", "unknown key 'epochz' in override 'epochz'; valid StudyConfig keys: name,"),
+        ("teacher.lr=0.1", "unknown key 'lr' in override 'teacher.lr'; valid TrainConfig keys"),
+        ("n_kernel=1.5", "override n_kernel=1.5: expected int, got float"),
+        ("seeds=3", "override seeds=3: expected list, got int"),
+        ("epochs=many", "override epochs='many': expected int, got str"),
+        (
+            "teacher_epochs=[0,99]",
+            "teacher epochs [99] (teacher_epochs, or a regime's teacher_epoch)",
+        ),
+    ],
+)
+def test_a_bad_override_names_the_key_and_writes_nothing(tmp_path, capsys, override, message):
+    out = tmp_path / "study"
+    assert cli_main(["reproduce", "--quick", "--set", override, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_overrides_are_applied_and_recorded_and_a_changed_set_is_refused(tmp_path):
+    import json
+
+    from ntkd.configs import get_config
+    from ntkd.study import Study
+
+    preset = get_config("mnist1d", quick=True)
+    preset.dataset_options = TINY_MNIST1D
+    overrides = {
+        "epochs": 2,
+        "seeds": [0, 1],
+        "analysis_seeds": [0],
+        "student.model_options.widths": [8],
+    }
+    cfg = preset.with_overrides(overrides)
+    assert cfg.teacher["epochs"] == cfg.student["epochs"] == 2 and preset.teacher["epochs"] == 12
+    assert cfg.student["model_options"] == {"widths": [8]} and cfg.seeds == [0, 1]
+    assert "overrides" not in preset.to_dict()  # study folders written before --set still match
+    out = tmp_path / "study"
+    study = Study(cfg, out, progress=False)
+    study._lock.release()
+    saved = json.loads((out / "study.json").read_text())
+    assert saved["overrides"] == overrides and saved["criteria_sha256"] == preset.criteria_sha256
+    again = Study(preset.with_overrides(overrides), out, progress=False)  # same: resumes
+    again._lock.release()
+    changed = cfg.with_overrides({"criteria.0.alpha": 0.5})
+    assert changed.criteria_sha256 != cfg.criteria_sha256
+    with pytest.raises(ValueError, match="holds a study with another configuration"):
+        Study(changed, out, progress=False)
+    with pytest.raises(ValueError, match="another configuration"):
+        Study(preset, out, progress=False)  # dropping the overrides is a change too

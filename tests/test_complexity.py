@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from oracles import ntk_oracle
 
 from ntkd import complexity as cx
 from ntkd import kernels, targets
@@ -237,7 +238,7 @@ def test_cg_with_ntk_vector_products_matches_direct_solve(mode):
     apply_fn, params = tiny_student()
     x = jax.random.normal(jax.random.key(1), (24, 6))
     Y = targets.one_hot(jnp.arange(24) % 4, 4)
-    K = np.asarray(entk_oracle(apply_fn, params, x, mode), np.float64)
+    K = np.asarray(ntk_oracle(apply_fn, params, x, mode=mode), np.float64)
     trace = float(np.einsum("iiaa->", K) if mode == "full" else np.trace(K))
     direct = cx.supervision_complexity(K, Y, ridge=1e-2)
     matvec = ntk.ntk_vp_fn(apply_fn, params, x, mode=mode)
@@ -388,17 +389,6 @@ def test_docstring_examples_run(module):
 # --- integration: temperature lowers complexity on MNIST-1D --------------------
 
 
-def entk_oracle(apply_fn, params, x, mode="trace"):
-    """Brute-force eNTK from per-example jax.jacrev: trace (n, n) or full (n, n, k, k)."""
-    per_example = lambda p, xi: apply_fn(p, xi[None])[0]  # noqa: E731
-    jac = jax.vmap(jax.jacrev(per_example), in_axes=(None, 0))(params, x)
-    n, k = x.shape[0], jax.tree.leaves(jac)[0].shape[1]
-    flat = jnp.concatenate([j.reshape(n, k, -1) for j in jax.tree.leaves(jac)], axis=-1)
-    if mode == "full":
-        return jnp.einsum("iap,jbp->ijab", flat, flat)
-    return jnp.einsum("iap,jap->ij", flat, flat)
-
-
 def tiny_student(k=4, d=6):
     from ntkd import models, ntk
 
@@ -411,7 +401,7 @@ def test_compare_teachers_computes_the_kernel_with_the_ntk_engine():
     x = jax.random.normal(jax.random.key(1), (16, 6))
     labels = np.arange(16) % 4
     teachers = {"t": 3 * np.asarray(jax.random.normal(jax.random.key(2), (16, 4)))}
-    K = np.asarray(entk_oracle(apply_fn, params, x), np.float64)
+    K = np.asarray(ntk_oracle(apply_fn, params, x), np.float64)
     expected = cx.compare_teachers(
         apply_fn, params, x, labels, teachers, temperatures=(2,), kernel=K, ridge=1e-3
     )
@@ -452,7 +442,7 @@ def test_higher_temperature_lowers_teacher_complexity_on_mnist1d():
     s_model = models.get_model("mlp", 10, widths=(64,))
     s_apply = lambda p, x: s_model.apply({"params": p}, x)  # noqa: E731
     student = models.init_variables(s_model, jax.random.key(1), ds.input_shape)["params"]
-    K = jax.jit(entk_oracle, static_argnums=0)(s_apply, student, xs)
+    K = ntk_oracle(s_apply, student, xs)
     rows = cx.compare_teachers(
         s_apply,
         student,

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from oracles import ntk_oracle
 
 from ntkd import kernels
 
@@ -76,15 +77,6 @@ def test_alignment_spectrum_matches_eigh():
 
 
 # --- matrix-free estimators --------------------------------------------------
-
-
-def trace_entk_oracle(apply_fn, params, x):
-    """Brute-force trace eNTK Σ_a J_a J_aᵀ from per-example jax.jacrev."""
-    per_example = lambda p, xi: apply_fn(p, xi[None])[0]  # noqa: E731
-    jac = jax.vmap(jax.jacrev(per_example), in_axes=(None, 0))(params, x)
-    n, k = x.shape[0], jax.tree.leaves(jac)[0].shape[1]
-    flat = jnp.concatenate([j.reshape(n, k, -1) for j in jax.tree.leaves(jac)], axis=-1)
-    return jnp.einsum("iap,jap->ij", flat, flat)
 
 
 def matvec_of(K):
@@ -178,7 +170,7 @@ def test_estimators_with_ntk_vector_products():
     )
     moved = jax.tree.map(lambda p: p + 0.3 * jax.random.normal(jax.random.key(2), p.shape), params)
     x = jax.random.normal(jax.random.key(1), (30, 5))
-    K0, K1 = (np.asarray(trace_entk_oracle(apply_fn, p, x), np.float64) for p in (params, moved))
+    K0, K1 = (np.asarray(ntk_oracle(apply_fn, p, x), np.float64) for p in (params, moved))
     mv0, mv1 = ntk.ntk_vp_fn(apply_fn, params, x), ntk.ntk_vp_fn(apply_fn, moved, x)
     tr = kernels.hutchpp_trace(mv0, 30, num_matvecs=24)
     assert abs(tr.value - np.trace(K0)) <= 4 * tr.stderr + 1e-4 * np.trace(K0)

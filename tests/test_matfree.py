@@ -1,7 +1,7 @@
 """Matrix-free complexity bounds, spectra and eNTK products (ntkd.matfree).
 
 Oracles: NumPy/SciPy dense solves and eigh on random PSD kernels with known
-spectra; brute-force ``jax.jacrev`` + ``einsum`` for the eNTK; the dense
+spectra; the brute-force eNTK of tests/oracles.py (``jax.jacrev`` + ``einsum``); the dense
 Cholesky path ``ntkd.complexity.factor_kernel``.
 """
 
@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from oracles import as_matrix, ntk_oracle
 
 from ntkd import complexity, kernels, models, ntk
 from ntkd.matfree import (
@@ -302,23 +303,9 @@ def _mlp(n=60, k=3, width=24, seed=0):
 
 
 def _oracle_ntk(apply_fn, params, x, mode, logit=0):
-    jac = jax.jacrev(lambda p: apply_fn(p, jnp.asarray(x)))(params)
-    J = jnp.concatenate(
-        [
-            l.reshape(x.shape[0], -1, int(np.prod(l.shape[2:])))
-            for l in jax.tree_util.tree_leaves(jac)
-        ],
-        axis=-1,
-    )  # (n, k, P)
-    full = np.asarray(jnp.einsum("iap,jbp->iajb", J, J))
-    n, k = full.shape[:2]
-    if mode == "full":
-        return full.reshape(n * k, n * k)
-    if mode == "trace":
-        return np.einsum("iaja->ij", full)
-    if mode == "logit":
-        return full[:, logit, :, logit]
-    return full.sum(axis=(1, 3))
+    """The shared oracle (tests/oracles.py) as a NumPy matrix; full: (n·k, n·k), row i·k + a."""
+    K = ntk_oracle(apply_fn, params, jnp.asarray(x), mode=mode, logit=logit)
+    return np.asarray(as_matrix(K) if mode == "full" else K)
 
 
 @pytest.mark.parametrize("mode", ["trace", "sum", "logit", "full"])

@@ -30,7 +30,14 @@ from ntkd.ntk import (
 from ntkd.ntk.engine import _engine, _options
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from oracles import KINDS, jacobian_leaves, jitter, ntk_oracle_modes, rel  # noqa: E402
+from oracles import (  # noqa: E402
+    KINDS,
+    jitter,
+    ntk_oracle_leaves,
+    ntk_oracle_modes,
+    reduce_full,
+    rel,
+)
 
 IMPLS = ("jacobian", "ntvp", "structured", "auto")
 MODES = ("full", "trace", "logit", "sum")
@@ -367,26 +374,19 @@ def test_by_layer_kernels_match_oracle_per_group_and_sum_to_whole(kind):
     with jax.enable_x64(True):
         model, params, f, oracle_params, x1, x2 = KINDS[kind]()
         groups = leaf_groups(as_apply_fn(model, params)[1])
-        j1, j2 = jacobian_leaves(f, oracle_params, x1), jacobian_leaves(f, oracle_params, x2)
         per_group = {}
-        for i, g in enumerate(groups):
-            term = jnp.einsum("iap,jbp->ijab", j1[i], j2[i])
+        for g, term in zip(groups, ntk_oracle_leaves(f, oracle_params, x1, x2)):
             per_group[g] = per_group.get(g, 0) + term
-        reduce = {
-            "full": lambda k: k,
-            "trace": lambda k: jnp.einsum("ijaa->ij", k),
-            "sum": lambda k: k.sum((2, 3)),
-        }
         for impl in ("structured", "jacobian", "ntvp"):
             for mode in ("full", "trace", "sum"):
                 parts = empirical_ntk(
                     model, params, x1, x2, mode=mode, implementation=impl, by_layer=True
                 )
                 assert sorted(parts) == sorted(per_group)
-                whole = reduce[mode](sum(per_group.values()))
+                whole = reduce_full(sum(per_group.values()), mode)
                 assert rel(sum(parts.values()), whole) <= 1e-10, (impl, mode)
                 for g, kern in parts.items():
-                    err = np.max(np.abs(kern - reduce[mode](per_group[g])))
+                    err = np.max(np.abs(kern - reduce_full(per_group[g], mode)))
                     assert err <= 1e-10 * np.max(np.abs(whole)), (impl, mode, g)
 
 
@@ -792,16 +792,14 @@ def test_by_layer_keeps_a_bias_of_another_group_apart():
         f = lambda p, x: jnp.tanh(x @ p["w"] + p["b"])
         x1 = jax.random.normal(jax.random.PRNGKey(1), (3, 4), jnp.float64)
         x2 = jax.random.normal(jax.random.PRNGKey(2), (2, 4), jnp.float64)
-        j1, j2 = jacobian_leaves(f, p, x1), jacobian_leaves(f, p, x2)
+        per_leaf = dict(zip(("b", "w"), ntk_oracle_leaves(f, p, x1, x2)))  # leaves in key order
         for mode in ("full", "trace"):
             parts = empirical_ntk(
                 f, p, x1, x2, mode=mode, implementation="structured", by_layer=True
             )
             assert sorted(parts) == ["b", "w"]
-            for i, g in enumerate(("b", "w")):
-                want = jnp.einsum("iap,jbp->ijab", j1[i], j2[i])
-                want = want if mode == "full" else jnp.einsum("ijaa->ij", want)
-                assert rel(parts[g], want) <= 1e-12, (mode, g)
+            for g, want in per_leaf.items():
+                assert rel(parts[g], reduce_full(want, mode)) <= 1e-12, (mode, g)
             whole = empirical_ntk(f, p, x1, x2, mode=mode, implementation="structured")
             assert rel(parts["b"] + parts["w"], whole) <= 1e-12
 

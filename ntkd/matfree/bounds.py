@@ -33,6 +33,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 import numpy as np
 import scipy.linalg
 from jax.typing import ArrayLike
@@ -201,7 +202,7 @@ def nystrom_preconditioner(
     rank: int,
     shift: float,
     *,
-    key=None,
+    key: jax.Array | None = None,
     eps: float = np.finfo(np.float64).eps,
     chunk: int = 64,
 ) -> NystromPreconditioner:
@@ -215,7 +216,9 @@ def nystrom_preconditioner(
 
     Args:
       op: validated ``V -> K V`` (float64).
-      n: side of K; rank: sketch size r; shift: ρ > 0.
+      n: side of K.
+      rank: sketch size r.
+      shift: ρ > 0.
       key: ``jax.random`` key (or None: seed 0).
       eps: machine epsilon of the matvec's results.
       chunk: columns per matvec call.
@@ -328,7 +331,7 @@ def supervision_complexity_bounds(
     shift: float = 0.0,
     rtol: float = 1e-2,
     max_iters: int | None = None,
-    key=None,
+    key: jax.Array | None = None,
     eig_lower: float | None = None,
     nystrom_rank: int = 0,
     preconditioner: NystromPreconditioner | None = None,

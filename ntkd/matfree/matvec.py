@@ -31,6 +31,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.typing import ArrayLike, DTypeLike
 
 from ntkd import ntk
 
@@ -326,12 +327,12 @@ class NtkMatvec:
 def ntk_matvec(
     apply_fn: Callable,
     params: Any,
-    x,
+    x: ArrayLike,
     *,
     mode: str = "trace",
     logit: int = 0,
     block_size: int = 512,
-    dtype=None,
+    dtype: DTypeLike | None = None,
     cache: str = "auto",
     cache_bytes: int = 2**30,
     max_cotangents: int = 20,

@@ -25,6 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike, DTypeLike
 
 from ntkd import ntk
 
@@ -79,17 +80,17 @@ class ProjectedNTK:
 def projected_ntk(
     apply_fn: Callable,
     params: Any,
-    x,
+    x: ArrayLike,
     *,
     dim: int,
     mode: str = "trace",
     logit: int = 0,
     kind: str = "rademacher",
-    key=None,
+    key: jax.Array | None = None,
     block_size: int = 512,
     chunk: int = 64,
     check_n: int = 256,
-    dtype=None,
+    dtype: DTypeLike | None = None,
 ) -> ProjectedNTK:
     """Random-projection eNTK features Φ = J Πᵀ, block by block, with their error.
 
@@ -102,7 +103,8 @@ def projected_ntk(
       logit: the logit of ``mode="logit"``.
       kind: ``"rademacher"`` (±1/√d) or ``"gaussian"`` (N(0, 1/d)).
       key: ``jax.random`` key (default ``jax.random.key(0)``).
-      block_size: examples per block; chunk: directions per vmapped JVP.
+      block_size: examples per block.
+      chunk: directions per vmapped JVP.
       check_n: measure the error against ``ntkd.ntk.empirical_ntk`` on the first
         ``check_n`` examples (0: skip).
       dtype: cast params and inputs.

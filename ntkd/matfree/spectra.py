@@ -15,6 +15,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import numpy as np
 from jax.typing import ArrayLike
 
@@ -52,7 +53,7 @@ def top_eigenpairs(
     block_size: int | None = None,
     tol: float = 1e-8,
     max_iters: int | None = None,
-    key=None,
+    key: jax.Array | None = None,
 ) -> Eigenpairs:
     """The ``num`` largest eigenpairs of a symmetric PSD K by block Lanczos.
 

@@ -13,6 +13,7 @@
 figures_dir)`` redraws every figure from the saved JSON alone.
 """
 
-from ntkd.theory.plots import EXPERIMENTS, plot_all, run_experiment
+from ntkd.theory.plots import plot_all
+from ntkd.theory.run import EXPERIMENTS, run_experiment
 
 __all__ = ["EXPERIMENTS", "plot_all", "run_experiment"]

@@ -18,7 +18,8 @@ The ablation ladder isolates them: CE, LS with the matched mean ``eps``, KD-pt
 (keeps only ``p_T[t]``, spreads the rest uniformly), KD-sim (class-level
 similarity targets from the teacher's logit-layer cosines, no per-example
 information) and full KD. The exact definitions in the paper could not be
-checked (see ``shared/background/kd_theory_papers.md`` §A); these follow §A.3.
+checked here (the paper's text was not available); these are the definitions of
+docs/theory.md#3-knowledge-decomposition-tang-et-al-2020-ntkdtheoryknowledge.
 """
 
 from __future__ import annotations

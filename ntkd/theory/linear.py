@@ -10,8 +10,7 @@ cross-entropy. Every per-sample loss is minimised exactly where the student's
 logit equals the teacher's, so the global minimisers form ``w_star + span(X)^⊥``
 and gradient descent from ``w0`` stops at ``w0 + P_X (w_star - w0)``.
 
-The polynomial-angle task (proposed generator, see
-``shared/background/kd_theory_papers.md`` §C.5) has ``w_star = e_1`` and inputs on
+The polynomial-angle task (a generator proposed for this toolkit, docs/theory.md) has ``w_star = e_1`` and inputs on
 the unit sphere whose angle ``phi`` to the teacher's decision hyperplane obeys
 ``P[phi <= theta] = (2 theta / pi) ** kappa``. For it, the transfer risk of any
 student depends only on the angle ``alpha`` between student and teacher.

@@ -1,71 +1,19 @@
-"""Run the theory experiments and draw their figures from saved JSON.
+"""Figures of the theory experiments, drawn from their saved JSON alone.
 
-Each experiment ``name`` in :data:`EXPERIMENTS` writes
-``<out_dir>/theory_<name>.json`` (all measured numbers) and
-``<out_dir>/theory_<name>.png``; the figures depend on the JSON only, so
-``plot_all(results_dir, figures_dir)`` regenerates them without recomputing.
+:func:`ntkd.theory.run_experiment` writes ``theory_<name>.json`` and calls the
+plotter of :data:`PLOTTERS`; ``plot_all(results_dir, figures_dir)`` redraws
+every figure without recomputing.
 """
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import matplotlib.ticker
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from ntkd import _io  # noqa: E402
-
-EXPERIMENTS = ("linear", "variance", "knowledge")
-
-
-def _check_name(name: str) -> None:
-    if name not in EXPERIMENTS:
-        raise ValueError(
-            f"unknown theory experiment {name!r}; choose one of {', '.join(EXPERIMENTS)}"
-        )
-
-
-def run_experiment(
-    name: str, out_dir: str | Path = "figures", *, quick: bool = False, seed: int = 0
-) -> dict:
-    """Runs ``ntkd.theory.<name>.run_experiment`` and saves its JSON and figure.
-
-    Args:
-      name: one of ``linear``, ``variance``, ``knowledge``.
-      out_dir: folder for ``theory_<name>.json`` and ``theory_<name>.png``.
-      quick: tiny sizes (seconds), for tests and CI.
-      seed: master seed.
-
-    Returns:
-      The results dict that was written.
-    """
-    _check_name(name)
-    module = importlib.import_module(f"ntkd.theory.{name}")
-    results = module.run_experiment(quick=quick, seed=seed)
-    out_dir = Path(out_dir)
-    _io.write_json(out_dir / f"theory_{name}.json", results)
-    PLOTTERS[name](results, out_dir / f"theory_{name}.png")
-    return results
-
-
-def experiment_main(name: str, doc: str) -> None:
-    """Command-line entry of ``experiments/theory_<name>.py``: ``--out``, ``--seed``, ``--quick``."""
-    import argparse
-
-    _check_name(name)
-    parser = argparse.ArgumentParser(
-        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--out", default="figures", help="folder for theory_<name>.json and .png")
-    parser.add_argument("--seed", type=int, default=0, help="master seed")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds)")
-    args = parser.parse_args()
-    run_experiment(name, args.out, quick=args.quick, seed=args.seed)
-    print(f"wrote {args.out}/theory_{name}.json and .png")
+from ntkd import _io
 
 
 def plot_all(results_dir: str | Path, figures_dir: str | Path) -> list[Path]:
@@ -75,7 +23,7 @@ def plot_all(results_dir: str | Path, figures_dir: str | Path) -> list[Path]:
       Paths of the figures written.
     """
     written = []
-    for name in EXPERIMENTS:
+    for name in PLOTTERS:
         path = Path(results_dir) / f"theory_{name}.json"
         if path.is_file():
             out = Path(figures_dir) / f"theory_{name}.png"
@@ -396,4 +344,8 @@ def plot_knowledge(results: dict, path: str | Path) -> None:
     _save(fig, Path(path))
 
 
-PLOTTERS = {"linear": plot_linear, "variance": plot_variance, "knowledge": plot_knowledge}
+PLOTTERS = {  # experiment name -> plot_<name>(results, path)
+    "linear": plot_linear,
+    "variance": plot_variance,
+    "knowledge": plot_knowledge,
+}
