@@ -36,17 +36,6 @@ def test_the_version_comes_from_the_package_metadata():
     assert ntkd.__version__ == version("ntkd")
 
 
-# The eNTK entry points accept any model kind (Linen, NNX, Equinox, a function) through an
-# untyped ``model``; their annotations belong to ntkd/ntk's maintainers. Everything else the
-# facade exports is fully annotated.
-NTK_UNANNOTATED = {
-    "as_apply_fn": {"model"},
-    "empirical_ntk": {"model", "dtype", "return"},
-    "empirical_ntk_fn": {"model", "dtype"},
-    "ntk_vp_fn": {"model", "params"},
-}
-
-
 def test_the_public_api_is_annotated():
     import inspect
 
@@ -61,7 +50,7 @@ def test_the_public_api_is_annotated():
         gaps = {p for p, v in sig.parameters.items() if v.annotation is inspect.Parameter.empty}
         if sig.return_annotation is inspect.Signature.empty:
             gaps.add("return")
-        if gaps - NTK_UNANNOTATED.get(name, set()):
+        if gaps:
             missing[name] = sorted(gaps)
     assert not missing, missing
 

@@ -16,18 +16,21 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import DTypeLike
 
 from ntkd.ntk import auto, blocking
 from ntkd.ntk._util import cast, check_finite, is_tracer, leaf_groups
 from ntkd.ntk.algorithm import Problem
 from ntkd.ntk.jacobian import Jacobian
-from ntkd.ntk.models import ApplyFn, as_apply_fn
+from ntkd.ntk.models import ApplyFn, Model, as_apply_fn
 from ntkd.ntk.modes import Mode
 from ntkd.ntk.ntvp import NtkVectorProducts
 from ntkd.ntk.options import BlockOptions, ContractionOptions
 from ntkd.ntk.structured import Structured
 
 PyTree = Any
+Kernel = jax.Array | np.ndarray | dict[str, jax.Array | np.ndarray]
+"""A kernel, or ``{group: kernel}`` with ``by_layer=True``."""
 
 IMPLEMENTATIONS = ("auto", "jacobian", "ntvp", "structured")
 """Exact algorithms; ``auto`` measures the candidates on the actual shapes."""
@@ -272,14 +275,14 @@ def _options(
 
 
 def empirical_ntk_fn(
-    model,
+    model: Model,
     *,
     mode: str = "trace",
     logit: int = 0,
     implementation: str = "auto",
     by_layer: bool = False,
     block_size: int | None = None,
-    dtype=None,
+    dtype: DTypeLike | None = None,
     blocks: BlockOptions | None = None,
     contraction: ContractionOptions | None = None,
 ) -> Callable:
@@ -342,7 +345,7 @@ def empirical_ntk_fn(
 
 
 def empirical_ntk(
-    model,
+    model: Model,
     params: PyTree = None,
     x1: jax.Array = None,
     x2: jax.Array | None = None,
@@ -352,11 +355,11 @@ def empirical_ntk(
     implementation: str = "auto",
     by_layer: bool = False,
     block_size: int | None = None,
-    dtype=None,
+    dtype: DTypeLike | None = None,
     blocks: BlockOptions | None = None,
     contraction: ContractionOptions | None = None,
     as_numpy: bool = False,
-):
+) -> Kernel:
     """One-shot ``empirical_ntk_fn(model, ...)(x1, x2, params)``; options as there.
 
     Compiled functions are cached per (model structure, options, shapes,
@@ -377,7 +380,7 @@ def empirical_ntk(
 
 
 def chosen_implementation(
-    model,
+    model: Model,
     params: PyTree = None,
     x1: jax.Array = None,
     x2: jax.Array | None = None,
@@ -387,7 +390,7 @@ def chosen_implementation(
     implementation: str = "auto",
     by_layer: bool = False,
     block_size: int | None = None,
-    dtype=None,
+    dtype: DTypeLike | None = None,
     blocks: BlockOptions | None = None,
     contraction: ContractionOptions | None = None,
 ) -> str:

@@ -34,6 +34,11 @@ import jax
 
 PyTree = Any
 
+Model = Any
+"""What the entry points accept as ``model``: a Linen module, an NNX module, an
+Equinox module or an ``(eqx module, eqx.nn.State)`` pair, an :class:`ApplyFn`,
+or any function ``f(params, x) -> (batch, k)`` (see :func:`as_apply_fn`)."""
+
 
 class ApplyFn:
     """``apply_fn(params, x) -> (batch, k)``: a pure function with fixed state.
@@ -265,7 +270,7 @@ def _equinox_apply_fn(model, eqx_state=None, paired=False) -> tuple[ApplyFn, PyT
     ), params
 
 
-def as_apply_fn(model, variables: PyTree | None = None) -> tuple[ApplyFn, PyTree]:
+def as_apply_fn(model: Model, variables: PyTree | None = None) -> tuple[ApplyFn, PyTree]:
     """Splits any supported model into ``(apply_fn, params)``.
 
     Args:

@@ -9,11 +9,11 @@ import jax.numpy as jnp
 
 from ntkd.ntk._util import check_finite
 from ntkd.ntk.engine import _options, output_width
-from ntkd.ntk.models import as_apply_fn
+from ntkd.ntk.models import Model, PyTree, as_apply_fn
 
 
 def ntk_vp_fn(
-    model, params=None, x: jax.Array = None, *, mode: str = "trace", logit: int = 0
+    model: Model, params: PyTree = None, x: jax.Array = None, *, mode: str = "trace", logit: int = 0
 ) -> Callable[[jax.Array], jax.Array]:
     """Kernel-vector product ``v -> K @ v`` on the inputs ``x``.
 
