@@ -909,6 +909,19 @@ def _history_at(workdir: Path, meta: dict, epoch: int) -> list[dict]:
     return [r for r in rows if isinstance(r, dict) and r.get("epoch", epoch + 1) <= epoch]
 
 
+@functools.lru_cache(maxsize=32)
+def _fit_epoch_fn(model, optimizer: str, learning_rate: float, total_steps: int, schedule, mesh):
+    """(optimizer, jitted epoch function) of :func:`fit`, built once per model and settings.
+
+    Repeated ``fit`` calls with the same model and hyperparameters (an
+    ablation ladder, a notebook cell run again) reuse the compiled epoch
+    instead of tracing and compiling a new one each call.
+    """
+    tx = make_optimizer(optimizer, learning_rate, total_steps=total_steps, schedule=schedule)
+    step = _make_train_step(model, tx, temperature=1.0, alpha=1.0, augment=False)
+    return tx, _make_epoch_fn(step, NamedSharding(mesh, P("data")))
+
+
 def fit(
     model: flax.linen.Module,
     x: ArrayLike,
@@ -951,13 +964,11 @@ def fit(
     if targets.ndim == 2:
         targets = targets.astype(np.float32)
     bs = min(batch_size, len(x))
-    tx = make_optimizer(
-        optimizer, learning_rate, total_steps=epochs * (len(x) // bs), schedule=schedule
+    mesh = _mesh()
+    tx, epoch_fn = _fit_epoch_fn(
+        model, optimizer, float(learning_rate), epochs * (len(x) // bs), schedule, mesh
     )
     state = _init_state(model, tx, jax.random.key(seed), x.shape[1:])
-    step = _make_train_step(model, tx, temperature=1.0, alpha=1.0, augment=False)
-    mesh = _mesh()
-    epoch_fn = _make_epoch_fn(step, NamedSharding(mesh, P("data")))
     x_all, y_all = jax.device_put((x, targets), NamedSharding(mesh, P()))
     history = []
     for epoch in tqdm(range(1, epochs + 1), disable=not progress, leave=False):
