@@ -818,3 +818,32 @@ def test_float64_without_x64_is_refused_not_silently_float32():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "refused:" in out.stdout and "jax_enable_x64" in out.stdout, out.stdout + out.stderr
+
+
+class _FakeCandidate:
+    """Stands in for auto.Candidate: each timing returns the next of its runs."""
+
+    def __init__(self, name, runs):
+        self.name, self.runs, self.timed = name, list(runs), []
+
+    def time_once(self):
+        t = self.runs[len(self.timed) % len(self.runs)]
+        self.timed.append(t)
+        return t
+
+    @property
+    def estimate(self):
+        return min(self.timed)
+
+
+def test_auto_choose_keeps_each_candidates_fastest_round():
+    """A candidate slowed by one loaded round still wins on its fastest run; rounds interleave."""
+    from ntkd.ntk import auto
+
+    a = _FakeCandidate("structured", [5.0, 1.0, 1.0])  # first round hit by load
+    b = _FakeCandidate("jacobian", [2.0, 2.0, 2.0])
+    assert auto.choose([a, b], min_rounds=2, rounds=3, budget_s=1e9) == "structured"
+    assert len(a.timed) == len(b.timed) == 3
+    c, d = _FakeCandidate("structured", [5.0, 1.0]), _FakeCandidate("jacobian", [2.0])
+    assert auto.choose([c, d], min_rounds=1, rounds=3, budget_s=0.0) == "jacobian"  # one round only
+    assert len(c.timed) == 1

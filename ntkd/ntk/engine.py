@@ -126,6 +126,8 @@ class Engine:
         if key not in self._auto:
             cands = []
             for impl in auto.candidates(self.fn, self.mode, problem.k, params, state, x1):
+                if len(cands) == 1 and auto.fast_enough(cands[0]):
+                    break  # compiling another candidate would cost more than it could save
                 c = self.compiled(impl, sig, problem, params, state, x1)
                 b = self.block(impl, sig, c, problem.k, params, state, x1, max(n1, n2))
                 b = -(-min(b, max(n1, n2)) // c.ndev) * c.ndev
@@ -134,7 +136,8 @@ class Engine:
                 xb = jax.device_put(blocking._pad_to(x1[:b], b), c.rows)
                 blocks = nb1 if symmetric and c.algo.shares_features else nb1 + nb2
                 cands.append(auto.Candidate(impl, c, params, state, xb, blocks, pairs))
-            self._auto[key] = _agreed(IMPLEMENTATIONS, auto.choose(cands))
+            pick = cands[0].name if len(cands) == 1 else auto.choose(cands)
+            self._auto[key] = _agreed(IMPLEMENTATIONS, pick)
         return self._auto[key]
 
     def _prepare(self, apply_fn: ApplyFn, params, x1, x2):
