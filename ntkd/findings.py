@@ -213,15 +213,21 @@ def _stat_paired_metric(res, params, measure):
     }
 
 
-def _capacity_table(res, params):
-    """student → (teacher acc − no-KD acc per seed, online − offline per seed) at τ."""
-    rows = res["distillation"]["rows"]
-    runs = _runs(res)
-    t, metric = params["temperature"], params.get("metric", "test_acc")
+def capacity_points(
+    dist: Mapping[str, Any], temperature: float, metric: str = "test_acc"
+) -> dict[str, dict[int, tuple[float, float]]]:
+    """student → seed → (capacity gap, online − offline) at τ, from distillation results.
+
+    The capacity gap of a seed is the teacher's test accuracy minus that
+    seed's no-KD student; only seeds with a no-KD, an offline and an online
+    run at τ count. The capacity-gap criterion, the report's table and the
+    figure all read these same numbers.
+    """
+    runs = {(r["regime"], r["seed"]): r for r in dist["runs"]}
     by_student: dict[str, dict[str, str]] = {}
-    for r in rows:
-        if r["kind"] == "none" or r.get("temperature") == t:
-            by_student.setdefault(r["student"], {})[r["kind"]] = r["regime"]
+    for r in dist["rows"]:
+        if r["kind"] == "none" or r.get("temperature") == temperature:
+            by_student.setdefault(r.get("student", "main"), {})[r["kind"]] = r["regime"]
     table = {}
     for student, names in by_student.items():
         if not {"none", "offline", "online"} <= set(names):
@@ -233,12 +239,29 @@ def _capacity_table(res, params):
         )
         table[student] = {
             s: (
-                res["distillation"]["teacher_test_acc"] - runs[names["none"], s][metric],
+                dist["teacher_test_acc"] - runs[names["none"], s][metric],
                 runs[names["online"], s][metric] - runs[names["offline"], s][metric],
             )
             for s in seeds
         }
     return table
+
+
+def capacity_temperature(findings: Sequence[Mapping[str, Any]], dist: Mapping[str, Any]):
+    """τ of the capacity-gap criterion in ``findings`` (older results: the largest KD τ)."""
+    for f in findings:
+        if f.get("statistic") == "capacity_slope" and "params" in f:
+            return f["params"]["temperature"]
+    temps = {r["temperature"] for r in dist["rows"] if r["kind"] == "offline"} & {
+        r["temperature"] for r in dist["rows"] if r["kind"] == "online"
+    }
+    return max(temps) if temps else None
+
+
+def _capacity_table(res, params):
+    return capacity_points(
+        res["distillation"], params["temperature"], params.get("metric", "test_acc")
+    )
 
 
 def _stat_capacity_slope(res, params, measure) -> PairedResult:
@@ -521,8 +544,8 @@ def evaluate_findings(criteria: list[dict], results: Mapping[str, dict]) -> list
         results: step name → that step's ``results/<step>.json`` content.
 
     Returns:
-        One dict per criterion, in order: ``name``, ``kind``, ``criterion``,
-        ``direction``, ``verdict``, ``effect``, ``ci``, ``p``, ``p_adjusted``,
+        One dict per criterion, in order: ``name``, ``kind``, ``statistic``,
+        ``params`` (the criterion's), ``criterion``, ``direction``, ``verdict``, ``effect``, ``ci``, ``p``, ``p_adjusted``,
         ``n``, ``method``, ``per_seed`` (paired statistics) and, for complexity
         findings, ``controls`` and ``size_effect_only``. Criteria whose step has
         not run get verdict ``not tested`` and take no part in the correction.
@@ -538,6 +561,8 @@ def evaluate_findings(criteria: list[dict], results: Mapping[str, dict]) -> list
         row: dict[str, Any] = {
             "name": c["name"],
             "kind": c["kind"],
+            "statistic": c["statistic"],
+            "params": c["params"],
             "criterion": c["criterion"],
             "direction": c["direction"],
             "alpha": c["alpha"],

@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from ntkd._io import read_json, write_bytes
+from ntkd.findings import capacity_points, capacity_temperature
 
 _STYLE = {
     "figure.dpi": 110,
@@ -220,34 +221,15 @@ def plot_distillation(res: dict, path: Path, title: str = "", findings: list | N
         "paired comparisons (green: reproduced, red: against, grey: inconclusive)", fontsize=8
     )
     ax = axes[2]
-    runs = {(r["regime"], r["seed"]): r for r in res["runs"]}
+    t = capacity_temperature(findings or [], res)
+    points = capacity_points(res, t) if t is not None else {}
     pts = []
     for student in students:
-        mine = {r["kind"]: r for r in rows if r.get("student", "main") == student}
-        kd = [
-            r
-            for r in rows
-            if r.get("student", "main") == student and r["kind"] in ("offline", "online")
-        ]
-        temps = {r["temperature"] for r in kd if r["kind"] == "offline"} & {
-            r["temperature"] for r in kd if r["kind"] == "online"
-        }
-        if "none" not in mine or not temps:
+        if not points.get(student):
             continue
-        t = max(temps)
-        off = next(r for r in kd if r["kind"] == "offline" and r["temperature"] == t)
-        on = next(r for r in kd if r["kind"] == "online" and r["temperature"] == t)
-        seeds = sorted(
-            {s for (n, s) in runs if n == on["regime"]}
-            & {s for (n, s) in runs if n == off["regime"]}
-        )
-        gain, se = _mean_se(
-            [
-                100 * (runs[on["regime"], s]["test_acc"] - runs[off["regime"], s]["test_acc"])
-                for s in seeds
-            ]
-        )
-        gap = 100 * (res["teacher_test_acc"] - mine["none"]["test_acc_mean"])
+        gaps, gains = zip(*points[student].values())
+        gap = 100 * float(np.mean(gaps))
+        gain, se = _mean_se([100 * g for g in gains])
         pts.append((gap, gain))
         ax.errorbar(
             gap,

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ntkd._io import read_json, write_text
-from ntkd.findings import checkpoint_at
+from ntkd.findings import capacity_points, capacity_temperature, checkpoint_at
 
 # Harutyunyan et al. (ICLR 2023), Fig. of complexity along student training (CIFAR-100, ResNet-56 → LeNet-5x8):
 # online / offline teacher ratio of the adjusted complexity at fractions of student training.
@@ -152,41 +152,22 @@ def _ratio_table(sc: dict) -> list[str]:
 
 
 def _capacity_lines(dist: dict, findings: list[dict]) -> list[str]:
-    rows = dist["rows"]
-    runs = {(r["regime"], r["seed"]): r for r in dist["runs"]}
     f = next((x for x in findings if x["name"].startswith("online KD helps most")), None)
-    t = None
+    t = capacity_temperature(findings, dist)
     out = [
         "| student | capacity gap (points) | online − offline test acc (points) | seeds |",
         "|---|---|---|---|",
     ]
     points: dict[str, tuple[float, float]] = {}
-    by: dict[str, dict] = {}
-    for r in rows:
-        by.setdefault(r["student"], {}).setdefault(r["kind"], []).append(r)
-    for student, kinds in by.items():
-        if not {"none", "offline", "online"} <= set(kinds):
+    for student, per_seed in (capacity_points(dist, t) if t is not None else {}).items():
+        if not per_seed:
             continue
-        temps = {r["temperature"] for r in kinds["offline"]} & {
-            r["temperature"] for r in kinds["online"]
-        }
-        t = max(temps) if temps else None
-        if t is None:
-            continue
-        off = next(r for r in kinds["offline"] if r["temperature"] == t)
-        on = next(r for r in kinds["online"] if r["temperature"] == t)
-        seeds = sorted(
-            {s for (n, s) in runs if n == on["regime"]}
-            & {s for (n, s) in runs if n == off["regime"]}
-        )
-        gains = np.array(
-            [runs[on["regime"], s]["test_acc"] - runs[off["regime"], s]["test_acc"] for s in seeds]
-        )
-        gap = dist["teacher_test_acc"] - kinds["none"][0]["test_acc_mean"]
+        gaps, gains = (np.array(v) for v in zip(*per_seed.values()))
         se = gains.std(ddof=1) / np.sqrt(len(gains)) if len(gains) > 1 else 0.0
-        points[student] = (gap, gains.mean())
+        points[student] = (gaps.mean(), gains.mean())
         out.append(
-            f"| {student} | {100 * gap:.1f} | {100 * gains.mean():+.1f} ± {100 * se:.1f} | {len(seeds)} |"
+            f"| {student} | {100 * gaps.mean():.1f} | {100 * gains.mean():+.1f} ± {100 * se:.1f} "
+            f"| {len(gains)} |"
         )
     if f is not None and f.get("effect") is not None:
         out.append(

@@ -186,3 +186,37 @@ def test_compare_findings_across_disjoint_seed_sets(tmp_path):
         compare_findings(
             a, _fake_study(tmp_path / "d", [5], ["reproduced"] * 3, criteria_sha="xyz")
         )
+
+
+def test_capacity_points_are_what_the_criterion_regresses():
+    """Report table, figure and criterion read one capacity_points; the slope matches its OLS."""
+    from ntkd.findings import capacity_points, capacity_temperature
+
+    runs, rows = [], []
+    for student, gap in (("a", 0.1), ("b", 0.3), ("c", 0.5)):
+        for kind, name in (
+            ("none", f"{student} none"),
+            ("offline", f"{student} off"),
+            ("online", f"{student} on"),
+        ):
+            rows.append(
+                {
+                    "regime": name,
+                    "kind": kind,
+                    "student": student,
+                    "temperature": None if kind == "none" else 4.0,
+                }
+            )
+            for seed in (0, 1):
+                acc = 0.9 - gap + (0.02 * gap if kind == "online" else 0.0) + 0.001 * seed
+                runs.append({"regime": name, "seed": seed, "test_acc": acc})
+    dist = {"rows": rows, "runs": runs, "teacher_test_acc": 0.9}
+    pts = capacity_points(dist, 4.0)
+    assert sorted(pts) == ["a", "b", "c"]
+    gaps = [np.mean([v[0] for v in pts[s].values()]) for s in "abc"]
+    gains = [np.mean([v[1] for v in pts[s].values()]) for s in "abc"]
+    np.testing.assert_allclose(np.polyfit(gaps, gains, 1)[0], 0.02, rtol=1e-6)
+    assert capacity_points(dist, 1.0) == {}  # no KD run at τ = 1
+    assert capacity_temperature([], dist) == 4.0  # results without params: the largest KD τ
+    found = [{"statistic": "capacity_slope", "params": {"temperature": 1.0}}]
+    assert capacity_temperature(found, dist) == 1.0
