@@ -45,7 +45,7 @@ GROUP_COLUMNS = 64
 """Targets share one block Krylov space in groups of at most this many columns:
 the Lanczos basis is n × columns × steps float64, which this keeps to ~0.5 GiB
 at n = 50,000 and 20 steps, while targets with few columns still share steps."""
-TRACE_SOURCE = "exact (dense diagonal blocks)"
+TRACE_SOURCE = "exact (eNTK diagonal)"
 
 _UNITS = {
     "": 1,
@@ -145,8 +145,8 @@ class MatfreeComplexity:
       bounds: target name -> :class:`ntkd.matfree.ComplexityBounds` on
         C = tr(Yᵀ(K + ρI)⁻¹Y) (``iterations`` and ``matvecs`` are those of the
         Krylov space the target shared with the others of its group).
-      trace: tr K; trace_source: how it was computed (exact, from the dense
-        diagonal blocks of the eNTK).
+      trace: tr K; trace_source: how it was computed (exact: the eNTK's
+        diagonal, from cached Jacobians or dense diagonal blocks).
       relative_ridge: λ; shift: ρ = λ · tr K / N.
       n: examples; size: N, the side of K (n·k for ``mode="full"``).
       target_norm2: target name -> ‖Y‖_F².
@@ -226,7 +226,7 @@ def matfree_complexity(
 
     One streaming operator (:func:`ntkd.matfree.ntk_matvec`, float64 products
     under a local ``jax.enable_x64``, as certification needs) serves every
-    target; its exact trace (dense diagonal blocks) is computed once and gives
+    target; its exact trace (``NtkMatvec.trace``) is computed once and gives
     ρ = λ · tr K / N (:func:`ntkd.matfree.shift_from_ridge`), the dense path's
     ridge. Targets are bounded by :func:`ntkd.matfree.supervision_complexity_bounds`
     in groups sharing one block Krylov space (at most ``group_columns``
