@@ -279,21 +279,57 @@ def _cmd_complexity(args) -> int:
         mode=args.mode,
         ridge=args.ridge,
         data_dir=args.data_dir,
+        path=args.path,
+        memory_budget=args.memory_budget,
+        rtol=args.rtol,
     )
-    print(format_table(rows))
+    # The printed table shows each certified interval in one cell; the files keep every column.
+    cells = {"complexity": "C interval", "adjusted_complexity": "A interval"}
+    cells["normalized_complexity"] = "Â interval"
+    shown = []
+    for r in rows:
+        row = {}
+        for c, v in r.items():
+            if c.endswith(("_lower", "_upper")):
+                continue
+            row[c] = v
+            if c in cells and r["path"] == "matfree":
+                stem = c.split("_")[0]
+                row[cells[c]] = f"[{r[stem + '_lower']:.5g}, {r[stem + '_upper']:.5g}]"
+        shown.append(row)
+    print(format_table(shown))
     paths = write_table(rows, str(Path(args.out) / "complexity"))
-    print("wrote " + ", ".join(map(str, paths)))
+    print(f"path: {rows[0]['path']} (n={rows[0]['n']}); wrote " + ", ".join(map(str, paths)))
     return 0
 
 
 def _parser_complexity(sub) -> None:
+    def examples(text: str):
+        if text == "all":
+            return text
+        try:
+            return _positive_int(text)
+        except argparse.ArgumentTypeError as e:
+            raise argparse.ArgumentTypeError(f"{e} (or 'all' for the whole training set)") from None
+
+    def memory_size(text: str) -> int:
+        from ntkd.matfree import parse_bytes
+
+        try:
+            return parse_bytes(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
     p = sub.add_parser(
         "complexity",
         help="supervision complexity of teacher checkpoints in a student's NTK",
         description="For every checkpoint of each --teacher run and every temperature, the "
         "(adjusted) supervision complexity of the teacher's softened predictions in the "
         "student's eNTK on the first --n training examples, with teacher accuracy and "
-        "student margin statistics; true and random labels as references.",
+        "student margin statistics; true and random labels as references. When the dense "
+        "kernel does not fit --memory-budget (or with --path matfree) every row gets a "
+        "certified interval from matrix-free kernel products instead (needs --ridge > 0); "
+        "the column 'path' says which (docs/matfree.md).",
     )
     p.add_argument("--student", required=True, help="student run folder")
     p.add_argument(
@@ -312,12 +348,36 @@ def _parser_complexity(sub) -> None:
     )
     p.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0])
     p.add_argument(
-        "--n", type=_positive_int, default=1000, help="training examples in the kernel (>= 1)"
+        "--n",
+        type=examples,
+        default=1000,
+        help="training examples in the kernel (>= 1), or 'all' for the whole training set",
     )
     p.add_argument(
         "--mode", choices=("trace", "sum", "logit", "full"), default="trace", help="eNTK mode"
     )
     p.add_argument("--ridge", type=float, default=0.0, help="relative ridge (times tr K / n)")
+    p.add_argument(
+        "--path",
+        choices=("auto", "dense", "matfree"),
+        default="auto",
+        help="dense Cholesky, matrix-free certified bounds, or auto: dense when the kernel "
+        "and its factor (20 bytes per entry) fit --memory-budget",
+    )
+    p.add_argument(
+        "--memory-budget",
+        type=memory_size,
+        default=None,
+        metavar="SIZE",
+        help="memory for the dense path, e.g. 8GiB, 512MiB or bytes "
+        "(default: half the available memory)",
+    )
+    p.add_argument(
+        "--rtol",
+        type=_positive_float,
+        default=1e-2,
+        help="matrix-free path: stop when (upper - lower) / lower <= RTOL",
+    )
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", required=True, help="folder for complexity.csv / complexity.json")
     p.set_defaults(func=_cmd_complexity)

@@ -852,23 +852,41 @@ def compare_teachers(
     kernel: ArrayLike | None = None,
     student_logits: ArrayLike | None = None,
     seed: int = 0,
+    path: str = "auto",
+    memory_budget: int | str | None = None,
+    rtol: float = 1e-2,
 ) -> list[dict[str, Any]]:
     """Supervision complexity of several teachers' targets in one student NTK.
 
-    The student's eNTK on x is computed with :func:`ntkd.ntk.empirical_ntk`
-    (or taken from ``kernel=``) and factorised once; every target then costs one triangular solve. Rows:
+    Dense path: the student's eNTK on x is computed with
+    :func:`ntkd.ntk.empirical_ntk` (or taken from ``kernel=``) and factorised
+    once; every target then costs one triangular solve. Matrix-free path
+    (``path="matfree"``, or ``"auto"`` when the dense kernel would not fit
+    ``memory_budget``): every target gets a certified interval from one
+    streaming eNTK operator (:func:`ntkd.matfree.matfree_complexity`; needs
+    ``ridge > 0``, the same relative ridge, so both paths measure the same C). Rows:
 
     * one per (teacher, temperature) with targets ``softmax(z / τ)``;
     * ``"labels"``: one-hot true labels (temperature None);
     * ``"random"``: one-hot uniformly random labels (temperature None).
 
-    Columns: ``target``, ``temperature``, ``complexity`` (C),
-    ``adjusted_complexity`` (A), ``teacher_accuracy`` (argmax of the targets vs
-    the true labels), ``margin_mean``, ``margin_median`` and ``margin_error``
-    (fraction of student margins ``<= gamma``) of the student w.r.t. the
-    targets' argmax, and ``ridge``, ``jitter``, ``condition_number`` of the
-    solve. Margins do not depend on the temperature. Harutyunyan et al., ICLR
-    2023, arXiv 2301.12245, Fig. 1 and §5.
+    Columns: ``target``, ``temperature``, ``path`` (``"dense"`` or
+    ``"matfree"``), ``complexity`` (C), ``adjusted_complexity`` (A),
+    ``normalized_complexity`` (Â), ``teacher_accuracy`` (argmax of the targets
+    vs the true labels), ``margin_mean``, ``margin_median`` and
+    ``margin_error`` (fraction of student margins ``<= gamma``) of the student
+    w.r.t. the targets' argmax, and ``ridge`` (the absolute shift
+    λ · tr K / N), ``jitter``, ``condition_number`` of the dense solve. On the
+    matrix-free path C, A, Â are the interval midpoints and each has its
+    certified interval (``complexity_lower`` / ``complexity_upper``,
+    ``adjusted_lower`` / ``adjusted_upper``, ``normalized_lower`` /
+    ``normalized_upper``), with ``relative_gap``, ``iterations`` and
+    ``matvecs`` (of the Krylov space the row shared), ``converged``,
+    ``upper_certified``, ``eig_lower_source``, ``trace`` and ``trace_source``
+    instead of ``jitter`` and ``condition_number`` (see
+    :meth:`ntkd.matfree.MatfreeComplexity.columns`). Margins do not depend on
+    the temperature. Harutyunyan et al., ICLR 2023, arXiv 2301.12245, Fig. 1
+    and §5.
 
     Args:
       student_apply_fn: ``f(params, x) -> logits (n, k)`` (for Flax models
@@ -889,9 +907,18 @@ def compare_teachers(
         when given no eNTK is computed.
       student_logits: precomputed ``(n, k)`` student logits on x.
       seed: seed of the random-label row.
+      path: ``"auto"`` (dense when :func:`ntkd.matfree.dense_kernel_bytes`
+        fits ``memory_budget``), ``"dense"`` or ``"matfree"`` (not with ``kernel=``).
+      memory_budget: bytes or a size such as ``"8GiB"`` for ``path="auto"``
+        (default: half the available host memory).
+      rtol: relative gap at which the matrix-free intervals stop.
 
     Returns:
       A list of dict rows, ready for :func:`write_table` / :func:`format_table`.
+
+    Raises:
+      ValueError: bad shapes, ``path="matfree"`` with ``kernel=``, or ridge = 0
+        on the matrix-free path (the message names the fix).
 
     Examples:
       >>> rows = compare_teachers(None, None, np.zeros((2, 1)), np.array([0, 1]),
@@ -900,40 +927,30 @@ def compare_teachers(
       >>> [r["target"] for r in rows]
       ['t', 'labels', 'random']
     """
+    from ntkd.matfree.measure import PATHS, matfree_complexity, require_ridge, resolve_path
+
     labels_np = np.asarray(labels)
     n = labels_np.shape[0]
-    if kernel is None:
-        kernel = ntk.empirical_ntk(student_apply_fn, student_params, x, mode=mode)
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}.")
+    if kernel is not None and path == "matfree":
+        raise ValueError(
+            "kernel= is a dense kernel, but path='matfree' computes kernel products from "
+            "student_apply_fn; pass path='dense' (or 'auto'), or leave kernel=None."
+        )
     if student_logits is None:
         student_logits = student_apply_fn(student_params, x)
     s_logits = np.asarray(student_logits, dtype=np.float64)
     if s_logits.ndim != 2 or s_logits.shape[0] != n:
         raise ValueError(f"student logits must be ({n}, k), got {s_logits.shape}.")
     k = s_logits.shape[1]
-    factor = factor_kernel(kernel, ridge=ridge)
-    if factor.n != n:
-        raise ValueError(f"kernel covers {factor.n} examples but labels has {n}.")
-    solve_cols = {
-        "ridge": factor.info.ridge,
-        "jitter": factor.info.jitter,
-        "condition_number": factor.info.condition_number,
-    }
+    chosen = "dense"
+    if kernel is None:
+        chosen = resolve_path(path, n, k=k, mode=mode, memory_budget=memory_budget)
+    if chosen == "matfree":
+        require_ridge(ridge, n, k=k, mode=mode)
 
-    def row(name, temperature, Y, reference):
-        margins = _margins(s_logits, reference)
-        return {
-            "target": name,
-            "temperature": temperature,
-            "complexity": factor.complexity(Y),
-            "adjusted_complexity": factor.adjusted_complexity(Y),
-            "teacher_accuracy": float(np.mean(reference == labels_np)),
-            "margin_mean": float(np.mean(margins)),
-            "margin_median": float(np.median(margins)),
-            "margin_error": float(np.mean(margins <= gamma)),
-            **solve_cols,
-        }
-
-    rows = []
+    specs = []  # (target, temperature, Y, reference argmax)
     for name, logits in teachers.items():
         t_logits = np.asarray(logits, dtype=np.float64)
         if t_logits.shape != (n, k):
@@ -943,10 +960,58 @@ def compare_teachers(
         reference = t_logits.argmax(axis=1)
         for tau in temperatures:
             Y = targets_lib.softmax_targets(t_logits, float(tau), center=center)
-            rows.append(row(name, float(tau), Y, reference))
-    rows.append(row("labels", None, targets_lib.one_hot(labels_np, k), labels_np))
+            specs.append((name, float(tau), Y, reference))
+    specs.append(("labels", None, targets_lib.one_hot(labels_np, k), labels_np))
     random_Y = np.asarray(targets_lib.random_labels(jax.random.key(seed), n, k))
-    rows.append(row("random", None, random_Y, random_Y.argmax(axis=1)))
+    specs.append(("random", None, random_Y, random_Y.argmax(axis=1)))
+
+    if chosen == "dense":
+        if kernel is None:
+            kernel = ntk.empirical_ntk(student_apply_fn, student_params, x, mode=mode)
+        factor = factor_kernel(kernel, ridge=ridge)
+        if factor.n != n:
+            raise ValueError(f"kernel covers {factor.n} examples but labels has {n}.")
+        solve_cols = {
+            "ridge": factor.info.ridge,
+            "jitter": factor.info.jitter,
+            "condition_number": factor.info.condition_number,
+        }
+        measured = [
+            {
+                "complexity": factor.complexity(Y),
+                "adjusted_complexity": factor.adjusted_complexity(Y),
+                "normalized_complexity": factor.normalized_complexity(Y),
+                **solve_cols,
+            }
+            for _, _, Y, _ in specs
+        ]
+    else:
+        res = matfree_complexity(
+            student_apply_fn,
+            student_params,
+            x,
+            {str(i): spec[2] for i, spec in enumerate(specs)},
+            mode=mode,
+            ridge=ridge,
+            rtol=rtol,
+        )
+        measured = [res.columns(str(i)) for i in range(len(specs))]
+
+    rows = []
+    for (name, temperature, _, reference), cols in zip(specs, measured):
+        margins = _margins(s_logits, reference)
+        rows.append(
+            {
+                "target": name,
+                "temperature": temperature,
+                "path": chosen,
+                **cols,
+                "teacher_accuracy": float(np.mean(reference == labels_np)),
+                "margin_mean": float(np.mean(margins)),
+                "margin_median": float(np.median(margins)),
+                "margin_error": float(np.mean(margins <= gamma)),
+            }
+        )
     return rows
 
 

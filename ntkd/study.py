@@ -68,6 +68,7 @@ from ntkd._io import read_json, write_csv, write_json, write_text
 from ntkd.complexity import KernelFactor, compare_teachers, factor_kernel, kernel_margin_bound
 from ntkd.data import Dataset, load_dataset
 from ntkd.kernels import kernel_alignment
+from ntkd.matfree.measure import matfree_complexity
 from ntkd.ntk import empirical_ntk, empirical_ntk_fn, flax_apply_fn
 from ntkd.targets import matched_label_smoothing, one_hot, random_labels, softmax_targets
 from ntkd.training import TrainConfig, online_teacher_epoch, predict, train
@@ -101,6 +102,14 @@ class StudyConfig:
             report's checks use the first.
         ntk_mode: scalar eNTK mode of the analyses (``trace``, ``sum`` or ``logit``).
         ridge: relative ridge of the complexity solves.
+        complexity_path: how steps 1 and 2 compute the complexity: ``"dense"`` (form the
+            n_kernel × n_kernel eNTK, Cholesky), ``"matfree"`` (certified intervals from
+            streaming eNTK products, ``ntkd.matfree``; needs ``ridge > 0``) or ``"auto"``
+            (dense when the dense kernel fits ``memory_budget``). The margins and NTK
+            similarity steps always use the dense kernel (docs/matfree.md).
+        memory_budget: bytes (or a size such as ``"8GiB"``) of ``"auto"``; None: half the
+            available host memory.
+        complexity_rtol: relative gap at which the matrix-free intervals stop.
         gammas: margins γ of the kernel-student bound, in target units (probabilities).
         delta: failure probability δ of the bound.
         criteria: the pre-registered findings (see :mod:`ntkd.findings`): fixed before any
@@ -131,8 +140,21 @@ class StudyConfig:
     delta: float = 0.05
     criteria: list = dataclasses.field(default_factory=list)
     overrides: dict = dataclasses.field(default_factory=dict)
+    complexity_path: str = "auto"
+    memory_budget: int | str | None = None
+    complexity_rtol: float = 1e-2
 
     def __post_init__(self):
+        from ntkd.matfree.measure import PATHS, parse_bytes
+
+        if self.complexity_path not in PATHS:
+            raise ValueError(
+                f"complexity_path must be one of {PATHS}, got {self.complexity_path!r}."
+            )
+        if self.memory_budget is not None:
+            parse_bytes(self.memory_budget)
+        if not self.complexity_rtol > 0:
+            raise ValueError(f"complexity_rtol must be > 0, got {self.complexity_rtol}.")
         if self.analysis_seeds is None:
             self.analysis_seeds = list(self.seeds[:3])
         missing = [s for s in self.analysis_seeds if s not in self.seeds]
@@ -154,11 +176,18 @@ class StudyConfig:
             )
 
     def to_dict(self) -> dict:
-        """The JSON form written to ``study.json`` (``overrides`` only when there are any, so
-        that a folder written before overrides existed still matches its preset)."""
+        """The configuration as JSON data (``study.json``, hashed into every result).
+
+        ``overrides`` only when there are any, and fields added after the first studies
+        (``_LATER_FIELDS``) only when not at their defaults, so that a folder written
+        before either existed still matches its preset and keeps its finished steps.
+        """
         d = json.loads(json.dumps(dataclasses.asdict(self)))
         if not d["overrides"]:
             del d["overrides"]
+        for name, default in _LATER_FIELDS.items():
+            if d[name] == default:
+                del d[name]
         return d
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> StudyConfig:
@@ -259,6 +288,8 @@ class StudyConfig:
         raise ValueError(f"no regime named {name!r}; regimes: {[r['name'] for r in self.regimes]}")
 
 
+_LATER_FIELDS = {"complexity_path": "auto", "memory_budget": None, "complexity_rtol": 1e-2}
+
 _STUDY_FIELDS = {
     name: t for name, t in typing.get_type_hints(StudyConfig).items() if name != "overrides"
 }
@@ -329,6 +360,14 @@ class Study:
         )
         n = min(config.n_kernel, len(self.ds.x_train))
         self.x_sub, self.y_sub = self.ds.x_train[:n], self.ds.y_train[:n]
+        from ntkd.matfree.measure import require_ridge, resolve_path
+
+        # Decided (and a matrix-free study without a ridge refused) before any training.
+        self.complexity_path = resolve_path(
+            config.complexity_path, n, mode=config.ntk_mode, memory_budget=config.memory_budget
+        )
+        if self.complexity_path == "matfree":
+            require_ridge(config.ridge, n, mode=config.ntk_mode)
         from ntkd.models import get_model
 
         for run in [config.teacher_config()] + [
@@ -439,6 +478,68 @@ class Study:
             )
         return out
 
+    def _complexities(
+        self, run_dir: Path, epoch: int | None, targets: dict
+    ) -> tuple[dict[Any, dict], dict]:
+        """:meth:`_measure` of every ``key -> (Y, teacher)`` in the eNTK of a run's checkpoint,
+        on the study's complexity path, and what the path records about the kernel."""
+        cfg = self.config
+        if self.complexity_path == "dense":
+            factor = factor_kernel(self.ntk(run_dir, epoch), ridge=cfg.ridge)
+            measures = {
+                key: self._measure(factor, Y, teacher=teacher)
+                for key, (Y, teacher) in targets.items()
+            }
+            # LAPACK's condition *estimate* varies in its last bits between runs (threaded
+            # BLAS); rounded so that identical runs give identical results files.
+            return measures, {"condition_number": float(f"{factor.info.condition_number:.4g}")}
+        model, variables = self.model_at(run_dir, epoch)
+        apply_fn, params = flax_apply_fn(model, variables)
+        ys, eps = {}, {}
+        for key, (Y, teacher) in targets.items():
+            ys[key] = np.asarray(Y, np.float64)
+            if teacher:
+                ys[(key, "ls")], eps[key] = matched_label_smoothing(
+                    self.y_sub, self.ds.num_classes, float(np.linalg.norm(ys[key]))
+                )
+        res = matfree_complexity(
+            apply_fn,
+            params,
+            self.x_sub,
+            ys,
+            mode=cfg.ntk_mode,
+            ridge=cfg.ridge,
+            rtol=cfg.complexity_rtol,
+        )
+
+        def forms(name, prefix=""):
+            c = res.columns(name)
+            return {
+                f"{prefix}A": c["adjusted_complexity"],
+                f"{prefix}A_lower": c["adjusted_lower"],
+                f"{prefix}A_upper": c["adjusted_upper"],
+                f"{prefix}A_hat": c["normalized_complexity"],
+                f"{prefix}A_hat_lower": c["normalized_lower"],
+                f"{prefix}A_hat_upper": c["normalized_upper"],
+            }
+
+        measures = {}
+        for key, (_, teacher) in targets.items():
+            Y = ys[key]
+            out = {**forms(key), "A_identity": float(np.sqrt(np.sum(Y * Y) / len(Y)))}
+            if teacher:
+                out.update(forms((key, "ls"), "ls_"), ls_epsilon=eps[key])
+            measures[key] = out
+        gaps = [b.relative_gap for b in res.bounds.values()]
+        return measures, {
+            "trace": res.trace,
+            "trace_source": res.trace_source,
+            "shift": res.shift,
+            "matvecs": res.matvecs,
+            "max_relative_gap": max(gaps),
+            "certified": all(b.upper_certified for b in res.bounds.values()),
+        }
+
     def _fixed_targets(self) -> dict[str, np.ndarray]:
         k = self.ds.num_classes
         return {
@@ -452,18 +553,20 @@ class Study:
         epochs = [e for e in (cfg.teacher_epochs or saved) if e in saved]
         teachers = {e: self.logits(self.teacher_dir, e) for e in epochs}
         hist = {r["epoch"]: r for r in self.history(self.teacher_dir)}
+        fixed = self._fixed_targets()
         panels = []
         for seed in tqdm(
             cfg.analysis_seeds, desc="teacher checkpoints", disable=not self.progress, leave=False
         ):
-            factor = factor_kernel(
-                self.ntk(self.student_dir(cfg.main_regimes[0]["name"], seed), 0), ridge=cfg.ridge
-            )
-            rows = [
-                {"target": key, "temperature": None, **self._measure(factor, Y, teacher=False)}
-                for key, Y in self._fixed_targets().items()
-            ]
+            targets = {key: (Y, False) for key, Y in fixed.items()}
             for e, z in teachers.items():
+                for t in cfg.temperatures:
+                    targets[e, float(t)] = (softmax_targets(z, t), True)
+            measures, kernel_info = self._complexities(
+                self.student_dir(cfg.main_regimes[0]["name"], seed), 0, targets
+            )
+            rows = [{"target": key, "temperature": None, **measures[key]} for key in fixed]
+            for e in teachers:
                 for t in cfg.temperatures:
                     rows.append(
                         {
@@ -472,19 +575,14 @@ class Study:
                             "temperature": float(t),
                             "teacher_test_acc": hist[e]["test_acc"],
                             "teacher_train_acc": hist[e]["train_acc"],
-                            **self._measure(factor, softmax_targets(z, t), teacher=True),
+                            **measures[e, float(t)],
                         }
                     )
-            panels.append(
-                {
-                    "seed": seed,
-                    "condition_number": float(f"{factor.info.condition_number:.4g}"),
-                    "rows": rows,
-                }
-            )
+            panels.append({"seed": seed, **kernel_info, "rows": rows})
         return {
             "n": len(self.y_sub),
             "mode": cfg.ntk_mode,
+            "complexity_path": self.complexity_path,
             "kernel": "student NTK at initialisation",
             "seeds": list(cfg.analysis_seeds),
             "temperatures": list(cfg.temperatures),
@@ -513,30 +611,28 @@ class Study:
                 te = online_teacher_epoch(max(e, teacher_saved[0]), teacher_saved)
                 if te not in online_logits:
                     online_logits[te] = self.logits(self.teacher_dir, te)
-                factor = factor_kernel(self.ntk(run, e), ridge=cfg.ridge)
-                targets = {key: self._measure(factor, Y, teacher=False) for key, Y in fixed.items()}
+                targets = {key: (Y, False) for key, Y in fixed.items()}
                 for t in cfg.complexity_temperatures:
-                    targets[f"offline_teacher_t{t:g}"] = self._measure(
-                        factor, offline[t], teacher=True
+                    targets[f"offline_teacher_t{t:g}"] = (offline[t], True)
+                    targets[f"online_teacher_t{t:g}"] = (
+                        softmax_targets(online_logits[te], t),
+                        True,
                     )
-                    targets[f"online_teacher_t{t:g}"] = self._measure(
-                        factor, softmax_targets(online_logits[te], t), teacher=True
-                    )
-                # LAPACK's condition *estimate* varies in its last bits between runs (threaded BLAS);
-                # rounded so that identical runs give identical results files.
+                measures, kernel_info = self._complexities(run, e, targets)
                 rows.append(
                     {
                         "epoch": e,
                         "fraction": e / epochs_total,
                         "online_teacher_epoch": te,
-                        "condition_number": float(f"{factor.info.condition_number:.4g}"),
-                        "targets": targets,
+                        **kernel_info,
+                        "targets": measures,
                     }
                 )
             panels.append({"regime": name, "seed": seed, "rows": rows})
         return {
             "n": len(self.y_sub),
             "mode": cfg.ntk_mode,
+            "complexity_path": self.complexity_path,
             "temperatures": list(cfg.complexity_temperatures),
             "regimes": list(cfg.complexity_regimes),
             "seeds": list(cfg.analysis_seeds),
@@ -720,18 +816,25 @@ def teacher_complexity_table(
     student_epoch: int = 0,
     teacher_epochs: list[int] | None = None,
     temperatures: Sequence[float] = (1.0, 2.0, 4.0, 8.0),
-    n: int = 1000,
+    n: int | str = 1000,
     mode: str = "trace",
     ridge: float = 0.0,
     data_dir: str | None = None,
+    path: str = "auto",
+    memory_budget: int | str | None = None,
+    rtol: float = 1e-2,
 ) -> list[dict]:
     """Complexity of teacher checkpoints' targets in a student's NTK, from run folders.
 
     The student's checkpoint fixes the dataset (from its metadata); the kernel
-    is its eNTK on the first ``n`` training examples. See
-    :func:`ntkd.complexity.compare_teachers` for the columns; rows of teacher
-    checkpoints also carry ``teacher_run``, ``teacher_epoch`` and
-    ``teacher_test_acc`` (from the teacher's history).
+    is its eNTK on the first ``n`` training examples (``n="all"``: the whole
+    training set). The dense path forms the kernel and factorises it; the
+    matrix-free path (``path="matfree"``, or ``"auto"`` when the dense kernel
+    would not fit ``memory_budget``) gives every row a certified interval
+    from one streaming eNTK operator (needs ``ridge > 0``). See
+    :func:`ntkd.complexity.compare_teachers` for the columns (``path`` says
+    which); rows of teacher checkpoints also carry ``teacher_run``,
+    ``teacher_epoch`` and ``teacher_test_acc`` (from the teacher's history).
 
     Args:
         student_dir: student (or any) run folder whose NTK measures complexity.
@@ -741,16 +844,46 @@ def teacher_complexity_table(
         temperatures: softmax temperatures of the teacher targets.
         mode: scalar eNTK mode (see :func:`ntkd.complexity.compare_teachers`).
         ridge: relative ridge of the complexity solves.
-        n: number of training examples.
+        n: number of training examples (an int >= 1, at most the training
+            set's size) or ``"all"``.
         data_dir: folder with local archives, when the dataset needs one.
+        path: ``"auto"``, ``"dense"`` or ``"matfree"``.
+        memory_budget: bytes, or a size such as ``"8GiB"``, for ``path="auto"``
+            (default: half the available host memory, see :func:`ntkd.matfree.choose_path`).
+        rtol: relative gap at which the matrix-free intervals stop.
+
+    Raises:
+        ValueError: a bad ``n`` or ``path``, or ridge = 0 on the matrix-free
+            path (raised before any kernel work).
     """
+    from ntkd.matfree.measure import PATHS, require_ridge, resolve_path
+
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}.")
+    if not (
+        n == "all" or (isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 1)
+    ):
+        raise ValueError(f"n must be an int >= 1 or 'all', got {n!r}.")
     model, variables, meta = ckpt_lib.restore_model(student_dir, student_epoch)
     ds = load_dataset(
         meta["dataset"], data_dir=data_dir, seed=meta.get("data_seed", 0), **meta["dataset_options"]
     )
+    if n != "all" and n > len(ds.x_train):
+        raise ValueError(
+            f"n={n} exceeds the {len(ds.x_train)} training examples of {meta['dataset']}; "
+            "pass n='all' (--n all) for the whole training set."
+        )
+    n = len(ds.x_train) if n == "all" else int(n)
     x, y = ds.x_train[:n], ds.y_train[:n]
+    student_logits = predict(model, variables, x)
+    k = student_logits.shape[1]
+    chosen = resolve_path(path, n, k=k, mode=mode, memory_budget=memory_budget)
+    if chosen == "matfree":
+        require_ridge(ridge, n, k=k, mode=mode)
     apply_fn, params = flax_apply_fn(model, variables)
-    K = np.asarray(empirical_ntk(apply_fn, params, x, mode=mode), np.float64)
+    K = None
+    if chosen == "dense":
+        K = np.asarray(empirical_ntk(apply_fn, params, x, mode=mode), np.float64)
     teachers, info = {}, {}
     for tdir in [teacher_dirs] if isinstance(teacher_dirs, (str, os.PathLike)) else teacher_dirs:
         tdir = Path(tdir)
@@ -772,18 +905,20 @@ def teacher_complexity_table(
                 "teacher_test_acc": hist.get(e, {}).get("test_acc"),
             }
     rows = compare_teachers(
-        None,
-        None,
+        apply_fn,
+        params,
         x,
         y,
         teachers,
         temperatures=temperatures,
         kernel=K,
-        student_logits=predict(model, variables, x),
+        student_logits=student_logits,
         ridge=ridge,
         mode=mode,
+        path=chosen,
+        rtol=rtol,
     )
-    return [{**r, **info.get(r["target"], {})} for r in rows]
+    return [{**r, "n": n, **info.get(r["target"], {})} for r in rows]
 
 
 def _config_digest(config: StudyConfig) -> str:

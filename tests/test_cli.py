@@ -227,3 +227,53 @@ def test_overrides_are_applied_and_recorded_and_a_changed_set_is_refused(tmp_pat
         Study(changed, out, progress=False)
     with pytest.raises(ValueError, match="another configuration"):
         Study(preset, out, progress=False)  # dropping the overrides is a change too
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--memory-budget", "8 parsecs", "argument --memory-budget: '8 parsecs' is not a memory"),
+        ("--memory-budget", "0", "argument --memory-budget: a memory size must be at least 1"),
+        ("--n", "abc", "argument --n: 'abc' is not an integer (or 'all' for the whole"),
+        ("--n", "-3", "argument --n: must be >= 1, got -3 (or 'all'"),
+        ("--path", "fast", "argument --path: invalid choice: 'fast'"),
+        ("--rtol", "0", "argument --rtol: must be a finite number > 0"),
+    ],
+)
+def test_complexity_path_flags_are_checked(tmp_path, capsys, flag, value, message):
+    argv = ["complexity", "--student", "s", "--teacher", "t", flag, value]
+    err = _usage_error(capsys, [*argv, "--out", str(tmp_path / "o")])
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_complexity_matfree_path_writes_intervals(tiny_teacher_dir, tmp_path, capsys):
+    import csv
+
+    run = str(tiny_teacher_dir)
+    common = ["complexity", "--student", run, "--teacher", run, "--teacher-epochs", "4"]
+    common += ["--temperatures", "2", "--n", "64", "--ridge", "1e-2"]
+    out = tmp_path / "cx"
+    assert cli_main([*common, "--memory-budget", "1KiB", "--rtol", "0.01", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "C interval" in printed and "A interval" in printed and "path: matfree (n=64)" in printed
+    with open(out / "complexity.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 and {r["path"] for r in rows} == {"matfree"}
+    for r in rows:
+        assert (
+            float(r["complexity_lower"]) <= float(r["complexity"]) <= float(r["complexity_upper"])
+        )
+        assert float(r["relative_gap"]) <= 0.01 and r["eig_lower_source"] in ("shift", "exact")
+        assert int(r["matvecs"]) > 0 and r["trace_source"].startswith("exact")
+    assert cli_main([*common, "--path", "dense", "--out", str(tmp_path / "d")]) == 0
+    assert "C interval" not in capsys.readouterr().out
+
+
+def test_complexity_matfree_without_ridge_says_what_to_do(tiny_teacher_dir, tmp_path, capsys):
+    run = str(tiny_teacher_dir)
+    argv = ["complexity", "--student", run, "--teacher", run, "--n", "all", "--path", "matfree"]
+    assert cli_main([*argv, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "needs a relative ridge > 0, got ridge=0.0" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()

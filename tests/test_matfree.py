@@ -203,7 +203,7 @@ def test_scaling_kernel_and_shift_scales_complexity_and_keeps_adjusted():
     assert lo_b == pytest.approx(lo_a, rel=1e-6) and hi_b == pytest.approx(hi_a, rel=1e-6)
 
 
-@pytest.mark.parametrize("name", ["bounds", "spectra", "plan"])
+@pytest.mark.parametrize("name", ["bounds", "spectra", "plan", "measure"])
 def test_docstring_examples_run(name):
     import importlib
 

@@ -244,3 +244,51 @@ def test_reproduce_quick_digits_writes_findings_in_the_same_format(tmp_path):
         assert keys <= set(f)
         if f["kind"] == "complexity":
             assert set(f["controls"]) == {"A", "identity_kernel", "label_smoothing_matched"}
+
+
+def test_complexity_path_option_matfree_brackets_dense(study_dir, tmp_path):
+    """StudyConfig.complexity_path: the matrix-free steps' intervals hold the dense values."""
+    import dataclasses
+
+    small = dict(analysis_seeds=[0], complexity_regimes=["online τ=1"], ridge=1e-2)
+    results = {}
+    for path in ("dense", "matfree"):
+        cfg = dataclasses.replace(tiny_config(), complexity_path=path, **small)
+        out = tmp_path / path
+        shutil.copytree(study_dir / "runs", out / "runs")  # trained runs, reused as they are
+        study = Study(cfg, out, progress=False)
+        assert study.complexity_path == path and cfg.to_dict()["complexity_path"] == path
+        results[path] = {
+            s: study.run_step(s) for s in ("teacher_checkpoints", "student_complexity")
+        }
+    tol = 1e-5  # the dense path's float32 kernel against float64 products
+    d, f = results["dense"]["teacher_checkpoints"], results["matfree"]["teacher_checkpoints"]
+    assert d["complexity_path"] == "dense" and f["complexity_path"] == "matfree"
+    assert f["panels"][0]["certified"] and f["panels"][0]["trace_source"].startswith("exact")
+    pairs = list(zip(d["panels"][0]["rows"], f["panels"][0]["rows"]))
+    d, f = results["dense"]["student_complexity"], results["matfree"]["student_complexity"]
+    for rd, rf in zip(d["panels"][0]["rows"], f["panels"][0]["rows"]):
+        pairs += [(rd["targets"][key], rf["targets"][key]) for key in rd["targets"]]
+    assert len(pairs) == 2 + 5 * 4 + 3 * (2 + 2 * 2)  # teacher rows; checkpoints × targets
+    for rd, rf in pairs:
+        for key in ("A", "A_hat", "ls_A", "ls_A_hat"):
+            if key in rd:
+                lo, hi = rf[f"{key}_lower"], rf[f"{key}_upper"]
+                assert lo * (1 - tol) <= rd[key] <= hi * (1 + tol), (key, rd[key], lo, hi)
+        assert rf["A_identity"] == rd["A_identity"]
+
+
+def test_complexity_path_defaults_keep_the_config_and_refuse_matfree_without_ridge(tmp_path):
+    import dataclasses
+
+    cfg = tiny_config()
+    assert not {"complexity_path", "memory_budget", "complexity_rtol"} & set(cfg.to_dict())
+    with pytest.raises(ValueError, match="complexity_path must be one of"):
+        dataclasses.replace(cfg, complexity_path="fast")
+    with pytest.raises(ValueError, match="memory size"):
+        dataclasses.replace(cfg, memory_budget="lots")
+    tiny_budget = dataclasses.replace(cfg, memory_budget=1000)  # auto: 48² · 20 bytes > 1000
+    with pytest.raises(ValueError, match=r"needs a relative ridge > 0, got ridge=0\.0"):
+        Study(tiny_budget, tmp_path / "s", progress=False)
+    assert not (tmp_path / "s").exists()  # refused before anything was written
+    assert Study(cfg, tmp_path / "d", progress=False).complexity_path == "dense"

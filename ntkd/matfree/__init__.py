@@ -5,6 +5,8 @@
 - ``spectra``: top eigenpairs of K and the target–kernel alignment curve.
 - ``matvec``: streaming eNTK products K @ V over data blocks and devices.
 - ``projection``: projected eNTK features (random JL projection of gradients).
+- ``measure``: many targets' complexities in one eNTK, dense or matrix-free
+  (:func:`resolve_path`, :func:`matfree_complexity`), as the toolkit's tables use them.
 - ``plan``: whether the dense kernel fits a memory budget (dense vs matrix-free).
 - ``lanczos``: the block Lanczos process and the validated operator.
 """
@@ -18,6 +20,12 @@ from ntkd.matfree.bounds import (
 )
 from ntkd.matfree.lanczos import MatvecError, NotPSDError
 from ntkd.matfree.matvec import NtkMatvec, ntk_matvec
+from ntkd.matfree.measure import (
+    MatfreeComplexity,
+    matfree_complexity,
+    parse_bytes,
+    resolve_path,
+)
 from ntkd.matfree.plan import choose_path, dense_kernel_bytes
 from ntkd.matfree.projection import ProjectedNTK, projected_ntk
 from ntkd.matfree.spectra import Eigenpairs, alignment_curve, top_eigenpairs
@@ -25,6 +33,7 @@ from ntkd.matfree.spectra import Eigenpairs, alignment_curve, top_eigenpairs
 __all__ = [
     "ComplexityBounds",
     "Eigenpairs",
+    "MatfreeComplexity",
     "MatvecError",
     "NotPSDError",
     "NtkMatvec",
@@ -33,9 +42,12 @@ __all__ = [
     "alignment_curve",
     "choose_path",
     "dense_kernel_bytes",
+    "matfree_complexity",
     "ntk_matvec",
     "nystrom_preconditioner",
+    "parse_bytes",
     "projected_ntk",
+    "resolve_path",
     "shift_from_ridge",
     "supervision_complexity_bounds",
     "top_eigenpairs",
