@@ -212,7 +212,7 @@ def _target_columns(Y: ArrayLike, n: int, size: int, name: str) -> np.ndarray:
 def matfree_complexity(
     apply_fn: Callable,
     params: Any,
-    x,
+    x: ArrayLike,
     targets: Mapping[str, ArrayLike],
     *,
     mode: str = "trace",
