@@ -62,15 +62,20 @@ def _unflatten(flat: dict) -> dict:
     return tree
 
 
+def _kernel_fn(apply_fn, trace_axes, name: str):
+    """neural-tangents' kernel function of one implementation, jitted once."""
+    return jax.jit(
+        nt.empirical_ntk_fn(
+            apply_fn, trace_axes=trace_axes, vmap_axes=0, implementation=IMPLEMENTATIONS[name]
+        )
+    )
+
+
 def serve(apply_fn, params, x, trace_axes, names, out) -> None:
     """Compile each implementation, then time one call per stdin line naming it."""
     fns, results, first, errors = {}, {}, {}, {}
     for name in names:
-        fn = jax.jit(
-            nt.empirical_ntk_fn(
-                apply_fn, trace_axes=trace_axes, vmap_axes=0, implementation=IMPLEMENTATIONS[name]
-            )
-        )
+        fn = _kernel_fn(apply_fn, trace_axes, name)
         try:
             t0 = time.perf_counter()
             results[name] = np.asarray(fn(x, None, params))
@@ -119,11 +124,7 @@ def main() -> None:
         return
     results, timings = {}, {}
     for name in args.impls.split(","):
-        fn = jax.jit(
-            nt.empirical_ntk_fn(
-                apply_fn, trace_axes=trace_axes, vmap_axes=0, implementation=IMPLEMENTATIONS[name]
-            )
-        )
+        fn = _kernel_fn(apply_fn, trace_axes, name)
         try:
             t0 = time.perf_counter()
             kernel = np.asarray(fn(x, None, variables["params"]))

@@ -176,12 +176,17 @@ def export(
     np.savez(path, x=np.asarray(x), meta=json.dumps(meta), **flat)
 
 
-def run_reference(
-    python: str, inp: str, out: str, repeats: int, impls: str, tuned_malloc: bool = False
-) -> tuple[dict, dict]:
+def _nt_env(tuned_malloc: bool) -> dict:
+    """Environment of a neural-tangents process: its own venv, optionally ntkd's allocator."""
     env = dict(os.environ, PYTHONPATH="", TF_CPP_MIN_LOG_LEVEL="3")
     if tuned_malloc:
         env["GLIBC_TUNABLES"] = _hostmem.GLIBC_TUNABLES  # what _hostmem.tune() sets
+    return env
+
+
+def run_reference(
+    python: str, inp: str, out: str, repeats: int, impls: str, tuned_malloc: bool = False
+) -> tuple[dict, dict]:
     subprocess.run(
         [
             python,
@@ -194,7 +199,7 @@ def run_reference(
             impls,
         ],
         check=True,
-        env=env,
+        env=_nt_env(tuned_malloc),
     )
     data = np.load(out)
     timings = json.loads(str(data["timings"]))
@@ -325,9 +330,6 @@ class NTServer:
     """neural-tangents in its venv, timing one call per request (``nt_reference.py --serve``)."""
 
     def __init__(self, python: str, inp: str, out: str, impls: str, tuned_malloc: bool):
-        env = dict(os.environ, PYTHONPATH="", TF_CPP_MIN_LOG_LEVEL="3")
-        if tuned_malloc:
-            env["GLIBC_TUNABLES"] = _hostmem.GLIBC_TUNABLES
         script = os.path.join(HERE, "nt_reference.py")
         self.out = out
         self.proc = subprocess.Popen(
@@ -335,7 +337,7 @@ class NTServer:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
-            env=env,
+            env=_nt_env(tuned_malloc),
         )
         ready = json.loads(self.proc.stdout.readline())
         self.first, self.errors = ready["ready"], ready["errors"]

@@ -178,24 +178,22 @@ def run(
     starts1, starts2 = list(range(0, n1, b)), list(range(0, n2, b))
     out_shape = mode.block_shape(n1, n2, k)
     shared = symmetric and c.algo.shares_features
+    one_block = len(starts1) == len(starts2) == 1 and nproc == 1
 
-    if len(starts1) == len(starts2) == 1 and nproc == 1 and ndev == 1:
-        # One block on one device: no placement, slicing or copies around the two calls
-        # (they cost ~0.5 ms a call, 7 % of the MLP `trace` kernel at n = 128).
-        rf = c.row(params, state, _pad_to(x1, b))
-        cf = rf if shared else c.col(params, state, _pad_to(x2, b))
-        kij = c.pair(params, state, rf, cf)
-        cut = lambda v: v if v.shape[:2] == (n1, n2) else v[:n1, :n2]
-        return {g: (np.asarray(cut(v)) if as_numpy else cut(v)) for g, v in kij.items()}
+    if one_block and ndev == 1:
+        # One block on one device: no placement or slicing around the two calls (they cost
+        # ~0.5 ms a call, 7 % of the MLP `trace` kernel at n = 128).
+        block_of = lambda x, s: _pad_to(x, b)
+    else:
+        block_of = lambda x, s: jax.device_put(_pad_to(x[s : s + b], b), c.rows)
+        params = jax.device_put(params, c.replicated)
+        state = jax.device_put(state, c.replicated)
 
-    block_of = lambda x, s: jax.device_put(_pad_to(x[s : s + b], b), c.rows)
-    params = jax.device_put(params, c.replicated)
-    state = jax.device_put(state, c.replicated)
-
-    if len(starts1) == len(starts2) == 1 and nproc == 1:  # one block: stay on device
+    if one_block:  # stay on device
         rf = c.row(params, state, block_of(x1, 0))
         kij = c.pair(params, state, rf, rf if shared else c.col(params, state, block_of(x2, 0)))
-        return {g: (np.asarray(v[:n1, :n2]) if as_numpy else v[:n1, :n2]) for g, v in kij.items()}
+        cut = lambda v: v if v.shape[:2] == (n1, n2) else v[:n1, :n2]
+        return {g: (np.asarray(cut(v)) if as_numpy else cut(v)) for g, v in kij.items()}
 
     col_cache: dict = {}
 

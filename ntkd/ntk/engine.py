@@ -168,6 +168,9 @@ class Engine:
         params, state, x1, x2, symmetric, sig, _, _, problem = self._prepare(
             apply_fn, params, x1, x2
         )
+        return self._implementation(sig, problem, params, state, x1, x2, symmetric)
+
+    def _implementation(self, sig, problem, params, state, x1, x2, symmetric) -> str:
         if self.implementation != "auto":
             return self.implementation
         n1, n2 = x1.shape[0], x2.shape[0]
@@ -189,12 +192,9 @@ class Engine:
         check_finite("x1", x1)
         if not symmetric:
             check_finite("x2", x2)
-        n1, n2 = x1.shape[0], x2.shape[0]
-        impl = self.implementation
-        if impl == "auto":
-            impl = self.choose(sig, problem, params, state, x1, n1, n2, symmetric)
+        impl = self._implementation(sig, problem, params, state, x1, x2, symmetric)
         c = self.compiled(impl, sig, problem, params, state, x1)
-        b = self.block(impl, sig, c, k, params, state, x1, max(n1, n2))
+        b = self.block(impl, sig, c, k, params, state, x1, max(x1.shape[0], x2.shape[0]))
         out = blocking.run(
             c,
             self.mode,
@@ -242,6 +242,12 @@ def _engine(key, options: tuple, fn) -> Engine:
     while len(_ENGINES) > ENGINE_CACHE_SIZE:
         _ENGINES.popitem(last=False)
     return engine
+
+
+def _bound(model, params, options: tuple) -> tuple[Engine, ApplyFn, PyTree]:
+    """(cached engine, apply_fn, params) of a model under one set of options."""
+    apply_fn, p = as_apply_fn(model, params)
+    return _engine(apply_fn.key, options, apply_fn.fn), apply_fn, p
 
 
 def _options(
@@ -341,8 +347,8 @@ def empirical_ntk_fn(
     )
 
     def ntk_fn(x1, x2=None, params=None, *, as_numpy=False):
-        apply_fn, p = as_apply_fn(model, params)
-        return _engine(apply_fn.key, options, apply_fn.fn)(apply_fn, p, x1, x2, as_numpy=as_numpy)
+        engine, apply_fn, p = _bound(model, params, options)
+        return engine(apply_fn, p, x1, x2, as_numpy=as_numpy)
 
     return ntk_fn
 
@@ -378,8 +384,8 @@ def empirical_ntk(
     options = _options(
         mode, logit, implementation, by_layer, block_size, dtype, blocks, contraction
     )
-    apply_fn, p = as_apply_fn(model, params)
-    return _engine(apply_fn.key, options, apply_fn.fn)(apply_fn, p, x1, x2, as_numpy=as_numpy)
+    engine, apply_fn, p = _bound(model, params, options)
+    return engine(apply_fn, p, x1, x2, as_numpy=as_numpy)
 
 
 def chosen_implementation(
@@ -413,5 +419,5 @@ def chosen_implementation(
     options = _options(
         mode, logit, implementation, by_layer, block_size, dtype, blocks, contraction
     )
-    apply_fn, p = as_apply_fn(model, params)
-    return _engine(apply_fn.key, options, apply_fn.fn).implementation_for(apply_fn, p, x1, x2)
+    engine, apply_fn, p = _bound(model, params, options)
+    return engine.implementation_for(apply_fn, p, x1, x2)
