@@ -58,9 +58,13 @@ class ContractionOptions:
         separate_grad_size: per-example gradient blocks of at least this many
             entries (m × parameters) stay separate feature arrays.
         max_fact_positions: above this many positions a layer is never factorised.
+        collapse_trace: in ``trace`` mode, sum the k output cotangents of a
+            dense head and of the layer before it into one
+            (``ntkd.ntk.structured.collapse``; exact, k times cheaper pairs).
     """
 
     gram_chunk_bytes: int = 3 * 2**20
     cotangent_loop_max: int = 16
     separate_grad_size: int = 4096
     max_fact_positions: int = 256
+    collapse_trace: bool = True

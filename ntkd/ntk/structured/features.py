@@ -22,8 +22,13 @@ from ntkd.ntk.structured import patches as pt
 from ntkd.ntk.structured.discovery import Plan, Target, bind_eqn
 
 
-def evaluate(plan: Plan, args: list, perts: list) -> tuple[list, list]:
-    """Runs the plan's jaxpr on ``args``; returns (outputs, recorded target operands)."""
+def evaluate(plan: Plan, args: list, perts: list, pins: dict | None = None) -> tuple[list, list]:
+    """Runs the plan's jaxpr on ``args``; returns (outputs, recorded target operands).
+
+    ``pins`` maps target indices to zero perturbations added to that target's
+    activation (their VJP is the cotangent of the op's input).
+    """
+    pins = pins or {}
     recorded = [None] * len(plan.targets)
 
     def run(jaxpr, consts, vals, ctx):
@@ -33,12 +38,15 @@ def evaluate(plan: Plan, args: list, perts: list) -> tuple[list, list]:
         for eqn in jaxpr.eqns:
             path = ctx + (id(eqn),)
             invals = [read(v) for v in eqn.invars]
+            t = plan.by_path.get(path)
+            if t is not None and t.index in pins:
+                invals = list(invals)
+                invals[t.activation] = invals[t.activation] + pins[t.index]
             if path in plan.inline:
                 inner = eqn.params["jaxpr"]
                 outs = run(inner.jaxpr, inner.consts, invals, path)
             else:
                 outs = bind_eqn(eqn, invals)
-            t = plan.by_path.get(path)
             if t is not None:
                 recorded[t.index] = invals[t.activation]
                 outs = [outs[0] + perts[t.index]]

@@ -1,0 +1,207 @@
+"""Trace-mode collapse of output cotangents for layers that feed a linear head.
+
+In ``trace`` mode a single-position layer contributes
+``(x_i·x_j) Σ_a (g_ia·g_ja)`` to the kernel, with one output cotangent g_ia
+per logit a. For two kinds of layer the k cotangents are one vector times a
+per-example diagonal, so the sum over a collapses into a single cotangent and
+the layer's pair costs k times less:
+
+- **head** — the layer's output reaches the logits only through ops with an
+  example-independent linear Jacobian (bias adds, reshapes, scaling by a
+  constant): g_ia = U_a for every example, and Σ_a g_ia·g_ja = Σ_a ‖U_a‖²
+  elementwise, so g̃_i = (Σ_a g_ia²)^½ serves every pair;
+- **before a head** — the layer's output passes through elementwise ops only
+  (bias add, ReLU, tanh, GELU, gating by other activations, …) into the
+  activation of one dense op whose output is a head in the sense above:
+  g_ia = d_i ⊙ U_a with d_i the elementwise derivative and U_a the
+  (example-independent) cotangent of that dense op's input, so
+  Σ_a g_ia·g_ja = Σ (d_i ⊙ d_j ⊙ Σ_a U_a²) and
+  g̃_i = Σ_a U_a ⊙ g_ia / ‖U‖ (0 where ‖U‖ = 0).
+
+For an MLP f = W₃ σ(W₂ σ(W₁ x)) both W₃ and W₂ collapse (W₁'s cotangents pass
+through W₂ and stay k-fold). The structure is read from the jaxpr, so the
+rule is exact; anything it does not recognise keeps its k cotangents.
+Custom-derivative calls (``jax.nn.relu`` is one) count as elementwise when
+their body is: a custom derivative of an elementwise function is assumed to be
+elementwise too.
+"""
+
+from __future__ import annotations
+
+import collections
+
+from jax.extend import core as jcore
+
+from ntkd.ntk.structured.discovery import Plan
+
+ELEMENTWISE = frozenset(
+    {
+        "add", "sub", "mul", "div", "max", "min", "neg", "exp", "exp2", "log", "log1p",
+        "expm1", "tanh", "logistic", "sin", "cos", "sqrt", "rsqrt", "cbrt", "integer_pow",
+        "pow", "abs", "sign", "erf", "erfc", "erf_inv", "select_n", "convert_element_type",
+        "copy", "copy_p", "square", "nextafter", "clamp", "atan", "asinh", "acosh", "atanh",
+        "sinh", "cosh", "tan", "reduce_precision", "gt", "ge", "lt", "le", "eq", "ne",
+        "and", "or", "not", "is_finite",
+    }
+)  # fmt: skip
+"""Primitives whose Jacobian is diagonal when every varying operand has the output's shape
+(comparisons have boolean outputs: a zero derivative; ``select_n`` picks elementwise)."""
+
+LINEAR = frozenset(
+    {
+        "add", "sub", "neg", "convert_element_type", "copy", "copy_p", "reshape", "squeeze",
+        "expand_dims", "transpose", "broadcast_in_dim", "reduce_sum",
+    }
+)  # fmt: skip
+"""Primitives linear in their varying operands (add/sub: any other operand)."""
+
+SCALINGS = frozenset({"mul", "div", "dot_general"})
+"""Linear when every other operand is example-independent (div: only as the numerator)."""
+
+CUSTOM = frozenset({"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"})
+
+
+def _is_var(v) -> bool:
+    return isinstance(v, jcore.Var) and not isinstance(v, jcore.Literal)
+
+
+def _body(eqn):
+    for key in ("call_jaxpr", "jaxpr", "fun_jaxpr"):
+        j = eqn.params.get(key)
+        if isinstance(j, jcore.ClosedJaxpr):
+            return j.jaxpr
+        if isinstance(j, jcore.Jaxpr):
+            return j
+    return None
+
+
+def _elementwise_body(jaxpr, varying: list) -> bool:
+    """Every op reading a varying value inside the body is elementwise (recursively)."""
+    tainted = {v for v, t in zip(jaxpr.invars, varying) if t}
+    for eqn in jaxpr.eqns:
+        ins = [_is_var(v) and v in tainted for v in eqn.invars]
+        if not any(ins):
+            continue
+        if not _diagonal_eqn(eqn, ins):
+            return False
+        tainted.update(eqn.outvars)
+    return True
+
+
+def _diagonal_eqn(eqn, varying: list) -> bool:
+    """Whether ``eqn``'s outputs depend on its varying inputs through a diagonal Jacobian."""
+    shapes = {tuple(o.aval.shape) for o in eqn.outvars}
+    if len(shapes) != 1:
+        return False
+    shape = shapes.pop()
+    if any(t and tuple(v.aval.shape) != shape for v, t in zip(eqn.invars, varying)):
+        return False
+    name = eqn.primitive.name
+    if name in ELEMENTWISE:
+        return True
+    body = _body(eqn)
+    if (name in CUSTOM or name in ("jit", "pjit", "closed_call")) and body is not None:
+        if len(body.invars) != len(eqn.invars):
+            return False
+        return _elementwise_body(body, varying)
+    return False
+
+
+class _Graph:
+    """Readers of every top-level variable and which variables depend on the input x."""
+
+    def __init__(self, plan: Plan):
+        jaxpr = plan.closed.jaxpr
+        self.jaxpr = jaxpr
+        self.readers = collections.defaultdict(list)
+        for e, eqn in enumerate(jaxpr.eqns):
+            for pos, v in enumerate(eqn.invars):
+                if _is_var(v):
+                    self.readers[v].append((e, pos))
+        self.outputs = [v for v in jaxpr.outvars if _is_var(v)]
+        n_state = len(jaxpr.invars) - plan.n_leaves - 1
+        x_vars = set(jaxpr.invars[plan.n_leaves + n_state :])
+        self.per_example = set(x_vars)
+        for eqn in jaxpr.eqns:
+            if any(_is_var(v) and v in self.per_example for v in eqn.invars):
+                self.per_example.update(eqn.outvars)
+        self.targets = {
+            id(t.eqn): t for path, t in plan.by_path.items() if len(path) == 1
+        }  # top level only
+
+    def linear_to_output(self, start) -> bool:
+        """``start`` reaches the (single) output through example-independent linear ops only."""
+        if len(self.outputs) != 1:
+            return False
+        tainted, todo = {start}, [start]
+        while todo:
+            v = todo.pop()
+            for e, pos in self.readers[v]:
+                eqn = self.jaxpr.eqns[e]
+                name = eqn.primitive.name
+                others = [u for i, u in enumerate(eqn.invars) if i != pos]
+                if name in LINEAR:
+                    if name not in ("add", "sub") and others:
+                        return False
+                elif name in SCALINGS:
+                    if any(_is_var(u) and (u in tainted or u in self.per_example) for u in others):
+                        return False
+                    if name == "div" and pos != 0:
+                        return False
+                else:
+                    return False
+                for o in eqn.outvars:
+                    if o not in tainted:
+                        tainted.add(o)
+                        todo.append(o)
+        return self.outputs[0] in tainted
+
+    def head_after_elementwise(self, start):
+        """The dense target whose activation ``start`` reaches through elementwise ops only."""
+        tainted, todo, heads = {start}, [start], []
+        while todo:
+            v = todo.pop()
+            if v in self.outputs:
+                return None
+            for e, pos in self.readers[v]:
+                eqn = self.jaxpr.eqns[e]
+                t = self.targets.get(id(eqn))
+                if t is not None and t.kind == "dense" and pos == t.activation:
+                    heads.append(t)
+                    continue
+                varying = [_is_var(u) and u in tainted for u in eqn.invars]
+                if not _diagonal_eqn(eqn, varying):
+                    return None
+                for o in eqn.outvars:
+                    if tuple(o.aval.shape) != tuple(start.aval.shape):
+                        return None
+                    if o not in tainted:
+                        tainted.add(o)
+                        todo.append(o)
+        if (
+            len(heads) != 1
+            or heads[0].eqn.invars[heads[0].activation].aval.shape != start.aval.shape
+        ):
+            return None
+        return heads[0]
+
+
+def collapsible(plan: Plan, candidates) -> dict:
+    """``{target index: None (a head) or the head's target index}`` for the collapsible targets.
+
+    Args:
+        candidates: target indices that may collapse (single-position factorised layers).
+    """
+    graph = _Graph(plan)
+    out = {}
+    for t in plan.targets:
+        if t.index not in candidates or id(t.eqn) not in graph.targets:
+            continue
+        z = t.eqn.outvars[0]
+        if graph.linear_to_output(z):
+            out[t.index] = None
+            continue
+        head = graph.head_after_elementwise(z)
+        if head is not None and graph.linear_to_output(head.eqn.outvars[0]):
+            out[t.index] = head.index
+    return out
