@@ -298,4 +298,8 @@ def trace(fn, params, state, x_one) -> tuple[Plan, Any]:
 
     spec = lambda l: jax.ShapeDtypeStruct(jax.numpy.shape(l), jax.numpy.result_type(l))
     closed = jax.make_jaxpr(flat_fn)([spec(l) for l in leaves], [spec(l) for l in sleaves], x_one)
-    return discover(closed, len(leaves), [spec(l) for l in leaves]), (ptree, stree)
+    # The bias check evaluates small equations on NumPy values; under an outer jax.jit
+    # (jit of an ntk_fn whose engine is new) they would otherwise become tracers.
+    with jax.ensure_compile_time_eval():
+        plan = discover(closed, len(leaves), [spec(l) for l in leaves])
+    return plan, (ptree, stree)
