@@ -7,6 +7,9 @@ off, per layer and as a whole, including networks built to break it.
 
 from __future__ import annotations
 
+import os
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,7 +20,9 @@ from ntkd.ntk._util import leaf_groups
 from ntkd.ntk.options import ContractionOptions
 from ntkd.ntk.structured import collapse
 from ntkd.ntk.structured.discovery import trace
-from tests.oracles import ntk_oracle, ntk_oracle_leaves, reduce_full, rel
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from oracles import ntk_oracle, ntk_oracle_leaves, reduce_full, rel  # noqa: E402
 
 
 def _params():

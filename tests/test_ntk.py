@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from oracles import (  # noqa: E402
     KINDS,
     jitter,
+    ntk_oracle,
     ntk_oracle_leaves,
     ntk_oracle_modes,
     reduce_full,
@@ -339,6 +340,43 @@ def test_gram_in_chunks_equals_one_matmul():
             jnp.asarray(a), jnp.asarray(b), 8 * 8 * 600
         )  # 600 columns per step: 11 steps + 401
     np.testing.assert_allclose(got, a @ b.T, rtol=1e-12, atol=1e-10)
+
+
+def test_symmetric_gram_by_halves_equals_one_matmul():
+    """``gram(a, a)`` (three half blocks, the fourth mirrored; odd rows; chunked K) == a @ a.T."""
+    from ntkd.ntk._util import SYMMETRIC_MIN_DEPTH, gram
+
+    rng = np.random.default_rng(1)
+    with jax.enable_x64(True):
+        for rows, depth, chunk in [(65, SYMMETRIC_MIN_DEPTH, 2**30), (97, 7001, 8 * 160 * 600)]:
+            a = rng.normal(size=(rows, depth))
+            got = np.asarray(jax.jit(lambda v: gram(v, v, chunk))(jnp.asarray(a)))
+            np.testing.assert_allclose(got, a @ a.T, rtol=1e-12, atol=1e-10)
+            np.testing.assert_array_equal(got, got.T)
+
+
+@pytest.mark.parametrize("mode", ["trace", "full"])
+def test_diagonal_blocks_with_symmetric_grams_match_oracle(mode):
+    """Kernels whose diagonal blocks are big enough for the symmetric Gram (≥ 64 rows, ≥ 512
+    columns), one block and blocked, every Gram-based implementation, against the oracle."""
+
+    def f(p, x):
+        h = jnp.tanh(x @ p["w0"])
+        return jnp.tanh(h @ p["w1"]) @ p["w2"]
+
+    with jax.enable_x64(True):
+        key = jax.random.split(jax.random.PRNGKey(0), 4)
+        p = {
+            "w0": jax.random.normal(key[0], (600, 9), jnp.float64) / 25,
+            "w1": jax.random.normal(key[1], (9, 70), jnp.float64) / 3,
+            "w2": jax.random.normal(key[2], (70, 3), jnp.float64) / 8,
+        }
+        x = jax.random.normal(key[3], (150, 600), jnp.float64)
+        want = ntk_oracle(f, p, x, None, mode)
+        for impl in ("structured", "jacobian"):
+            for block in (None, 64):
+                got = empirical_ntk(f, p, x, mode=mode, implementation=impl, block_size=block)
+                assert rel(got, want) < 1e-12, (impl, block)
 
 
 @pytest.mark.parametrize("family", [pytest.param("lenet5", marks=pytest.mark.slow), "resnet"])

@@ -56,8 +56,10 @@ class Candidate:
     turn never hold their (possibly large) features at the same time.
     """
 
-    def __init__(self, name: str, c, params, state, xb, nblocks: int, npairs: int):
-        self.name, self.nblocks, self.npairs = name, nblocks, npairs
+    def __init__(
+        self, name: str, c, params, state, xb, nblocks: int, npairs: int, symmetric: bool = False
+    ):
+        self.name, self.nblocks, self.npairs, self.symmetric = name, nblocks, npairs, symmetric
         self._c, self._args = c, (params, state, xb)
         self.t_row = self.t_pair = float("inf")
         self.time_once(record=False)  # compiles both pieces
@@ -71,7 +73,10 @@ class Candidate:
         cfeats = (
             feats if c.algo.shares_features else jax.block_until_ready(c.col(params, state, xb))
         )
-        q = _timed(lambda: c.pair(params, state, feats, cfeats))
+        if c.algo.shares_features and self.symmetric:  # the pair the diagonal blocks run
+            q = _timed(lambda: c.pair_sym(params, state, feats))
+        else:
+            q = _timed(lambda: c.pair(params, state, feats, cfeats))
         if record:
             self.t_row, self.t_pair = min(self.t_row, r), min(self.t_pair, q)
         return r + q

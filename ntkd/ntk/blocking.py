@@ -52,6 +52,11 @@ class Compiled:
         self.row = shard(algo.row)
         self.col = self.row if algo.shares_features else shard(algo.col)
         self.pair = jax.jit(algo.pair, out_shardings=NamedSharding(mesh, rows))
+        # A diagonal block of a symmetric kernel: the algorithm sees one features object
+        # twice, so its Grams can use their symmetry (ntkd.ntk._util.gram).
+        self.pair_sym = jax.jit(
+            lambda p, s, f: algo.pair(p, s, f, f), out_shardings=NamedSharding(mesh, rows)
+        )
         self.ndev = mesh.devices.size
         self.rows = NamedSharding(mesh, rows)
         self.replicated = NamedSharding(mesh, PartitionSpec())
@@ -191,7 +196,10 @@ def run(
 
     if one_block:  # stay on device
         rf = c.row(params, state, block_of(x1, 0))
-        kij = c.pair(params, state, rf, rf if shared else c.col(params, state, block_of(x2, 0)))
+        if shared:
+            kij = c.pair_sym(params, state, rf)
+        else:
+            kij = c.pair(params, state, rf, c.col(params, state, block_of(x2, 0)))
         cut = lambda v: v if v.shape[:2] == (n1, n2) else v[:n1, :n2]
         return {g: (np.asarray(cut(v)) if as_numpy else cut(v)) for g, v in kij.items()}
 
@@ -221,8 +229,10 @@ def run(
         for j, s2 in enumerate(starts2):
             if symmetric and j < i:
                 continue
-            cf = rf if shared and i == j else col_feats(j)
-            kij = ready(c.pair(params, state, rf, cf), rf)
+            if shared and i == j:
+                kij = ready(c.pair_sym(params, state, rf), rf)
+            else:
+                kij = ready(c.pair(params, state, rf, col_feats(j)), rf)
             e1, e2 = min(b, n1 - s1), min(b, n2 - s2)
             if on_device:
                 tiles[i, j] = {g: v[:e1, :e2] for g, v in kij.items()}

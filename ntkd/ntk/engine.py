@@ -135,7 +135,7 @@ class Engine:
                 pairs = nb1 * (nb1 + 1) // 2 if symmetric else nb1 * nb2
                 xb = jax.device_put(blocking._pad_to(x1[:b], b), c.rows)
                 blocks = nb1 if symmetric and c.algo.shares_features else nb1 + nb2
-                cands.append(auto.Candidate(impl, c, params, state, xb, blocks, pairs))
+                cands.append(auto.Candidate(impl, c, params, state, xb, blocks, pairs, symmetric))
             pick = cands[0].name if len(cands) == 1 else auto.choose(cands)
             self._auto[key] = _agreed(IMPLEMENTATIONS, pick)
         return self._auto[key]
@@ -184,10 +184,11 @@ class Engine:
         if is_tracer(x1, x2, params, state):
             impl = "structured" if self.implementation == "auto" else self.implementation
             algo = self.compiled(impl, sig, problem, params, state, x1).algo
+            r = algo.row(params, state, x1)
+            if symmetric and algo.shares_features:  # one feature pass; symmetric Grams
+                return self._unwrap(algo.pair(params, state, r, r))
             col = algo.row if algo.shares_features else algo.col
-            return self._unwrap(
-                algo.pair(params, state, algo.row(params, state, x1), col(params, state, x2))
-            )
+            return self._unwrap(algo.pair(params, state, r, col(params, state, x2)))
         check_finite("params", params)
         check_finite("x1", x1)
         if not symmetric:

@@ -67,10 +67,13 @@ class Mode:
         terms can be summed before one :meth:`finish`; scalar modes contract
         the m cotangents with each other (a with a) inside the matmul.
         """
+        flat = lambda f: f.reshape(f.shape[0] * (f.shape[1] if self.full else 1), -1)  # noqa: E731
+        a = flat(f1)
+        b = a if f2 is f1 else flat(f2)  # one operand: a symmetric diagonal block
         if self.full:
             (b1, m, _), b2 = f1.shape, f2.shape[0]
-            return gram(f1.reshape(b1 * m, -1), f2.reshape(b2 * m, -1)).reshape(b1, m, b2, m)
-        return gram(f1.reshape(f1.shape[0], -1), f2.reshape(f2.shape[0], -1))
+            return gram(a, b).reshape(b1, m, b2, m)
+        return gram(a, b)
 
     def finish(self, block: jax.Array) -> jax.Array:
         """(i, a, j, b) → (i, j, a, b) for ``full``; scalar blocks unchanged."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from ntkd.ntk._util import matmul_t
 from ntkd.ntk.modes import HIGHEST, Mode
 
 
@@ -37,7 +38,8 @@ def _input_products(kind: str, x1, x2, single: bool):
         same = t1[:, None, :, None] == t2[None, :, None, :]
         return (same * (v1[:, None, :, None] * v2[None, :, None, :]))[:, :, None]
     if single:
-        return jnp.matmul(x1[:, 0, 0], x2[:, 0, 0].T, precision=HIGHEST)
+        a = x1[:, 0, 0]
+        return matmul_t(a, a if x2 is x1 else x2[:, 0, 0])
     return jnp.einsum("ihpd,jhqd->ijhpq", x1, x2, precision=HIGHEST)
 
 
@@ -53,11 +55,11 @@ def factor_block(mode: Mode, kind: str, x1, g1, x2, g2):
     single = s == 1 and h == 1
     pa = _input_products(kind, x1, x2, single).astype(g1.dtype)
     if single:
+        rows = b1 * m if mode.full else b1
+        a = g1.reshape(rows, -1)
+        b = a if g2 is g1 else g2.reshape(b2 * m if mode.full else b2, -1)
         if mode.full:
-            pg = jnp.matmul(
-                g1.reshape(b1 * m, c), g2.reshape(b2 * m, c).T, precision=HIGHEST
-            ).reshape(b1, m, b2, m)
-            return pa[:, None, :, None] * pg
-        return pa * jnp.matmul(g1.reshape(b1, -1), g2.reshape(b2, -1).T, precision=HIGHEST)
+            return pa[:, None, :, None] * matmul_t(a, b).reshape(b1, m, b2, m)
+        return pa * matmul_t(a, b)
     pg = jnp.einsum("ihapc,jhaqc->ijhpq", g1, g2, precision=HIGHEST)
     return jnp.sum(pa * pg, axis=(2, 3, 4))
