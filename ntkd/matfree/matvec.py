@@ -34,6 +34,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jax.typing import ArrayLike, DTypeLike
 
 from ntkd import ntk
+from ntkd.ntk._util import cast
 
 __all__ = ["NtkMatvec", "ntk_matvec"]
 
@@ -79,9 +80,9 @@ class NtkMatvec:
         if not isinstance(block_size, (int, np.integer)) or block_size < 1:
             raise ValueError(f"block_size must be a positive int, got {block_size!r}.")
         x = np.asarray(x)
-        if dtype is not None:
-            params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), params)
-            x = x.astype(dtype)
+        if dtype is not None:  # inexact leaves only: integer inputs (token ids) stay integers
+            params = cast(params, dtype)
+            x = x.astype(dtype) if np.issubdtype(x.dtype, np.inexact) else x
         for name, tree in (("params", params), ("x", x)):
             for leaf in jax.tree_util.tree_leaves(tree):
                 if not np.all(np.isfinite(np.asarray(leaf))):
