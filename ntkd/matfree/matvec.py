@@ -15,8 +15,24 @@ Blocks of ``block_size · D`` examples are sharded over all D devices
 (``NamedSharding``; the pass-1 sum becomes an all-reduce). Under
 ``jax.distributed`` (several processes, each calling the matvec with the same
 host V) the devices of every process take part; each process gets the whole
-product back. When the per-block Jacobians fit ``cache_bytes`` (one process
-only) they are computed once and both passes become matmuls.
+product back.
+
+Two caches (one process only) turn both passes into matmuls over data kept
+on the devices, with no forward or backward pass per product:
+
+- ``"jacobian"``: the per-example Jacobians, (padded n) · r · P floats
+  (r = k in trace / full, 1 in sum / logit; P parameters);
+- ``"features"``: the structured algorithm's per-example features
+  (:mod:`ntkd.ntk.structured`): for every dense / convolution / embedding op
+  its inputs (patches, or token ids) and output cotangents, and for every
+  other parameter its flat per-example gradient. Memory: the features' bytes
+  per example (from ``jax.eval_shape`` of one block) × padded n; for an MLP
+  about Σ_l (d_in,l + m·d_out,l) floats per example instead of m·P. Pass 1
+  accumulates each op's V-weighted weight gradient M = Σ_j v_j W_j, pass 2
+  returns out_i = Σ_p x_ipᵀ M g_ip (:mod:`ntkd.matfree.features`).
+
+``cache="auto"`` keeps the Jacobians when they fit ``cache_bytes``, else the
+features when they fit it, else streams.
 """
 
 from __future__ import annotations
@@ -34,6 +50,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jax.typing import ArrayLike, DTypeLike
 
 from ntkd import ntk
+from ntkd.matfree import features as feat
+from ntkd.ntk._util import cast, leaf_groups
+from ntkd.ntk.algorithm import Problem
+from ntkd.ntk.modes import Mode
+from ntkd.ntk.options import ContractionOptions
+from ntkd.ntk.structured import Structured
 
 __all__ = ["NtkMatvec", "ntk_matvec"]
 
@@ -43,6 +65,10 @@ DIAGONAL_BLOCK = 512
 """Examples per dense diagonal block in :meth:`NtkMatvec.diagonal`."""
 JACOBIAN_CHUNK_BYTES = 256 * 2**20
 """Per-example Jacobians (diagonal, cache) are built this many bytes at a time."""
+FEATURE_CHUNK_BYTES = 256 * 2**20
+"""Feature-cache products take as many columns at once as keep their per-block
+temporaries (about one op's cotangents per column) under this many bytes."""
+CACHES = ("auto", "never", "always", "features")
 
 
 class NtkMatvec:
@@ -53,7 +79,12 @@ class NtkMatvec:
       mode: kernel mode; block_size: examples per device per block.
       devices: devices the blocks are sharded over (all processes' devices
         under ``jax.distributed``).
-      cached: whether per-block Jacobians are cached.
+      cache_kind: what is cached: ``"jacobian"`` (per-example Jacobians),
+        ``"features"`` (structured per-example features) or None (streaming).
+      cached: ``cache_kind is not None``.
+      cache_bytes_needed: {"jacobian": bytes, "features": bytes or None} as
+        estimated for the choice (features None where not estimated, or where
+        the structured plan could not be built).
       calls: products computed; traces: compilations of the block functions
         (stays constant after the first call with a given m).
     """
@@ -74,14 +105,14 @@ class NtkMatvec:
     ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
-        if cache not in ("auto", "never", "always"):
-            raise ValueError(f"cache must be 'auto', 'never' or 'always', got {cache!r}.")
+        if cache not in CACHES:
+            raise ValueError(f"cache must be one of {CACHES}, got {cache!r}.")
         if not isinstance(block_size, (int, np.integer)) or block_size < 1:
             raise ValueError(f"block_size must be a positive int, got {block_size!r}.")
         x = np.asarray(x)
-        if dtype is not None:
-            params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), params)
-            x = x.astype(dtype)
+        if dtype is not None:  # inexact leaves only: integer inputs (token ids) stay integers
+            params = cast(params, dtype)
+            x = x.astype(dtype) if np.issubdtype(x.dtype, np.inexact) else x
         for name, tree in (("params", params), ("x", x)):
             for leaf in jax.tree_util.tree_leaves(tree):
                 if not np.all(np.isfinite(np.asarray(leaf))):
@@ -117,15 +148,102 @@ class NtkMatvec:
         self.num_params = int(flat.size)
         rows = self.k if mode in ("trace", "full") else 1
         self._jac_bytes = self._nb * self._B * rows * self.num_params * flat.dtype.itemsize
-        self.cached = not self._multi and (
-            cache == "always" or (cache == "auto" and self._jac_bytes <= cache_bytes)
-        )
+        self.cache_bytes_needed = {"jacobian": self._jac_bytes, "features": None}
         self.calls = 0
         self.traces = 0
+        self.cache_kind = None
+        if not self._multi:
+            if cache == "always" or (cache == "auto" and self._jac_bytes <= cache_bytes):
+                self.cache_kind = "jacobian"
+            elif cache in ("auto", "features"):
+                self._plan_features(required=cache == "features")
+                fb = self.cache_bytes_needed["features"]
+                if fb is not None and (cache == "features" or fb <= cache_bytes):
+                    self.cache_kind = "features"
         self._build()
-        self._jac = None
-        if self.cached:
+        self._jac = self._feats = None
+        if self.cache_kind == "jacobian":
             self._jac = [self._jacobian_block(i) for i in range(self._nb)]
+        elif self.cache_kind == "features":
+            self._build_features()
+            self._feats = [self._feat_row(self.params, self._block_x(i)) for i in range(self._nb)]
+
+    @property
+    def cached(self) -> bool:
+        """Whether products run from a cache (Jacobians or features)."""
+        return self.cache_kind is not None
+
+    # ---------------------------------------------------------------- features
+    def _plan_features(self, required: bool) -> None:
+        """Builds the structured plan and estimates the feature cache's bytes.
+
+        Sets ``cache_bytes_needed["features"]`` (left None where the plan
+        cannot be built; then ``required`` raises).
+        """
+        x_one = jax.ShapeDtypeStruct((1, *self._x.shape[1:]), self._x.dtype)
+        try:
+            apply, params = ntk.as_apply_fn(self.apply_fn, self.params)
+            mode = Mode(self.mode, self.logit if self.mode == "logit" else 0)
+            problem = Problem(
+                apply.fn,
+                mode,
+                self.k,
+                self.out_dtype,
+                tuple(leaf_groups(params)),
+                False,
+                ContractionOptions(),
+            )
+            algo = Structured.build(problem, params, apply.state, x_one)
+            spec = jax.ShapeDtypeStruct((self._B, *self._x.shape[1:]), self._x.dtype)
+            shapes = jax.eval_shape(lambda p, xb: algo.row(p, apply.state, xb), params, spec)
+        except Exception as e:  # any failure means: no structured plan for this model
+            if required:
+                raise ValueError(
+                    "cache='features' needs the structured plan of the model "
+                    f"(ntkd.ntk.structured), which could not be built: {type(e).__name__}: {e}. "
+                    "Use cache='auto' (streams), cache='always' (per-example Jacobians) or "
+                    "cache='never'."
+                ) from e
+            return
+        self._structured, self._state = algo, apply.state
+        self._kinds = [t.kind for t in algo.fact]
+        self._rows = [_table_rows(t) for t in algo.fact]
+        self._feat_col_bytes = feat.column_bytes(shapes)
+        self.cache_bytes_needed["features"] = self._nb * feat.nbytes(shapes)
+
+    def _build_features(self) -> None:
+        algo, state, kinds, rows = self._structured, self._state, self._kinds, self._rows
+        full, B, k = self.mode == "full", self._B, self.k
+
+        def contrib(F, Vb):
+            return feat.pass1(kinds, rows, full, F, Vb.reshape(B, k, -1) if full else Vb)
+
+        def row(params, xb):
+            self.traces += 1
+            return algo.row(params, state, xb)
+
+        def p1(G, F, Vb):
+            self.traces += 1
+            return jax.tree.map(jnp.add, G, contrib(F, Vb))
+
+        def p2(F, G):
+            self.traces += 1
+            out = feat.pass2(kinds, full, F, G)
+            return out.reshape(B * k, -1) if full else out
+
+        def diag(F):
+            self.traces += 1
+            return feat.diagonal(kinds, full, F).reshape(-1)
+
+        def zero(F, Vb):  # pass 1's accumulator: replicated zeros
+            shapes = jax.eval_shape(contrib, F, Vb)
+            return jax.tree.map(lambda s: self._put(np.zeros(s.shape, s.dtype), self._repl), shapes)
+
+        self._feat_row = jax.jit(row, out_shardings=self._shard)
+        self._feat_zero = zero
+        self._feat_pass1 = jax.jit(p1, donate_argnums=0, out_shardings=self._repl)
+        self._feat_pass2 = jax.jit(p2, out_shardings=self._shard)
+        self._feat_diag = jax.jit(diag)
 
     # ---------------------------------------------------------------- kernels
     def _cotangents(self, Vb, dtype):
@@ -267,7 +385,17 @@ class NtkMatvec:
         step = self._B * rows
         blocks = [self._put(Vp[i * step : (i + 1) * step], self._shard) for i in range(self._nb)]
         out = np.empty((self._nb * step, m), dtype)
-        if self.cached:
+        if self.cache_kind == "features":
+            # columns in chunks that keep the per-block temporaries under FEATURE_CHUNK_BYTES
+            mc = max(1, FEATURE_CHUNK_BYTES // max(self._feat_col_bytes, 1))
+            for c0 in range(0, m, mc):
+                cols = slice(c0, min(c0 + mc, m))
+                G = self._feat_zero(self._feats[0], blocks[0][:, cols])
+                for F, Vb in zip(self._feats, blocks):
+                    G = self._feat_pass1(G, F, Vb[:, cols])
+                for i, F in enumerate(self._feats):
+                    out[i * step : (i + 1) * step, cols] = np.asarray(self._feat_pass2(F, G))
+        elif self.cache_kind == "jacobian":
             G = None
             for J, Vb in zip(self._jac, blocks):
                 g = self._jac_pass1(J, Vb)
@@ -297,15 +425,18 @@ class NtkMatvec:
         return out[:, 0] if vec else out
 
     def diagonal(self) -> np.ndarray:
-        """Exact diag K (size,): from the cached Jacobians, else from the dense
-        diagonal blocks of ``ntkd.ntk.empirical_ntk``.
+        """Exact diag K (size,): from the cached Jacobians or features, else from
+        the dense diagonal blocks of ``ntkd.ntk.empirical_ntk``.
 
         The blocks cost about one block row of K per block (b² pairs), far less
         than n per-example Jacobians.
         """
         d = []
         axes = (2,) if self.mode == "full" else ((1, 2) if self.mode == "trace" else (1,))
-        if self.cached:  # the cached per-example Jacobians give it for free
+        if self.cache_kind == "features":  # Σ_t Σ_{p,q} (x_ip·x_iq)(g_ip·g_iq) per example
+            d = [np.asarray(self._feat_diag(F)) for F in self._feats]
+            return np.concatenate(d)[: self.size].astype(np.float64)
+        if self.cache_kind == "jacobian":  # the cached per-example Jacobians give it for free
             for J in self._jac:
                 d.append(np.asarray(jnp.sum(J * J, axis=axes)).reshape(-1))
             return np.concatenate(d)[: self.size].astype(np.float64)
@@ -331,6 +462,11 @@ class NtkMatvec:
         return float(np.sum(self.diagonal()))
 
 
+def _table_rows(t) -> int | None:
+    """Table rows of a lookup target (None for dense / convolution ops)."""
+    return int(t.eqn.invars[0].aval.shape[0]) if t.kind == "embed" else None
+
+
 def ntk_matvec(
     apply_fn: Callable,
     params: Any,
@@ -348,9 +484,22 @@ def ntk_matvec(
 
     Two passes over the data per product (VJPs, then JVPs, block by block),
     each block function compiled once per number of columns m; blocks are
-    sharded over all local devices. With ``cache="auto"`` the per-block
-    per-example Jacobians are kept when they fit ``cache_bytes`` (both passes
-    then are matmuls). Modes as in ``ntkd.ntk.empirical_ntk`` (``trace`` is the
+    sharded over all local devices. Both passes become matmuls over a cache
+    (one process only; several processes always stream):
+
+    - ``cache="always"``: the per-example Jacobians, (padded n) · r · P · 8
+      bytes in float64 (r = k in ``trace`` / ``full``, else 1);
+    - ``cache="features"``: the structured algorithm's per-example features
+      (every dense / conv / embedding op's inputs and output cotangents, the
+      other parameters' flat gradients; :mod:`ntkd.ntk.structured`), bytes per
+      example (``jax.eval_shape`` of one block) × padded n: for an MLP about
+      Σ_l (d_in,l + m·d_out,l) floats per example instead of m·P. Raises
+      ValueError if the model's structured plan cannot be built;
+    - ``cache="auto"``: the Jacobians if they fit ``cache_bytes``, else the
+      features if they fit it, else streaming (``.cache_kind`` says which);
+    - ``cache="never"``: streaming.
+
+    Modes as in ``ntkd.ntk.empirical_ntk`` (``trace`` is the
     SUM over logits); ``full`` takes V (n·k, m) with row index ``i·k + a``.
 
     Args:
@@ -363,8 +512,8 @@ def ntk_matvec(
       block_size: examples per device per block (the last block is padded; at most
         ceil(n / devices)).
       dtype: cast params and inputs (e.g. ``jnp.float64`` with x64 enabled).
-      cache: ``"auto"``, ``"always"`` or ``"never"``.
-      cache_bytes: Jacobian cache budget for ``"auto"``.
+      cache: ``"auto"``, ``"always"`` (Jacobians), ``"features"`` or ``"never"``.
+      cache_bytes: cache budget for ``"auto"`` (Jacobians, then features).
       max_cotangents: VJPs / JVPs vmapped at once (trace mode needs k per
         column); memory ≈ max_cotangents × block × activations. Columns beyond
         it are done in further passes.

@@ -146,7 +146,7 @@ class MatfreeComplexity:
         C = tr(Yᵀ(K + ρI)⁻¹Y) (``iterations`` and ``matvecs`` are those of the
         Krylov space the target shared with the others of its group).
       trace: tr K; trace_source: how it was computed (exact: the eNTK's
-        diagonal, from cached Jacobians or dense diagonal blocks).
+        diagonal, from cached Jacobians or features, or dense diagonal blocks).
       relative_ridge: λ; shift: ρ = λ · tr K / N.
       n: examples; size: N, the side of K (n·k for ``mode="full"``).
       target_norm2: target name -> ‖Y‖_F².
