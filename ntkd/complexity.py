@@ -994,6 +994,7 @@ def compare_teachers(
             mode=mode,
             ridge=ridge,
             rtol=rtol,
+            memory_budget=memory_budget,
         )
         measured = [res.columns(str(i)) for i in range(len(specs))]
 

@@ -510,6 +510,7 @@ class Study:
             mode=cfg.ntk_mode,
             ridge=cfg.ridge,
             rtol=cfg.complexity_rtol,
+            memory_budget=cfg.memory_budget,
         )
 
         def forms(name, prefix=""):

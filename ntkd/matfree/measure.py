@@ -29,7 +29,7 @@ from jax.typing import ArrayLike
 
 from ntkd.matfree.bounds import ComplexityBounds, shift_from_ridge, supervision_complexity_bounds
 from ntkd.matfree.matvec import ntk_matvec
-from ntkd.matfree.plan import choose_path, dense_kernel_bytes
+from ntkd.matfree.plan import available_bytes, choose_path, dense_kernel_bytes
 
 __all__ = [
     "GROUP_COLUMNS",
@@ -221,6 +221,7 @@ def matfree_complexity(
     max_iters: int | None = None,
     block_size: int = 512,
     group_columns: int = GROUP_COLUMNS,
+    memory_budget: int | str | None = None,
 ) -> MatfreeComplexity:
     """Certified intervals on the complexity of every target in the eNTK of ``apply_fn`` on x.
 
@@ -244,6 +245,11 @@ def matfree_complexity(
       max_iters: cap on block Lanczos steps per group.
       block_size: examples per device per streamed block.
       group_columns: columns per shared Krylov space.
+      memory_budget: bytes (or a size string, :func:`parse_bytes`); half of it
+        may hold cached per-example Jacobians or structured features
+        (``ntk_matvec(cache="auto", cache_bytes=...)``), which make every
+        product a pass over memory instead of two passes through the network.
+        Default: a quarter of the available host memory.
 
     Returns:
       A :class:`MatfreeComplexity`; ``.columns(name)`` gives a table row's columns.
@@ -270,7 +276,18 @@ def matfree_complexity(
         k = int(jax.eval_shape(apply_fn, params, probe).shape[1])
     require_ridge(ridge, n, k=k, mode=mode)
     with jax.enable_x64(True):
-        mv = ntk_matvec(apply_fn, params, x, mode=mode, block_size=block_size, dtype=jnp.float64)
+        cache_bytes = (
+            available_bytes() // 4 if memory_budget is None else parse_bytes(memory_budget) // 2
+        )
+        mv = ntk_matvec(
+            apply_fn,
+            params,
+            x,
+            mode=mode,
+            block_size=block_size,
+            dtype=jnp.float64,
+            cache_bytes=cache_bytes,
+        )
         cols = {name: _target_columns(Y, n, mv.size, name) for name, Y in targets.items()}
         trace = mv.trace()
         shift = shift_from_ridge(ridge, trace, mv.size)

@@ -19,7 +19,8 @@ def dense_kernel_bytes(n: int, *, k: int = 1, mode: str = "trace") -> int:
     return DENSE_BYTES_PER_ENTRY * side * side
 
 
-def _available_bytes() -> int:
+def available_bytes() -> int:
+    """Free host memory in bytes (``SC_AVPHYS_PAGES``; 8 GiB where the OS does not say)."""
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
@@ -38,5 +39,5 @@ def choose_path(
     >>> choose_path(1000, memory_budget=2**30), choose_path(50_000, memory_budget=8 * 2**30)
     ('dense', 'matfree')
     """
-    budget = _available_bytes() // 2 if memory_budget is None else int(memory_budget)
+    budget = available_bytes() // 2 if memory_budget is None else int(memory_budget)
     return "dense" if dense_kernel_bytes(n, k=k, mode=mode) <= budget else "matfree"
