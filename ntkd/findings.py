@@ -25,6 +25,15 @@ label smoothing of the same Frobenius norm (what softening alone does). A
 finding whose statistic is significant in the paper's direction under A but
 not under Â (both at their uncorrected p) is flagged ``size_effect_only``.
 
+On the matrix-free complexity path (``StudyConfig.complexity_path``) every
+complexity is a certified interval. The verdict is decided on the midpoint
+values, exactly as on the dense path; each complexity finding also records
+``bounds``: the statistic's interval per seed and of the effect (interval
+arithmetic on the complexities), the seeds whose interval holds 0 (where the
+intervals do not give the ordering the criterion predicts), and the verdict
+with every seed at the lower and at the upper end of its interval, so that a
+verdict the intervals do not decide says so (:func:`evaluate_findings`).
+
 :func:`write_findings` evaluates a study folder's criteria on its
 ``results/*.json`` and writes ``results/findings.json``: a list of objects
 with ``name``, ``verdict``, ``effect``, ``ci`` ([lo, hi]), ``p``,
@@ -47,7 +56,9 @@ from ntkd.stats import PairedResult, bootstrap_statistic, holm, paired_test, ver
 __all__ = [
     "STATISTICS",
     "NotTestable",
+    "Bounds",
     "compare_findings",
+    "complexity_kernels",
     "evaluate_findings",
     "paper_criteria",
     "write_findings",
@@ -68,14 +79,91 @@ MEASURES = {
 CONTROL_NAMES = {"A": "A", "identity": "identity_kernel", "ls": "label_smoothing_matched"}
 
 
-def _value(entry: dict, measure: str) -> float:
+BOUNDS = ":bounds"  # suffix of a measure: its certified interval instead of its value
+
+
+class Bounds:
+    """A certified interval [lo, hi] on a statistic of matrix-free complexities.
+
+    Interval arithmetic for what the statistics do with complexities (``+ − ×
+    ÷`` and a number, :func:`_mean`, :func:`_min`); it has no ordering and no
+    ``float``, so no statistic can silently take a midpoint of it.
+    """
+
+    __slots__ = ("lo", "hi")
+
+    def __init__(self, lo: float, hi: float):
+        self.lo, self.hi = float(lo), float(hi)
+
+    def __repr__(self) -> str:
+        return f"Bounds({self.lo!r}, {self.hi!r})"
+
+    @staticmethod
+    def of(v) -> Bounds:
+        """``v`` itself if it is an interval, else the point interval [v, v]."""
+        return v if isinstance(v, Bounds) else Bounds(v, v)
+
+    def __add__(self, other) -> Bounds:
+        o = Bounds.of(other)
+        return Bounds(self.lo + o.lo, self.hi + o.hi)
+
+    __radd__ = __add__
+
+    def __neg__(self) -> Bounds:
+        return Bounds(-self.hi, -self.lo)
+
+    def __sub__(self, other) -> Bounds:
+        return self + -Bounds.of(other)
+
+    def __rsub__(self, other) -> Bounds:
+        return Bounds.of(other) - self
+
+    def __mul__(self, other) -> Bounds:
+        o = Bounds.of(other)
+        ends = [self.lo * o.lo, self.lo * o.hi, self.hi * o.lo, self.hi * o.hi]
+        return Bounds(min(ends), max(ends))
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, other) -> Bounds:
+        o = Bounds.of(other)
+        if o.lo <= 0 <= o.hi:
+            return Bounds(-np.inf, np.inf)
+        return self * Bounds(1 / o.hi, 1 / o.lo)
+
+    def __rtruediv__(self, other) -> Bounds:
+        return Bounds.of(other) / self
+
+
+def _mean(values) -> float | Bounds:
+    values = list(values)
+    if any(isinstance(v, Bounds) for v in values):
+        return sum(values, Bounds(0, 0)) / len(values)
+    return float(np.mean(values))
+
+
+def _min(values) -> float | Bounds:
+    values = list(values)
+    if any(isinstance(v, Bounds) for v in values):
+        values = [Bounds.of(v) for v in values]
+        return Bounds(min(v.lo for v in values), min(v.hi for v in values))
+    return min(values)
+
+
+def _value(entry: dict, measure: str) -> float | Bounds:
+    """One complexity of a result entry; ``measure + BOUNDS``: its interval (``*_lower``,
+    ``*_upper`` of the matrix-free path; a dense or exact value is its own interval)."""
+    measure, bounds = measure.removesuffix(BOUNDS), measure.endswith(BOUNDS)
     if measure == "identity":
-        return entry["A_identity"]
-    if measure == "ls":
-        return entry.get(
-            "ls_A_hat", entry["A_hat"]
-        )  # labels and random labels are their own control
-    return entry[measure]
+        key = "A_identity"
+    elif measure == "ls":
+        # labels and random labels are their own control
+        key = "ls_A_hat" if "ls_A_hat" in entry else "A_hat"
+    else:
+        key = measure
+    if not bounds:
+        return entry[key]
+    return Bounds(entry.get(f"{key}_lower", entry[key]), entry.get(f"{key}_upper", entry[key]))
 
 
 # ----------------------------------------------------------------------------- statistics on results
@@ -128,10 +216,9 @@ def checkpoint_at(rows: list[dict], fraction: float) -> dict:
     return min(rows, key=lambda r: (abs(r["fraction"] - fraction), r["epoch"]))
 
 
-def _per_seed_mean(res, fn) -> dict[int, float]:
+def _per_seed_mean(res, fn) -> dict[int, float | Bounds]:
     return {
-        seed: float(np.mean([fn(rows) for rows in panels]))
-        for seed, panels in _student_panels(res).items()
+        seed: _mean(fn(rows) for rows in panels) for seed, panels in _student_panels(res).items()
     }
 
 
@@ -139,13 +226,11 @@ def _stat_target_gap(res, params, measure):
     """Mean over student checkpoints after init of Q(high) − Q(low), averaged over panels."""
 
     def fn(rows):
-        return np.mean(
-            [
-                _value(r["targets"][params["high"]], measure)
-                - _value(r["targets"][params["low"]], measure)
-                for r in rows
-                if r["epoch"] > 0
-            ]
+        return _mean(
+            _value(r["targets"][params["high"]], measure)
+            - _value(r["targets"][params["low"]], measure)
+            for r in rows
+            if r["epoch"] > 0
         )
 
     return _per_seed_mean(res, fn)
@@ -180,15 +265,17 @@ def _stat_relative_change(res, params, measure):
     """min over curves of sign·(Q(to) − Q(from)) / Q(from): every curve moves the predicted way."""
     sign = params.get("sign", 1)
 
+    def rel(a, b):
+        if isinstance(a, Bounds):  # each interval once: the exact range of the ratio
+            return sign * (b / a - 1)
+        return sign * (b - a) / a
+
     def fn(rows):
         a, b = (
             checkpoint_at(rows, params["from"])["targets"],
             checkpoint_at(rows, params["to"])["targets"],
         )
-        return min(
-            sign * (_value(b[k], measure) - _value(a[k], measure)) / _value(a[k], measure)
-            for k in params["keys"]
-        )
+        return _min(rel(_value(a[k], measure), _value(b[k], measure)) for k in params["keys"])
 
     return _per_seed_mean(res, fn)
 
@@ -536,6 +623,54 @@ def _result(values: dict | PairedResult) -> PairedResult:
     return paired_test([values[s] for s in sorted(values)])
 
 
+def _is_matfree(step_result: Mapping[str, Any]) -> bool:
+    return step_result.get("complexity_path") == "matfree"
+
+
+def complexity_kernels(step_result: Mapping[str, Any]) -> list[tuple[str, dict]]:
+    """(where, record) of every kernel a matrix-free complexity step bounded in: its record
+    holds ``max_relative_gap``, ``certified``, ``matvecs``, ... (a panel of
+    ``teacher_checkpoints``, a checkpoint row of ``student_complexity``); [] for dense results."""
+    out = []
+    for p in step_result.get("panels", []):
+        where = f"{p['regime']}, seed {p['seed']}" if "regime" in p else f"seed {p['seed']}"
+        if "certified" in p:
+            out.append((where, p))
+        out += [(f"{where}, epoch {r['epoch']}", r) for r in p["rows"] if "certified" in r]
+    return out
+
+
+def _bounds_entry(values: Mapping[int, Bounds]) -> dict:
+    """Per-seed intervals of a paired statistic and the interval of their mean."""
+    per_seed = {s: Bounds.of(values[s]) for s in sorted(values)}
+    effect = _mean(per_seed.values())
+    return {
+        "inputs": "certified intervals (matrix-free complexity path)",
+        "effect": [effect.lo, effect.hi],
+        "per_seed": {str(s): [b.lo, b.hi] for s, b in per_seed.items()},
+        # seeds whose interval holds 0: the intervals do not order the two sides there
+        "undecided_seeds": [str(s) for s, b in per_seed.items() if b.lo <= 0 <= b.hi],
+    }
+
+
+def _verdicts_at_ends(row: dict, p_values: list[float], j: int) -> None:
+    """The verdict with every seed's statistic at the lower (upper) end of its interval, the
+    other findings' p-values as they are (Holm), and whether both ends agree with the verdict."""
+    b = row["bounds"]
+    for end, k in (("lower", 0), ("upper", 1)):
+        ends = [v[k] for v in b["per_seed"].values()]
+        if not np.all(np.isfinite(ends)):
+            b[f"verdict_at_{end}"] = None
+            continue
+        r = paired_test(ends)
+        p_adj = holm([*p_values[:j], r.p, *p_values[j + 1 :]])[j]
+        b[f"p_at_{end}"] = r.p
+        b[f"verdict_at_{end}"] = verdict(
+            r.effect, p_adj, direction=row["direction"], alpha=row["alpha"]
+        )
+    b["verdict_holds"] = b["verdict_at_lower"] == b["verdict_at_upper"] == row["verdict"]
+
+
 def evaluate_findings(criteria: list[dict], results: Mapping[str, dict]) -> list[dict]:
     """Evaluates pre-registered criteria on a study's results.
 
@@ -549,6 +684,17 @@ def evaluate_findings(criteria: list[dict], results: Mapping[str, dict]) -> list
         ``n``, ``method``, ``per_seed`` (paired statistics) and, for complexity
         findings, ``controls`` and ``size_effect_only``. Criteria whose step has
         not run get verdict ``not tested`` and take no part in the correction.
+        A complexity finding whose step ran on the matrix-free path (its
+        complexities are certified intervals) also has ``bounds``: the interval
+        of the effect (``effect``) and of every seed's statistic (``per_seed``),
+        by interval arithmetic on the complexities; ``undecided_seeds`` (seeds
+        whose interval holds 0, so the intervals do not give the predicted
+        ordering); the verdict with every seed at the lower and at the upper
+        end of its interval (``verdict_at_lower``, ``verdict_at_upper``, with
+        the other findings' p-values in the Holm correction), and
+        ``verdict_holds`` (both equal the verdict). The verdict itself is
+        computed from the midpoint values, as on the dense path; its controls
+        under A and label smoothing carry ``effect_bounds``.
     """
     rows, tested = [], []
     for c in criteria:
@@ -598,6 +744,17 @@ def evaluate_findings(criteria: list[dict], results: Mapping[str, dict]) -> list
         row.update(effect=main.effect, ci=list(main.ci), p=main.p, n=main.n, method=main.method)
         if not isinstance(values, PairedResult):
             row["per_seed"] = {str(s): v for s, v in sorted(values.items())}
+        intervals = (
+            c["kind"] == "complexity"
+            and _is_matfree(results[step])
+            and not isinstance(values, PairedResult)
+        )
+        if intervals:
+            row["bounds"] = _bounds_entry(fn(results, c["params"], "A_hat" + BOUNDS))
+            # an uncertified upper bound does not guarantee the upper ends
+            row["bounds"]["certified"] = all(
+                k["certified"] for _, k in complexity_kernels(results[step])
+            )
         if c["kind"] == "complexity":
             row["measure"] = MEASURES["A_hat"]
             row["controls"] = {}
@@ -610,15 +767,21 @@ def evaluate_findings(criteria: list[dict], results: Mapping[str, dict]) -> list
                     "p": r.p,
                     "method": r.method,
                 }
+                if intervals and m != "identity":  # A(Y; I) is exact on either path
+                    b = _bounds_entry(fn(results, c["params"], m + BOUNDS))
+                    row["controls"][CONTROL_NAMES[m]]["effect_bounds"] = b["effect"]
         rows.append(row)
         tested.append(len(rows) - 1)
-    adjusted = holm([rows[i]["p"] for i in tested])
-    for i, p_adj in zip(tested, adjusted):
+    p_values = [rows[i]["p"] for i in tested]
+    adjusted = holm(p_values)
+    for j, (i, p_adj) in enumerate(zip(tested, adjusted)):
         row = rows[i]
         row["p_adjusted"] = p_adj
         row["verdict"] = verdict(
             row["effect"], p_adj, direction=row["direction"], alpha=row["alpha"]
         )
+        if "bounds" in row:
+            _verdicts_at_ends(row, p_values, j)
         if row["kind"] == "complexity":
             # Like with like: both at their uncorrected p (the controls take no part in the correction).
             def holds(effect, p):

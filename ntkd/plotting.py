@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from ntkd._io import read_json, write_bytes
-from ntkd.findings import capacity_points, capacity_temperature
+from ntkd.findings import capacity_points, capacity_temperature, complexity_kernels
 
 _STYLE = {
     "figure.dpi": 110,
@@ -58,6 +58,35 @@ def _band(ax, x, vals, **kw):
     return line
 
 
+def _interval_bars(ax, x, mid, lower, upper, **kw):
+    """Error bars from the mean over seeds of each certified lower bound to that of each upper
+    bound (the interval of the mean), around the plotted mean ``mid``; lower, upper: (seeds, len(x))."""
+    mid = np.asarray(mid, dtype=float)
+    lo, hi = np.asarray(lower, dtype=float).mean(0), np.asarray(upper, dtype=float).mean(0)
+    err = [np.clip(mid - lo, 0, None), np.clip(hi - mid, 0, None)]
+    return ax.errorbar(x, mid, yerr=err, fmt="none", capsize=2.5, lw=1, **kw)
+
+
+def _has_intervals(rows, measure: str) -> bool:
+    """Whether result entries carry the matrix-free path's certified interval of ``measure``."""
+    return all(f"{measure}_lower" in r and f"{measure}_upper" in r for r in rows)
+
+
+def _interval_note(res: dict) -> str:
+    """The title line that says the bars are certified intervals (matrix-free results), else ''."""
+    kernels = [k for _, k in complexity_kernels(res)]
+    if not kernels:
+        return ""
+    gap = max(k["max_relative_gap"] for k in kernels)
+    note = (
+        "\nerror bars: certified intervals of the matrix-free path (mean over seeds of each bound; "
+        f"largest relative gap of C {gap:.2g})"
+    )
+    if not all(k["certified"] for k in kernels):
+        note += "; ⚠ not every upper bound is certified"
+    return note
+
+
 _MEASURE_LABEL = {"A": "adjusted complexity A", "A_hat": "normalised complexity Â = A / A(Y; I)"}
 
 
@@ -67,14 +96,15 @@ def plot_teacher_checkpoints(res: dict, path: Path, title: str = "") -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(11.5, 3.8), gridspec_kw={"wspace": 0.5})
     colors = plt.cm.viridis(np.linspace(0.05, 0.85, len(temps)))
     for ax, measure in zip(axes, ("A", "A_hat")):
+        intervals = all(_has_intervals(p["rows"], measure) for p in panels)
         for t, c in zip(temps, colors):
             epochs = sorted(
                 {r["teacher_epoch"] for r in panels[0]["rows"] if r.get("temperature") == t}
             )
-            vals = [
+            rows = [
                 [
                     next(
-                        r[measure]
+                        r
                         for r in p["rows"]
                         if r.get("teacher_epoch") == e and r["temperature"] == t
                     )
@@ -82,15 +112,31 @@ def plot_teacher_checkpoints(res: dict, path: Path, title: str = "") -> Path:
                 ]
                 for p in panels
             ]
+            vals = [[r[measure] for r in pr] for pr in rows]
             _band(ax, epochs, vals, color=c, label=f"teacher τ={t:g}")
+            if intervals:
+                _interval_bars(
+                    ax,
+                    epochs,
+                    np.mean(vals, axis=0),
+                    [[r[f"{measure}_lower"] for r in pr] for pr in rows],
+                    [[r[f"{measure}_upper"] for r in pr] for pr in rows],
+                    color=c,
+                )
         for key, color, ls, label in (
             ("labels", "tab:blue", "-", "true labels"),
             ("random", "tab:red", ":", "random labels"),
         ):
-            m, se = _mean_se(
-                [next(r[measure] for r in p["rows"] if r["target"] == key) for p in panels]
-            )
-            ax.axhline(m, color=color, ls=ls, lw=1, label=f"{label} ({m:.2f} ± {se:.2f})")
+            fixed = [next(r for r in p["rows"] if r["target"] == key) for p in panels]
+            m, se = _mean_se([r[measure] for r in fixed])
+            if intervals:
+                lo = float(np.mean([r[f"{measure}_lower"] for r in fixed]))
+                hi = float(np.mean([r[f"{measure}_upper"] for r in fixed]))
+                ax.axhspan(lo, hi, color=color, alpha=0.15, lw=0)
+                label = f"{label} ({m:.2f} ± {se:.2f}; bounds [{lo:.2f}, {hi:.2f}])"
+            else:
+                label = f"{label} ({m:.2f} ± {se:.2f})"
+            ax.axhline(m, color=color, ls=ls, lw=1, label=label)
         if measure == "A_hat":
             ax.axhline(1.0, color="k", lw=0.8, ls="--", label="identity kernel (Â = 1)")
         ax.set_ylim(bottom=0)
@@ -113,7 +159,7 @@ def plot_teacher_checkpoints(res: dict, path: Path, title: str = "") -> Path:
     axes[1].legend(h1 + h2, l1 + l2, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.suptitle(
         f"{title}: teacher checkpoints in the student's NTK at init "
-        f"(n={res['n']}; mean ± s.e. over seeds {res['seeds']})"
+        f"(n={res['n']}; mean ± s.e. over seeds {res['seeds']})" + _interval_note(res)
     )
     return _save(fig, path)
 
@@ -143,8 +189,19 @@ def plot_student_complexity(res: dict, path: Path, title: str = "") -> Path:
         for i, measure in enumerate(("A", "A_hat")):
             ax = axes[i][j]
             for key, label, color, ls, alpha in _target_curves(res):
-                vals = [[r["targets"][key][measure] for r in p["rows"]] for p in panels]
+                entries = [[r["targets"][key] for r in p["rows"]] for p in panels]
+                vals = [[e[measure] for e in pe] for pe in entries]
                 _band(ax, epochs, vals, color=color, ls=ls, alpha=alpha, label=label)
+                if all(_has_intervals(pe, measure) for pe in entries):
+                    _interval_bars(
+                        ax,
+                        epochs,
+                        np.mean(vals, axis=0),
+                        [[e[f"{measure}_lower"] for e in pe] for pe in entries],
+                        [[e[f"{measure}_upper"] for e in pe] for pe in entries],
+                        color=color,
+                        alpha=alpha,
+                    )
             if measure == "A_hat":
                 ax.axhline(1.0, color="k", lw=0.8, ls="--", label="identity kernel (Â = 1)")
             ax.set_xscale("symlog", linthresh=1)
@@ -159,7 +216,7 @@ def plot_student_complexity(res: dict, path: Path, title: str = "") -> Path:
     fig.legend(handles, labels, loc="upper center", ncol=4, bbox_to_anchor=(0.5, 0.0))
     fig.suptitle(
         f"{title}: complexity of targets in the student's NTK along its training "
-        f"(n={res['n']}; mean ± s.e. over seeds {res['seeds']})",
+        f"(n={res['n']}; mean ± s.e. over seeds {res['seeds']})" + _interval_note(res),
         y=1.01,
     )
     return _save(fig, path)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ntkd._io import read_json, write_text
-from ntkd.findings import capacity_points, capacity_temperature, checkpoint_at
+from ntkd.findings import capacity_points, capacity_temperature, checkpoint_at, complexity_kernels
 
 # Harutyunyan et al. (ICLR 2023), Fig. of complexity along student training (CIFAR-100, ResNet-56 → LeNet-5x8):
 # online / offline teacher ratio of the adjusted complexity at fractions of student training.
@@ -30,6 +30,7 @@ PAPER_ONLINE_OFFLINE = {
     1.0: "≈ 1",
 }
 FRACTIONS = (0.0, 0.1, 0.2, 0.5, 0.9, 1.0)
+COMPLEXITY_STEPS = ("teacher_checkpoints", "student_complexity")  # the steps with a complexity path
 
 
 def _pct(row: dict, key: str, err: str = "se", scale: float = 100.0) -> str:
@@ -74,10 +75,33 @@ def _ci(ci) -> str:
     return "–" if not ci else f"[{_num(ci[0])}, {_num(ci[1])}]"
 
 
+def _interval(lo, hi, digits: int = 3) -> str:
+    return f"[{_num(lo, digits)}, {_num(hi, digits)}]"
+
+
+def _bounds_cell(f: dict) -> str:
+    """The effect's certified interval of a matrix-free finding, flagged when it does not decide."""
+    b = f.get("bounds")
+    if not b:
+        return "–"
+    out = _interval(*b["effect"])
+    if not b.get("certified", True):
+        out += " ⚠ upper bounds not certified"
+    if not b.get("verdict_holds", True):
+        out += (
+            f" ⚠ **undecided**: {b.get('verdict_at_lower') or 'no verdict'} at the lower end, "
+            f"{b.get('verdict_at_upper') or 'no verdict'} at the upper end"
+        )
+    return out
+
+
 def _findings_table(findings: list[dict]) -> list[str]:
+    intervals = any(f.get("bounds") for f in findings)
     lines = [
-        "| finding | verdict | effect [95% CI] | p | p (Holm) | under A | identity kernel | equal-norm label smoothing |",
-        "|---|---|---|---|---|---|---|---|",
+        "| finding | verdict | effect [95% CI] | "
+        + ("effect, certified bounds | " if intervals else "")
+        + "p | p (Holm) | under A | identity kernel | equal-norm label smoothing |",
+        "|---|---|---|---|---|---|---|---|" + ("---|" if intervals else ""),
     ]
     for f in findings:
         c = f.get("controls", {})
@@ -89,11 +113,19 @@ def _findings_table(findings: list[dict]) -> list[str]:
                 if c[k].get("method", "").startswith("all differences equal")
                 else f"{_num(c[k]['effect'])} (p {_p(c[k]['p'])})"
             )
+            + (
+                f" bounds {_interval(*c[k]['effect_bounds'])}"
+                if "effect_bounds" in c.get(k, {})
+                else ""
+            )
             for k in ("A", "identity_kernel", "label_smoothing_matched")
         ]
         flag = " (size effect only)" if f.get("size_effect_only") else ""
+        if not f.get("bounds", {}).get("verdict_holds", True):
+            flag += " (not decided by the certified intervals)"
+        bounds = f"{_bounds_cell(f)} | " if intervals else ""
         lines.append(
-            f"| {f['name']} | **{f['verdict']}**{flag} | {_num(f['effect'])} {_ci(f['ci'])} | {_p(f['p'])} | "
+            f"| {f['name']} | **{f['verdict']}**{flag} | {_num(f['effect'])} {_ci(f['ci'])} | {bounds}{_p(f['p'])} | "
             f"{_p(f['p_adjusted'])} | {' | '.join(ctl)} |"
         )
     return lines
@@ -108,6 +140,21 @@ def _criteria_list(findings: list[dict]) -> list[str]:
                 " Per seed: " + ", ".join(f"{s}: {_num(v)}" for s, v in f["per_seed"].items()) + "."
             )
         why = f" Not tested: {f['reason']}" if f.get("reason") else ""
+        b = f.get("bounds")
+        if b:
+            seeds += (
+                " Certified bounds per seed (matrix-free path): "
+                + ", ".join(f"{s}: {_interval(*v)}" for s, v in b["per_seed"].items())
+                + "; "
+                + (
+                    f"they do not order the two sides for seed{'s' if len(b['undecided_seeds']) > 1 else ''} "
+                    f"{', '.join(b['undecided_seeds'])}"
+                    if b["undecided_seeds"]
+                    else "every seed's bounds are on one side of 0"
+                )
+                + f"; verdict with every seed at its lower end: {b.get('verdict_at_lower') or 'none'}, at "
+                f"its upper end: {b.get('verdict_at_upper') or 'none'}."
+            )
         out.append(
             f"- **{f['name']}** — {f['criterion']} Test: {f.get('method', '–')}; α = {f['alpha']} after "
             f"Holm.{seeds}{why}"
@@ -116,7 +163,10 @@ def _criteria_list(findings: list[dict]) -> list[str]:
 
 
 def _ratio_table(sc: dict) -> list[str]:
-    """online/offline and offline/labels ratios at fractions of training, mean ± SE over panels and seeds."""
+    """online/offline and offline/labels ratios at fractions of training, mean ± SE over panels and seeds;
+    on the matrix-free path also [lower, upper], the mean over runs of each run's certified interval."""
+    intervals = sc.get("complexity_path") == "matfree"
+    flagged = False
     out = []
     for t in sc["temperatures"]:
         on, off = f"online_teacher_t{t:g}", f"offline_teacher_t{t:g}"
@@ -128,26 +178,50 @@ def _ratio_table(sc: dict) -> list[str]:
             "offline / labels (A) | offline / labels (Â) | paper: online / offline (A) |",
             "|---|---|---|---|---|---|---|",
         ]
+        ratios = (("oa", on, off, "A"), ("oh", on, off, "A_hat"))
+        ratios += (("la", off, "labels", "A"), ("lh", off, "labels", "A_hat"))
         for frac in FRACTIONS:
-            vals = {k: [] for k in ("oa", "oh", "la", "lh")}
-            epochs = set()
+            vals = {k: [] for k, *_ in ratios}
+            lows = {k: [] for k, *_ in ratios}
+            highs = {k: [] for k, *_ in ratios}
+            epochs, certified = set(), True
             for p in sc["panels"]:
                 r = checkpoint_at(p["rows"], frac)
                 epochs.add(r["epoch"])
+                certified &= r.get("certified", True)
                 tg = r["targets"]
-                vals["oa"].append(tg[on]["A"] / tg[off]["A"])
-                vals["oh"].append(tg[on]["A_hat"] / tg[off]["A_hat"])
-                vals["la"].append(tg[off]["A"] / tg["labels"]["A"])
-                vals["lh"].append(tg[off]["A_hat"] / tg["labels"]["A_hat"])
+                for k, num, den, m in ratios:
+                    vals[k].append(tg[num][m] / tg[den][m])
+                    if intervals:  # each run's certified interval on the ratio
+                        lows[k].append(tg[num][f"{m}_lower"] / tg[den][f"{m}_upper"])
+                        highs[k].append(tg[num][f"{m}_upper"] / tg[den][f"{m}_lower"])
+            flagged |= intervals and not certified
             cells = [
                 f"{np.mean(v):.3f} ± {np.std(v, ddof=1) / np.sqrt(len(v)) if len(v) > 1 else 0:.3f}"
-                for v in vals.values()
+                + (
+                    f" [{np.mean(lows[k]):.3f}, {np.mean(highs[k]):.3f}]{'' if certified else ' ⚠'}"
+                    if intervals
+                    else ""
+                )
+                for k, v in vals.items()
             ]
             paper = PAPER_ONLINE_OFFLINE.get(frac, "–") if t == 1 else "–"
             out.append(
                 f"| {100 * frac:.0f}% | {', '.join(map(str, sorted(epochs)))} | {' | '.join(cells)} | {paper} |"
             )
         out.append("")
+    if intervals:
+        out += [
+            "Matrix-free path: [lower, upper] after each ratio is the mean over the runs of each run's "
+            "certified interval on it (the numerator's lower bound over the denominator's upper bound, and "
+            "the reverse), so it holds the mean of the exact ratios"
+            + (
+                "; ⚠ marks a cell with a kernel whose upper bounds are not certified."
+                if flagged
+                else "."
+            ),
+            "",
+        ]
     return out
 
 
@@ -277,6 +351,55 @@ def _stability_lines(stab: dict) -> list[str]:
     return out
 
 
+def _path_lines(cfg: dict, steps: dict[str, dict | None]) -> list[str]:
+    """Which complexity path each step took and, on the matrix-free path, what its intervals are
+    (nothing for a study whose complexities are all dense)."""
+    ran = {step: r for step, r in steps.items() if r}
+    if not any(r.get("complexity_path") == "matfree" for r in ran.values()):
+        return []
+    from ntkd.study import StudyConfig
+
+    rtol = cfg.get("complexity_rtol", StudyConfig.complexity_rtol)
+    parts, uncertified, gaps = [], [], []
+    for step, r in ran.items():
+        if step not in COMPLEXITY_STEPS:
+            continue
+        if r.get("complexity_path") != "matfree":
+            parts.append(f"`{step}`: dense")
+            continue
+        kernels = complexity_kernels(r)
+        gap = max(k["max_relative_gap"] for _, k in kernels)
+        gaps.append(gap)
+        uncertified += [f"{where} (`{step}`)" for where, k in kernels if not k["certified"]]
+        parts.append(
+            f"`{step}`: matrix-free ({len(kernels)} kernels, "
+            f"{sum(k['matvecs'] for _, k in kernels)} kernel–vector products, largest relative gap "
+            f"{gap:.3g})"
+        )
+    dense = [f"`{s}`" for s in ran if s not in COMPLEXITY_STEPS]
+    return [
+        f"**Complexity path** (`complexity_path = {json.dumps(cfg.get('complexity_path', 'auto'))}`): "
+        + "; ".join(parts)
+        + (f"; {' and '.join(dense)} use the dense kernel on every path" if dense else "")
+        + ". On the matrix-free path every complexity is a certified interval on its exact value: "
+        "Gauss (lower) and Gauss–Radau (upper) bounds on C from block Lanczos on streaming eNTK "
+        f"products, stopped when the relative gap (upper − lower) / lower of C is at most rtol = {rtol:g} "
+        f"(largest relative gap in this study: {max(gaps):.3g}"
+        + (", above rtol: the step cap stopped some kernels first" if max(gaps) > rtol else "")
+        + "; docs/matfree.md). The tables show such a complexity as `value [lower, upper]`, the value "
+        "being the midpoint estimate, on which the verdicts are computed as on the dense path; each "
+        "complexity finding shows the certified bounds of its effect and whether its verdict holds with "
+        "every seed at the lower and at the upper end of its interval.",
+        "",
+        "**Every upper bound is certified.**"
+        if not uncertified
+        else f"**⚠ Upper bounds not certified in {len(uncertified)} kernel"
+        f"{'s' if len(uncertified) > 1 else ''}: {'; '.join(uncertified)}. Their upper ends are "
+        "estimates, not bounds; the cells that use them are marked ⚠.**",
+        "",
+    ]
+
+
 def write_report(study_dir: str | os.PathLike) -> Path:
     """Writes ``report.md`` of a study folder from its saved results."""
     study_dir = Path(study_dir)
@@ -325,15 +448,31 @@ def write_report(study_dir: str | os.PathLike) -> Path:
         'alone) is shown beside it, with its uncorrected p. "size effect only": significant under A but not under Â '
         "(both uncorrected).",
         "",
+        *_path_lines(cfg, {s: load(s) for s in (*COMPLEXITY_STEPS, "margins", "ntk_similarity")}),
     ]
     if findings:
         n_rep = sum(f["verdict"] == "reproduced" for f in findings)
-        parts += [f"## Findings ({n_rep} of {len(findings)} reproduced)", ""]
+        undecided = [f for f in findings if not f.get("bounds", {}).get("verdict_holds", True)]
+        note = f"; ⚠ {len(undecided)} not decided by the certified intervals" if undecided else ""
+        parts += [f"## Findings ({n_rep} of {len(findings)} reproduced{note})", ""]
         if against:
             parts += [
                 "Against the paper or not shown by this run: "
                 + "; ".join(f"*{f['name']}* ({f['verdict']})" for f in against)
                 + ".",
+                "",
+            ]
+        if undecided:
+            parts += [
+                "⚠ Not decided by the certified intervals of the matrix-free path (the verdict, computed "
+                "on the midpoints, changes with every seed at the lower or at the upper end of its "
+                "interval): "
+                + "; ".join(
+                    f"*{f['name']}* ({f['verdict']}; {f['bounds'].get('verdict_at_lower') or 'no verdict'} "
+                    f"at the lower end, {f['bounds'].get('verdict_at_upper') or 'no verdict'} at the upper)"
+                    for f in undecided
+                )
+                + ". A smaller `complexity_rtol` narrows the intervals.",
                 "",
             ]
         parts += (

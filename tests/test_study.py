@@ -278,6 +278,55 @@ def test_complexity_path_option_matfree_brackets_dense(study_dir, tmp_path):
         assert rf["A_identity"] == rd["A_identity"]
 
 
+def test_matfree_study_report_and_figures_show_the_intervals(study_dir, tmp_path):
+    """A study on the matrix-free path (its two complexity steps on study_dir's trained runs):
+    report.md states the path, rtol, largest gap and certification and gives intervals; the
+    findings carry bounds; the dense study's report has none of it."""
+    import dataclasses
+    import re
+
+    from ntkd.findings import write_findings
+    from ntkd.plotting import plot_study
+    from ntkd.report import write_report
+
+    cfg = dataclasses.replace(
+        tiny_config(),
+        complexity_path="matfree",
+        ridge=1e-2,
+        complexity_rtol=0.2,
+        complexity_regimes=["online τ=1"],
+    )
+    out = tmp_path / "matfree"
+    shutil.copytree(study_dir / "runs", out / "runs")
+    (out / "results").mkdir()
+    for step in ("distillation", "margins", "ntk_similarity"):  # dense on every path: reused
+        shutil.copy(study_dir / "results" / f"{step}.json", out / "results")
+    study = Study(cfg, out, progress=False)
+    for step in ("teacher_checkpoints", "student_complexity"):
+        study.run_step(step)
+    write_findings(out)
+    assert {p.stem for p in plot_study(out)} == set(STEPS)
+    report = write_report(out).read_text()
+    assert (
+        '**Complexity path** (`complexity_path = "matfree"`): `teacher_checkpoints`: matrix-free'
+        in report
+    )
+    assert "rtol = 0.2 " in report and "largest relative gap in this study: " in report
+    assert "`margins` and `ntk_similarity` use the dense kernel on every path" in report
+    assert "**Every upper bound is certified.**" in report
+    assert "| effect, certified bounds |" in report
+    assert re.search(r"\| \d\.\d{3} ± \d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\] \|", report)  # a ratio
+    for f in json.loads((out / "results" / "findings.json").read_text()):
+        tested = f["kind"] == "complexity" and f["verdict"] != "not tested"
+        assert ("bounds" in f) == tested, f["name"]
+        if tested:
+            assert f["bounds"]["effect"][0] <= f["effect"] + 1e-12
+            assert f["effect"] <= f["bounds"]["effect"][1] + 1e-12
+    dense = (study_dir / "report.md").read_text()
+    for marker in ("Complexity path", "certified bounds", "Matrix-free path"):
+        assert marker not in dense
+
+
 def test_complexity_path_defaults_keep_the_config_and_refuse_matfree_without_ridge(tmp_path):
     import dataclasses
 
