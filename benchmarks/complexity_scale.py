@@ -155,8 +155,15 @@ def worker(args) -> dict:
         row["complexity"] = {name: factor.complexity(v) for name, v in Y.items()}
     elif args.path == "probe":
         mv = ntk_matvec(
-            apply_fn, params, x, block_size=args.block_size, dtype=jnp.float64, cache="never"
+            apply_fn,
+            params,
+            x,
+            block_size=args.block_size,
+            dtype=jnp.float64,
+            cache=args.matvec_cache,
+            cache_bytes=int(args.cache_gib * 2**30),
         )
+        row["matvec_cache"] = mv.cache_kind
         V = np.random.default_rng(0).standard_normal((n, 10))
         t1 = time.perf_counter()
         mv(V)
@@ -170,8 +177,15 @@ def worker(args) -> dict:
         row["trace_seconds"] = time.perf_counter() - t1
     else:
         mv = ntk_matvec(
-            apply_fn, params, x, block_size=args.block_size, dtype=jnp.float64, cache="never"
+            apply_fn,
+            params,
+            x,
+            block_size=args.block_size,
+            dtype=jnp.float64,
+            cache=args.matvec_cache,
+            cache_bytes=int(args.cache_gib * 2**30),
         )
+        row["matvec_cache"] = mv.cache_kind
         trace = mv.trace()
         row["trace_seconds"] = time.perf_counter() - t0
         row["trace"] = trace
@@ -222,6 +236,10 @@ def run_worker(cache: Path, path: str, n: int, student: str, a, **extra) -> dict
         str(a.rtol),
         "--block-size",
         str(a.block_size),
+        "--matvec-cache",
+        a.matvec_cache,
+        "--cache-gib",
+        str(a.cache_gib),
     ]
     for k, v in extra.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
@@ -338,6 +356,13 @@ def main(argv=None):
     p.add_argument("--rtol", type=float, default=1e-2)
     p.add_argument("--block-size", type=int, default=512)
     p.add_argument("--nystrom-rank", type=int, default=0)
+    p.add_argument(
+        "--matvec-cache",
+        default="auto",
+        choices=["auto", "never", "always", "features"],
+        help="ntk_matvec's cache (never: stream every product through the network)",
+    )
+    p.add_argument("--cache-gib", type=float, default=4.0, help="ntk_matvec cache_bytes in GiB")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--worker", choices=["dense", "matfree", "probe"])
     p.add_argument("--n", type=int)
