@@ -380,16 +380,20 @@ def main(argv=None):
     out = Path(a.out)
     rows = []
     done = set()
-    if out.with_suffix(".json").exists():  # resume: keep finished rows
-        rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    command = "PYTHONPATH=. python3 benchmarks/complexity_scale.py " + " ".join(
+        repr(w) if not w or " " in w else w for w in (sys.argv[1:] if argv is None else argv)
+    )
+    commands, note = [command], None
+    if out.with_suffix(".json").exists():  # resume: keep finished rows and earlier commands
+        old = json.loads(out.with_suffix(".json").read_text())
+        rows = old["rows"]
+        commands = [c for c in old["meta"].get("commands", []) if c != command] + commands
+        note = old["meta"].get("note")
         done = {(r["path"], r["n"], r["student"], r.get("preconditioner")) for r in rows}
 
     def save():
         meta = {
-            "commands": [
-                "PYTHONPATH=. python3 benchmarks/complexity_scale.py "
-                + " ".join(sys.argv[1:] if argv is None else argv)
-            ],
+            "commands": commands,
             "ridge": a.ridge,
             "rtol": a.rtol,
             "teacher": TEACHER,
@@ -397,6 +401,8 @@ def main(argv=None):
             "train_examples": TRAIN,
             "info": json.loads((cache / "info.json").read_text()),
         }
+        if note:
+            meta["note"] = note
         out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
         plot(rows, out.with_suffix(".png"))
 

@@ -537,6 +537,7 @@ class Study:
             "trace_source": res.trace_source,
             "shift": res.shift,
             "matvecs": res.matvecs,
+            "matvec_cache": res.matvec_cache,
             "max_relative_gap": max(gaps),
             "certified": all(b.upper_certified for b in res.bounds.values()),
         }

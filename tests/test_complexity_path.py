@@ -75,6 +75,26 @@ def test_matfree_interval_contains_the_float64_dense_value(tiny_mnist1d):
     assert res.matvecs == sum(res.bounds[g[0]].matvecs for g in res.groups)
 
 
+def test_memory_budget_picks_the_matvec_cache_and_the_interval_does_not_move(tiny_mnist1d):
+    """Half the budget may hold Jacobians (32 MiB), else structured features (2 MiB), else the
+    products stream (2 KiB); all three give the same certified interval."""
+    n = 96
+    x, y = tiny_mnist1d.x_train[:n], tiny_mnist1d.y_train[:n]
+    model = models.get_model("mlp", 10, widths=(24,))
+    variables = models.init_variables(model, jax.random.key(0), tiny_mnist1d.input_shape)
+    apply_fn, params = ntk.flax_apply_fn(model, variables)
+    Ys = {"labels": np.asarray(targets.one_hot(y, 10), np.float64)}
+    got = {}
+    for budget in ("64MiB", "2MiB", "2KiB"):
+        res = matfree_complexity(apply_fn, params, x, Ys, ridge=1e-2, memory_budget=budget)
+        got[res.matvec_cache] = res.bounds["labels"]
+        assert res.columns("labels")["matvec_cache"] == res.matvec_cache
+    assert set(got) == {"jacobian", "features", None}
+    for b in got.values():
+        assert b.lower == pytest.approx(got[None].lower, rel=1e-9)
+        assert b.upper == pytest.approx(got[None].upper, rel=1e-9)
+
+
 def test_dense_and_matfree_tables_measure_the_same_rows(tiny_teacher_dir):
     """``teacher_complexity_table``: every matfree row's interval holds the dense row's value."""
     kw = dict(teacher_epochs=[2, 4], temperatures=(1.0, 4.0), n=200, ridge=1e-2)

@@ -151,6 +151,8 @@ class MatfreeComplexity:
       n: examples; size: N, the side of K (n·k for ``mode="full"``).
       target_norm2: target name -> ‖Y‖_F².
       groups: the target names of each shared Krylov space, in order.
+      matvec_cache: what the products ran on: ``"jacobian"`` or ``"features"``
+        (cached per block) or None (streamed through the network).
     """
 
     bounds: dict[str, ComplexityBounds]
@@ -162,6 +164,7 @@ class MatfreeComplexity:
     size: int
     target_norm2: dict[str, float]
     groups: tuple[tuple, ...]
+    matvec_cache: str | None = None
 
     @property
     def matvecs(self) -> int:
@@ -198,6 +201,7 @@ class MatfreeComplexity:
             "ridge": self.shift,
             "trace": self.trace,
             "trace_source": self.trace_source,
+            "matvec_cache": self.matvec_cache,
         }
 
 
@@ -316,4 +320,5 @@ def matfree_complexity(
         size=mv.size,
         target_norm2={name: float(np.sum(Y * Y)) for name, Y in cols.items()},
         groups=tuple(tuple(g) for g in groups),
+        matvec_cache=mv.cache_kind,
     )
