@@ -719,6 +719,15 @@ def test_clear_errors():
     bad["dense0"]["bias"] = bad["dense0"]["bias"].at[0].set(jnp.inf)
     with pytest.raises(ValueError, match=r"params\['dense0'\]\['bias'\].*non-finite"):
         empirical_ntk(apply_fn, bad, x1)
+    # a warm one-block call checks after dispatching the kernel: still refused, for every
+    # implementation (auto's cached pick included)
+    for impl in ("auto", "structured", "jacobian"):
+        empirical_ntk(apply_fn, params, x1, implementation=impl)
+        empirical_ntk(apply_fn, params, x1, implementation=impl)
+        with pytest.raises(ValueError, match=r"params\['dense0'\]\['bias'\].*non-finite"):
+            empirical_ntk(apply_fn, bad, x1, implementation=impl)
+        with pytest.raises(ValueError, match="x1.*non-finite"):
+            empirical_ntk(apply_fn, params, x1.at[1, 0, 0].set(jnp.inf), implementation=impl)
     with pytest.raises(ValueError, match=r"shape \(batch, k\).*returned \(2, 3, 1\)"):
         empirical_ntk(lambda p, x: apply_fn(p, x)[..., None], params, x1)
     with pytest.raises(ValueError, match="block_size=0"):
