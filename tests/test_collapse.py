@@ -59,6 +59,12 @@ def _leaky_where(p, x):
     return (h @ p["head"]["w"] + p["head"]["b"]).reshape(x.shape[0], 2, 2).reshape(x.shape[0], 4)
 
 
+def _transposed(p, x):  # the layer before the head computes W @ hᵀ, then transposes back
+    h = jax.nn.relu(x @ p["l0"]["w"] + p["l0"]["b"])
+    z = (p["l1"]["w"].T @ h.T).T + p["l1"]["b"]
+    return jax.nn.silu(z).reshape(x.shape[0], 5) @ p["head"]["w"] + p["head"]["b"]
+
+
 def _per_example_scale(p, x):  # logits scaled by a function of x: no layer collapses
     h = jax.nn.relu(x @ p["l0"]["w"] + p["l0"]["b"])
     h = jax.nn.relu(h @ p["l1"]["w"] + p["l1"]["b"])
@@ -87,6 +93,7 @@ CASES = {
     "mlp": (_mlp, {"head": None, "l1": "head"}),
     "gelu_gated_scaled": (_gelu_gated_scaled, {"head": None, "l1": "head"}),
     "leaky_where": (_leaky_where, {"head": None, "l1": "head"}),
+    "transposed": (_transposed, {"head": None, "l1": "head"}),
     "per_example_scale": (_per_example_scale, {}),
     "softmax_out": (_softmax_out, {}),
     "two_heads": (_two_heads, {"head": None, "aux": None}),
@@ -105,7 +112,7 @@ def _collapsed(f, params, x) -> dict:
     groups = leaf_groups(params)
     found = collapse.collapsible(plan, set(range(len(plan.targets))))
     name = lambda i: groups[plan.targets[i].leaf]  # noqa: E731
-    return {name(t): None if h is None else name(h) for t, h in found.items()}
+    return {name(t): None if h is None else name(h[0]) for t, h in found.items()}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -147,6 +154,23 @@ def test_collapse_per_layer_kernels_match_oracle():
         assert set(got) == set(want)
         for g in want:
             assert rel(got[g], want[g]) < 1e-12, g
+
+
+def test_collapse_through_equinox_views():
+    """Equinox's vmapped ``W @ x + b`` transposes each layer's output: the layer before the
+    head still collapses (its cotangents are rearranged back), exactly."""
+    import equinox as eqx
+
+    with jax.enable_x64(True):
+        model = eqx.nn.MLP(6, 4, 7, 2, key=jax.random.PRNGKey(0), dtype=jnp.float64)
+        params, static = eqx.partition(model, eqx.is_inexact_array)
+        f = lambda p, xx: jax.vmap(eqx.combine(p, static))(xx)  # noqa: E731
+        x = jax.random.normal(jax.random.PRNGKey(1), (5, 6), jnp.float64)
+        found = _collapsed(f, params, x)
+        assert found == {"layers/2": None, "layers/1": "layers/2"}, found
+        ref = ntk_oracle(f, params, x, None, "trace")
+        got = ntkd.empirical_ntk(model, None, x, mode="trace", implementation="structured")
+        assert rel(got, ref) < 1e-12
 
 
 def test_collapse_linen_and_nnx_models():

@@ -52,12 +52,13 @@ class Structured:
                 if wants_factor(problem.mode, t.kind, h, s, d, c, m, opts.max_fact_positions)
                 else self.grad
             ).append(t)
-        # trace mode: {target: None (a head) or the head whose input cotangent U it needs}
+        # trace mode: {target: None (a head) or (the head whose input cotangent U it needs,
+        # the order taking U to the target's output layout)}
         self.collapse = {}
         if problem.mode.name == "trace" and opts.collapse_trace:
             single = {t.index for t in self.fact if ft.sizes(t)[:2] == (1, 1)}
             self.collapse = collapse.collapsible(plan, single)
-        self.pinned = sorted({h for h in self.collapse.values() if h is not None})
+        self.pinned = sorted({v[0] for v in self.collapse.values() if v is not None})
         # Positions > 1 in a factorised term build block² × S² temporaries: the driver then
         # prefers more, smaller blocks.
         self.spatial = any(ft.sizes(t)[:2] != (1, 1) for t in self.fact)
@@ -123,14 +124,17 @@ class Structured:
             left_g = [jnp.stack([q[0][j] for q in per], 1) for j in range(len(left))]
 
             def g_of(t, axis, head=None):
-                raw = [q[1][t.index] if head is None else q[2][head] for q in per]
+                raw = [
+                    q[1][t.index] if head is None else _laid_out(t, q[2][head[0]], head[1], 1)
+                    for q in per
+                ]
                 return jnp.stack([ft.cotangents(t, g, 1) for g in raw], axis)
         else:
             lg, pg, qg = jax.vmap(vjp)(cots)
             left_g = [jnp.moveaxis(g, 0, 1) for g in lg]
 
             def g_of(t, axis, head=None):
-                g = pg[t.index] if head is None else qg[head]
+                g = pg[t.index] if head is None else _laid_out(t, qg[head[0]], head[1], 2)
                 return jnp.moveaxis(ft.cotangents(t, g, 2), 0, axis)
 
         dtype = self.p.dtype
@@ -164,6 +168,15 @@ class Structured:
             terms.add(group, mode.contract(f1, f2, self.p.gram))
         b1, b2 = _rows(r), _rows(c)
         return terms.result(mode.block_shape(b1, b2, self.p.k), _dtype(r))
+
+
+def _laid_out(t, u, order, lead: int):
+    """A head's input cotangents u (lead..., *input shape) in target t's output layout."""
+    shape = t.eqn.outvars[0].aval.shape
+    if order is None:
+        return u.reshape(u.shape[:lead] + tuple(shape))
+    flat = u.reshape(u.shape[:lead] + (-1,))[..., order]
+    return flat.reshape(u.shape[:lead] + tuple(shape))
 
 
 def _nonzero(a):

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 
+import numpy as np
 from jax.extend import core as jcore
 
 from ntkd.ntk.structured.discovery import Plan
@@ -57,6 +58,10 @@ LINEAR = frozenset(
 
 SCALINGS = frozenset({"mul", "div", "dot_general"})
 """Linear when every other operand is example-independent (div: only as the numerator)."""
+
+VIEWS = frozenset({"transpose", "reshape", "squeeze", "expand_dims", "copy", "copy_p"})
+"""Single-operand ops that only move elements (a reshape keeps the flat order)."""
+
 
 CUSTOM = frozenset({"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"})
 
@@ -157,37 +162,55 @@ class _Graph:
         return self.outputs[0] in tainted
 
     def head_after_elementwise(self, start):
-        """The dense target whose activation ``start`` reaches through elementwise ops only."""
-        tainted, todo, heads = {start}, [start], []
-        while todo:
-            v = todo.pop()
-            if v in self.outputs:
-                return None
-            for e, pos in self.readers[v]:
-                eqn = self.jaxpr.eqns[e]
-                t = self.targets.get(id(eqn))
-                if t is not None and t.kind == "dense" and pos == t.activation:
-                    heads.append(t)
-                    continue
-                varying = [_is_var(u) and u in tainted for u in eqn.invars]
-                if not _diagonal_eqn(eqn, varying):
+        """``(head, index map)`` when ``start`` reaches one dense target's activation through
+        elementwise ops and views only, else None.
+
+        The index map has the activation's shape and holds, per element, the flat index of
+        the element of ``start`` it comes from (views such as Equinox's vmapped ``W @ x``
+        transposes move elements; elementwise ops keep them).
+        """
+        shape = tuple(start.aval.shape)
+        maps = {start: np.arange(int(np.prod(shape))).reshape(shape)}
+        head = None
+        for eqn in self.jaxpr.eqns:
+            ins = [maps.get(v) if _is_var(v) else None for v in eqn.invars]
+            if all(m is None for m in ins):
+                continue
+            t = self.targets.get(id(eqn))
+            if t is not None and t.kind == "dense":
+                if head is not None or any(
+                    m is not None for i, m in enumerate(ins) if i != t.activation
+                ):
+                    return None  # two heads, or the layer's output used as a weight
+                head = (t, ins[t.activation])
+                continue
+            name = eqn.primitive.name
+            if name in VIEWS and len(eqn.invars) == 1:
+                m = ins[0]
+                out = (
+                    np.transpose(m, eqn.params["permutation"])
+                    if name == "transpose"
+                    else m.reshape(eqn.outvars[0].aval.shape)
+                )
+            else:
+                if not _diagonal_eqn(eqn, [m is not None for m in ins]):
                     return None
-                for o in eqn.outvars:
-                    if tuple(o.aval.shape) != tuple(start.aval.shape):
-                        return None
-                    if o not in tainted:
-                        tainted.add(o)
-                        todo.append(o)
-        if (
-            len(heads) != 1
-            or heads[0].eqn.invars[heads[0].activation].aval.shape != start.aval.shape
-        ):
+                known = [m for m in ins if m is not None]
+                if any(not np.array_equal(m, known[0]) for m in known[1:]):
+                    return None  # elementwise across differently arranged copies
+                out = known[0]
+            for o in eqn.outvars:
+                maps[o] = out
+        if head is None or any(v in maps for v in self.outputs):
             return None
-        return heads[0]
+        return head
 
 
 def collapsible(plan: Plan, candidates) -> dict:
-    """``{target index: None (a head) or the head's target index}`` for the collapsible targets.
+    """``{target index: None (a head) or (head index, order)}`` for the collapsible targets.
+
+    ``order`` (None: the same layout) takes the head's input cotangent, flattened, to
+    the layer's output layout: ``u_layer = u_head.reshape(-1)[order]``.
 
     Args:
         candidates: target indices that may collapse (single-position factorised layers).
@@ -201,7 +224,14 @@ def collapsible(plan: Plan, candidates) -> dict:
         if graph.linear_to_output(z):
             out[t.index] = None
             continue
-        head = graph.head_after_elementwise(z)
-        if head is not None and graph.linear_to_output(head.eqn.outvars[0]):
-            out[t.index] = head.index
+        found = graph.head_after_elementwise(z)
+        if found is not None and graph.linear_to_output(found[0].eqn.outvars[0]):
+            head, index = found
+            flat = index.reshape(-1)
+            if flat.size != int(np.prod(z.aval.shape)) or not np.array_equal(
+                np.sort(flat), np.arange(flat.size)
+            ):
+                continue  # not a rearrangement of the layer's output
+            identity = np.array_equal(flat, np.arange(flat.size))
+            out[t.index] = (head.index, None if identity else np.argsort(flat))
     return out
