@@ -228,9 +228,7 @@ class KernelFactor:
             chol = mat.copy()
             chol.flat[:: size + 1] += ridge_abs + jitter
             try:
-                chol, _ = scipy.linalg.cho_factor(
-                    chol, lower=True, overwrite_a=True, check_finite=False
-                )
+                chol = _cho_factor(chol)
                 break
             except np.linalg.LinAlgError:
                 lam_min = float(
@@ -319,6 +317,27 @@ class KernelFactor:
     def shift(self) -> float:
         """The absolute diagonal shift of the factorised matrix (ridge plus jitter)."""
         return self.info.ridge + self.info.jitter
+
+
+SERIAL_CHOLESKY_SIZE = 8192
+"""From this size the Cholesky factorisation runs OpenBLAS on one thread.
+
+SciPy's and NumPy's bundled OpenBLAS (0.3.30 here) crashed the process with a
+segmentation fault in the threaded ``potrf`` at n = 16,000 and 20,000 on 2
+threads (random SPD matrices and a real eNTK alike), while one thread
+factorised n = 20,000 in 80 s; n = 10,000 and 12,000 were fine threaded. A crash would
+lose the run, so large kernels pay the single-thread time instead.
+"""
+
+
+def _cho_factor(a: np.ndarray) -> np.ndarray:
+    """Lower Cholesky factor of ``a`` (overwritten), single-threaded BLAS for large a."""
+    if a.shape[0] < SERIAL_CHOLESKY_SIZE:
+        return scipy.linalg.cho_factor(a, lower=True, overwrite_a=True, check_finite=False)[0]
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        return scipy.linalg.cho_factor(a, lower=True, overwrite_a=True, check_finite=False)[0]
 
 
 def factor_kernel(K: ArrayLike, *, ridge: float = 0.0) -> KernelFactor:

@@ -459,3 +459,28 @@ def test_higher_temperature_lowers_teacher_complexity_on_mnist1d():
     assert all(a1 > a2 for a1, a2 in zip(a, a[1:])), a
     by_name = {r["target"]: r["adjusted_complexity"] for r in rows}
     assert by_name["random"] > by_name["labels"] > a[-1]
+
+
+def test_large_cholesky_runs_blas_on_one_thread(monkeypatch):
+    """From SERIAL_CHOLESKY_SIZE the factorisation runs under a one-thread BLAS limit
+    (threaded OpenBLAS potrf segfaulted at n = 16,000); the factor is the same."""
+    import threadpoolctl
+
+    from ntkd import complexity as cx
+
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((40, 5))
+    K = A @ A.T
+    Y = rng.standard_normal((40, 3))
+    ref = cx.factor_kernel(K, ridge=1e-2).complexity(Y)
+    limits = []
+    real = threadpoolctl.threadpool_limits
+
+    def recording(*args, **kwargs):
+        limits.append(kwargs.get("limits", args[0] if args else None))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(threadpoolctl, "threadpool_limits", recording)
+    monkeypatch.setattr(cx, "SERIAL_CHOLESKY_SIZE", 40)
+    assert cx.factor_kernel(K, ridge=1e-2).complexity(Y) == pytest.approx(ref, rel=1e-12)
+    assert limits == [1]
