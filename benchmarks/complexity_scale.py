@@ -144,16 +144,8 @@ def worker(args) -> dict:
     cache, n = Path(args.cache), args.n
     apply_fn, params, x, Y = _load(cache, args.student, n)
     row = {"path": args.path, "n": n, "student": args.student, "ridge": args.ridge}
-    t0 = time.perf_counter()
-    if args.path == "dense":
-        K = np.asarray(ntk.empirical_ntk(apply_fn, params, jnp.asarray(x), mode="trace"))
-        row["kernel_seconds"] = time.perf_counter() - t0
-        factor = complexity.factor_kernel(K, ridge=args.ridge)
-        row["trace"] = factor.trace
-        row["shift"] = factor.info.ridge
-        row["condition_number"] = factor.info.condition_number
-        row["complexity"] = {name: factor.complexity(v) for name, v in Y.items()}
-    elif args.path == "probe":
+
+    def matvec():
         mv = ntk_matvec(
             apply_fn,
             params,
@@ -164,6 +156,19 @@ def worker(args) -> dict:
             cache_bytes=int(args.cache_gib * 2**30),
         )
         row["matvec_cache"] = mv.cache_kind
+        return mv
+
+    t0 = time.perf_counter()
+    if args.path == "dense":
+        K = np.asarray(ntk.empirical_ntk(apply_fn, params, jnp.asarray(x), mode="trace"))
+        row["kernel_seconds"] = time.perf_counter() - t0
+        factor = complexity.factor_kernel(K, ridge=args.ridge)
+        row["trace"] = factor.trace
+        row["shift"] = factor.info.ridge
+        row["condition_number"] = factor.info.condition_number
+        row["complexity"] = {name: factor.complexity(v) for name, v in Y.items()}
+    elif args.path == "probe":
+        mv = matvec()
         V = np.random.default_rng(0).standard_normal((n, 10))
         t1 = time.perf_counter()
         mv(V)
@@ -176,16 +181,7 @@ def worker(args) -> dict:
         row["trace"] = mv.trace()
         row["trace_seconds"] = time.perf_counter() - t1
     else:
-        mv = ntk_matvec(
-            apply_fn,
-            params,
-            x,
-            block_size=args.block_size,
-            dtype=jnp.float64,
-            cache=args.matvec_cache,
-            cache_bytes=int(args.cache_gib * 2**30),
-        )
-        row["matvec_cache"] = mv.cache_kind
+        mv = matvec()
         trace = mv.trace()
         row["trace_seconds"] = time.perf_counter() - t0
         row["trace"] = trace

@@ -20,7 +20,6 @@ Gram products (Σ_a f_ia·f_ja). Every contraction uses ``Precision.HIGHEST``.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from ntkd.ntk.modes import HIGHEST
@@ -140,8 +139,3 @@ def column_bytes(feats) -> int:
     for f in feats["flat"]:
         best = max(best, f.size // f.shape[0] * jnp.dtype(f.dtype).itemsize)
     return int(best)
-
-
-def nbytes(feats) -> int:
-    """Bytes of a features pytree (arrays or ``ShapeDtypeStruct`` leaves)."""
-    return int(sum(l.size * jnp.dtype(l.dtype).itemsize for l in jax.tree.leaves(feats)))

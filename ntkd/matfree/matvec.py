@@ -51,7 +51,7 @@ from jax.typing import ArrayLike, DTypeLike
 
 from ntkd import ntk
 from ntkd.matfree import features as feat
-from ntkd.ntk._util import cast, leaf_groups
+from ntkd.ntk._util import cast, leaf_groups, nbytes
 from ntkd.ntk.algorithm import Problem
 from ntkd.ntk.modes import Mode
 from ntkd.ntk.options import ContractionOptions
@@ -209,7 +209,7 @@ class NtkMatvec:
         self._kinds = [t.kind for t in algo.fact]
         self._rows = [_table_rows(t) for t in algo.fact]
         self._feat_col_bytes = feat.column_bytes(shapes)
-        self.cache_bytes_needed["features"] = self._nb * feat.nbytes(shapes)
+        self.cache_bytes_needed["features"] = self._nb * nbytes(shapes)
 
     def _build_features(self) -> None:
         algo, state, kinds, rows = self._structured, self._state, self._kinds, self._rows
