@@ -27,6 +27,7 @@ from ntkd.ntk import (
     flax_apply_fn,
     ntk_vp_fn,
 )
+from ntkd.ntk import models as ntk_models
 from ntkd.ntk.engine import _engine, _options
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -728,6 +729,9 @@ def test_clear_errors():
             empirical_ntk(apply_fn, bad, x1, implementation=impl)
         with pytest.raises(ValueError, match="x1.*non-finite"):
             empirical_ntk(apply_fn, params, x1.at[1, 0, 0].set(jnp.inf), implementation=impl)
+        empirical_ntk(apply_fn, params, x1, x2, implementation=impl)  # x2: not one call
+        with pytest.raises(ValueError, match="x2.*non-finite"):
+            empirical_ntk(apply_fn, params, x1, x2.at[0, 0, 0].set(jnp.nan), implementation=impl)
     with pytest.raises(ValueError, match=r"shape \(batch, k\).*returned \(2, 3, 1\)"):
         empirical_ntk(lambda p, x: apply_fn(p, x)[..., None], params, x1)
     with pytest.raises(ValueError, match="block_size=0"):
@@ -822,6 +826,69 @@ def test_equinox_state_is_a_constant_and_the_new_state_is_discarded():
         for _ in range(2):  # eager calls, each from the same fixed state
             np.testing.assert_allclose(apply_fn(params, x), f(p, x), rtol=1e-12)
         np.testing.assert_array_equal(state.get(model.shift.index), np.full(3, 0.5))
+
+
+def test_repeated_module_calls_follow_in_place_updates_structure_changes_and_modes():
+    """NNX and Equinox splits are remembered between calls (models.py): a later call must
+    see in-place parameter updates, a changed structure, and dropout flags in training
+    mode, exactly as a fresh split would."""
+    import equinox as eqx
+
+    with jax.enable_x64(True):
+        x = jax.random.normal(jax.random.PRNGKey(0), (5, 4), jnp.float64)
+
+        def nnx_oracle(net):  # split by hand, as the user would
+            g, p, rest = nnx.split(net, nnx.Param, ...)
+
+            def f(p, x):
+                m = nnx.merge(g, p, rest)
+                m.eval()
+                return m(x)
+
+            return ntk_oracle(f, p, x, mode="full")
+
+        net = _NnxNet(nnx.Rngs(0))
+        net = jax.tree.map(
+            lambda l: l.astype(jnp.float64) if jnp.issubdtype(l.dtype, jnp.floating) else l, net
+        )
+        before = empirical_ntk(net, None, x, mode="full")
+        assert rel(before, nnx_oracle(net)) <= 1e-10
+        assert net in ntk_models._NNX_SPLITS  # the next call takes the remembered split
+        net.l1.kernel[...] = 2.0 * net.l1.kernel[...]  # in place: same structure
+        got = empirical_ntk(net, None, x, mode="full")
+        assert rel(got, nnx_oracle(net)) <= 1e-10 and rel(got, before) > 1e-2
+        net.l2 = nnx.Linear(5, 3, use_bias=False, rngs=nnx.Rngs(3), param_dtype=jnp.float64)
+        got = empirical_ntk(net, None, x, mode="full")  # new structure: a new split
+        assert rel(got, nnx_oracle(net)) <= 1e-10
+        net.bn.use_running_average = False  # a static attribute; eval() resets it
+        assert rel(empirical_ntk(net, None, x, mode="full"), nnx_oracle(net)) <= 1e-10
+
+        def eqx_net(key, inference):
+            k1, k2 = jax.random.split(key)
+            return eqx.nn.Sequential(
+                [
+                    eqx.nn.Linear(4, 6, key=k1, dtype=jnp.float64),
+                    eqx.nn.Lambda(jnp.tanh),
+                    eqx.nn.Dropout(0.5, inference=inference),
+                    eqx.nn.Linear(6, 3, key=k2, dtype=jnp.float64),
+                ]
+            )
+
+        def eqx_oracle(model):
+            p, static = eqx.partition(eqx.nn.inference_mode(model), eqx.is_inexact_array)
+            f = lambda p, x: jax.vmap(eqx.combine(p, static))(x)
+            return ntk_oracle(f, p, x, mode="full")
+
+        ready = eqx_net(jax.random.PRNGKey(1), inference=True)
+        want = eqx_oracle(ready)
+        assert rel(empirical_ntk(ready, None, x, mode="full"), want) <= 1e-10
+        # same structure and flags as one already seen, dropout on: still inference mode
+        training = eqx_net(jax.random.PRNGKey(1), inference=False)
+        for model in (training, ready, training):
+            assert rel(empirical_ntk(model, None, x, mode="full"), want) <= 1e-10
+        assert len(ntk_models._EQX_PLAIN) >= 1  # the ready structure skipped its rewrites
+        scaled = eqx.tree_at(lambda m: m.layers[0].weight, ready, 3.0 * ready.layers[0].weight)
+        assert rel(empirical_ntk(scaled, None, x, mode="full"), eqx_oracle(scaled)) <= 1e-10
 
 
 def test_public_facade():

@@ -82,9 +82,15 @@ def inexact(leaf) -> bool:
     return jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
 
 
-@jax.jit
-def _all_finite(leaves: list) -> jax.Array:
+def finite_of(tree: PyTree) -> jax.Array:
+    """Traceable: a scalar, True when every inexact leaf of ``tree`` is finite."""
+    leaves = [l for l in jax.tree.leaves(tree) if inexact(l)]
+    if not leaves:
+        return jnp.bool_(True)
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(l)) for l in leaves]))
+
+
+_all_finite = jax.jit(finite_of)
 
 
 def finite_flag(tree: PyTree) -> jax.Array | None:

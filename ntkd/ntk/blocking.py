@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ntkd.ntk._util import nbytes
+from ntkd.ntk._util import finite_of, nbytes
 from ntkd.ntk.modes import Mode
 from ntkd.ntk.options import BlockOptions
 
@@ -58,11 +58,14 @@ class Compiled:
             lambda p, s, f: algo.pair(p, s, f, f), out_shardings=NamedSharding(mesh, rows)
         )
         self.ndev = mesh.devices.size
-        # The whole symmetric kernel of one block on one device in one call: features and
-        # pair in one executable (MLP `trace`, n = 128: one dispatch less, and XLA schedules
-        # both together).
+        # The whole symmetric kernel of one block on one device in one call: features,
+        # pair and the inputs' finiteness flag in one executable (MLP `trace`, n = 128:
+        # two dispatches and a host round trip less, and XLA schedules all together).
         self.whole_sym = jax.jit(
-            lambda p, s, x: (lambda f: algo.pair(p, s, f, f))(algo.row(p, s, x))
+            lambda p, s, x: (
+                (lambda f: algo.pair(p, s, f, f))(algo.row(p, s, x)),
+                finite_of((p, x)),
+            )
         )
         self.fused = self.ndev == 1 and algo.shares_features
         self.rows = NamedSharding(mesh, rows)
@@ -168,10 +171,13 @@ def run(
     as_numpy: bool,
     groups: list,
     dtype,
+    flags: list | None = None,
 ) -> dict:
     """The kernel ``{group: (n1, n2[, k, k])}`` of x1 against x2, block by block.
 
     ``groups`` names every block the algorithm's ``pair`` returns; ``dtype`` is the kernel's.
+    A one-block symmetric kernel on one device also computes, in the same call, whether
+    params and x1 are finite: that device scalar is appended to ``flags`` when given.
     """
     ndev, cpu = c.ndev, c.mesh.devices.flat[0].platform == "cpu"
     nproc, rank = jax.process_count(), jax.process_index()
@@ -203,7 +209,9 @@ def run(
 
     if one_block:  # stay on device
         if shared and c.fused:
-            kij = c.whole_sym(params, state, block_of(x1, 0))
+            kij, finite = c.whole_sym(params, state, block_of(x1, 0))
+            if flags is not None:
+                flags.append(finite)
         elif shared:
             kij = c.pair_sym(params, state, c.row(params, state, block_of(x1, 0)))
         else:

@@ -67,7 +67,17 @@ def output_width(apply_fn: ApplyFn, params, x: jax.Array, mode: Mode) -> tuple[i
 
 def _spec(tree):
     leaves, treedef = jax.tree.flatten(tree)
-    return treedef, tuple((jnp.shape(l), str(jnp.result_type(l))) for l in leaves)
+    return treedef, tuple(_leaf_spec(l) for l in leaves)
+
+
+def _leaf_spec(leaf) -> tuple:
+    if isinstance(leaf, (jax.Array, np.ndarray)):  # the common case, without jnp's dispatch
+        return leaf.shape, leaf.dtype.name
+    return jnp.shape(leaf), str(jnp.result_type(leaf))
+
+
+def _as_array(x):
+    return x if isinstance(x, jax.Array) else jnp.asarray(x)
 
 
 class Engine:
@@ -89,17 +99,22 @@ class Engine:
         self._compiled: dict = {}
         self._blocks: dict = {}
         self._auto: dict = {}
+        self._problems: dict = {}
 
-    def problem(self, params, k, dtype) -> Problem:
-        return Problem(
-            self.fn,
-            self.mode,
-            k,
-            dtype,
-            tuple(leaf_groups(params)),
-            self.by_layer,
-            self.contraction,
-        )
+    def problem(self, sig, params, k, dtype) -> Problem:
+        """The algorithms' problem, built once per structure signature (the groups are the
+        params treedef's paths)."""
+        if sig not in self._problems:
+            self._problems[sig] = Problem(
+                self.fn,
+                self.mode,
+                k,
+                dtype,
+                tuple(leaf_groups(params)),
+                self.by_layer,
+                self.contraction,
+            )
+        return self._problems[sig]
 
     def compiled(self, impl: str, sig, problem: Problem, params, state, x) -> blocking.Compiled:
         key = (impl, sig)
@@ -144,9 +159,9 @@ class Engine:
         """Cast and checked inputs, the structure signature, k and the problem."""
         params = cast(params, self.dtype)
         state = cast(apply_fn.state, self.dtype)
-        x1 = cast(jnp.asarray(x1), self.dtype)
+        x1 = cast(_as_array(x1), self.dtype)
         symmetric = x2 is None
-        x2 = x1 if symmetric else cast(jnp.asarray(x2), self.dtype)
+        x2 = x1 if symmetric else cast(_as_array(x2), self.dtype)
         if x1.ndim < 1 or x1.shape[0] == 0 or x2.ndim < 1 or x2.shape[0] == 0:
             raise ValueError(f"x1 {x1.shape} / x2 {x2.shape} must have a non-empty batch axis.")
         if x1.shape[1:] != x2.shape[1:]:
@@ -160,7 +175,7 @@ class Engine:
                 ApplyFn(self.fn, state, None, apply_fn.kind), params, x1, self.mode
             )
         k, out_dtype = self._k[sig]
-        problem = self.problem(params, k, out_dtype)
+        problem = self.problem(sig, params, k, out_dtype)
         return params, state, x1, x2, symmetric, sig, k, out_dtype, problem
 
     def implementation_for(self, apply_fn: ApplyFn, params, x1, x2) -> str:
@@ -189,9 +204,9 @@ class Engine:
                 return self._unwrap(algo.pair(params, state, r, r))
             col = algo.row if algo.shares_features else algo.col
             return self._unwrap(algo.pair(params, state, r, col(params, state, x2)))
-        flag = finite_flag((params, x1, None if symmetric else x2))
+        inputs = (params, x1, None if symmetric else x2)
 
-        def require_finite():  # waits for the flag; on failure names the culprit
+        def require_finite(flag):  # waits for the flag; on failure names the culprit
             if flag is not None and not bool(flag):
                 check_finite("params", params)
                 check_finite("x1", x1)
@@ -200,10 +215,11 @@ class Engine:
 
         n = max(x1.shape[0], x2.shape[0])
         # A warm call whose kernel is one block stays on the device: its finiteness check
-        # is awaited after the kernel is dispatched, so the two overlap (MLP `trace`,
-        # n = 128: the awaited check cost ~0.4 ms of 3.6 ms). Anything else (a first call,
-        # which compiles and may time candidates; several blocks; a host kernel) is
-        # checked first, so bad input fails before any work.
+        # is awaited after the kernel is dispatched (a one-block symmetric kernel on one
+        # device computes the flag in its own executable; MLP `trace`, n = 128: a separate
+        # awaited check cost ~0.4 ms of 3.6 ms). Anything else (a first call, which
+        # compiles and may time candidates; several blocks; a host kernel) is checked
+        # first, so bad input fails before any work.
         impl = self._warm_implementation(sig, n, symmetric)
         deferred = (
             impl is not None
@@ -212,10 +228,11 @@ class Engine:
             and self._one_block(impl, sig, n)
         )
         if not deferred:
-            require_finite()
+            require_finite(finite_flag(inputs))
             impl = self._implementation(sig, problem, params, state, x1, x2, symmetric)
         c = self.compiled(impl, sig, problem, params, state, x1)
         b = self.block(impl, sig, c, k, params, state, x1, n)
+        flags: list = []
         out = blocking.run(
             c,
             self.mode,
@@ -230,9 +247,10 @@ class Engine:
             as_numpy,
             groups,
             out_dtype,
+            flags if deferred else None,
         )
         if deferred:
-            require_finite()
+            require_finite(flags[0] if flags else finite_flag(inputs))
         return self._unwrap(out)
 
     def _warm_implementation(self, sig, n: int, symmetric: bool) -> str | None:
