@@ -474,7 +474,7 @@ def _compiled(model, variables, x, mode, impl="structured", blocks=None):
 
     k, dt = output_width(apply_fn, params, x, options[0])
     sig = (_spec(params), _spec(apply_fn.state), x.shape[1:], str(x.dtype))
-    c = engine.compiled(impl, sig, engine.problem(params, k, dt), *sig_params, x)
+    c = engine.compiled(impl, sig, engine.problem(sig, params, k, dt), *sig_params, x)
     return c, options[0], k, params, apply_fn.state
 
 

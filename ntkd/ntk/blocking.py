@@ -263,22 +263,35 @@ def run(
         if shared:
             col_cache.pop(i, None)  # later rows only pair with later columns
     if on_device:
+        keys = sorted(tiles)
+        assemble = _assembler(mode, tuple(keys), len(starts1), len(starts2))
+        return assemble([tiles[key] for key in keys])
+    if nproc > 1:
+        host = gather_processes(host, groups, out_shape, dtype)
+    return host if as_numpy else {g: jnp.asarray(v) for g, v in host.items()}
+
+
+@functools.lru_cache(maxsize=64)
+def _assembler(mode: Mode, keys: tuple, nb1: int, nb2: int):
+    """One compiled function from the computed tiles (``keys``: their (i, j), already cut to
+    size) to the kernel: mirrored tiles and both concatenations in one pass over the
+    output (eagerly, each mirror and concatenation was its own pass and dispatch: 2-D CNN
+    `full`, n = 500, 36 tiles: ~10 % of the kernel's time)."""
+
+    def assemble(computed: list) -> dict:
+        tiles = dict(zip(keys, computed))
         get = lambda i, j: (
             tiles[i, j] if (i, j) in tiles else {g: mode.mirror(v) for g, v in tiles[j, i].items()}
         )
         return {
             g: jnp.concatenate(
-                [
-                    jnp.concatenate([get(i, j)[g] for j in range(len(starts2))], axis=1)
-                    for i in range(len(starts1))
-                ],
+                [jnp.concatenate([get(i, j)[g] for j in range(nb2)], axis=1) for i in range(nb1)],
                 axis=0,
             )
-            for g in tiles[0, 0]
+            for g in computed[0]
         }
-    if nproc > 1:
-        host = gather_processes(host, groups, out_shape, dtype)
-    return host if as_numpy else {g: jnp.asarray(v) for g, v in host.items()}
+
+    return jax.jit(assemble)
 
 
 def gather_processes(host: dict, groups: list, shape: tuple, dtype) -> dict:
