@@ -319,7 +319,8 @@ def plot_distillation(res: dict, path: Path, title: str = "", findings: list | N
     ax.set_xlim(left=0)
     ax.set_xlabel("capacity gap: teacher − student no-KD accuracy (points)")
     ax.set_ylabel("online − offline test accuracy (points), ± s.e.")
-    ax.legend(fontsize=6)
+    if ax.get_legend_handles_labels()[0]:  # a study without online KD has no points here
+        ax.legend(fontsize=6)
     ax.set_title("capacity gap")
     fig.suptitle(f"{title}: students by KD regime")
     fig.tight_layout()
