@@ -35,7 +35,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from complexity_scale import _load, _peak_rss, prepare  # noqa: E402
 
-from ntkd._io import write_json  # noqa: E402
+from ntkd._io import read_json, write_json  # noqa: E402
 
 
 def worker(args) -> dict:
@@ -186,11 +186,8 @@ def main() -> None:
     cache = Path(a.cache)
     prepare(cache)
     out = Path(a.out)
-    rows = (
-        json.loads(out.with_suffix(".json").read_text())["rows"]
-        if out.with_suffix(".json").exists()
-        else []
-    )
+    saved = out.with_suffix(".json")
+    rows = read_json(saved)["rows"] if saved.exists() else []  # resume: finished rows stay
     done = {(r["path"], r["n"], r["student"]) for r in rows}
     sizes = [int(s) for s in a.sizes.split(",") if s]
     dense_sizes = {int(s) for s in a.dense_sizes.split(",") if s}
@@ -205,7 +202,7 @@ def main() -> None:
                     "rows": rows,
                     "agreement": compare(rows),
                 }
-                write_json(out.with_suffix(".json"), result)  # atomic: a kill keeps the rows
+                write_json(saved, result)  # atomic: a kill keeps the rows
     for c in compare(rows):
         print(json.dumps(c))
     plot(rows, out.with_suffix(".png"))

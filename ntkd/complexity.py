@@ -32,6 +32,7 @@ its Role in Knowledge Distillation", ICLR 2023, arXiv 2301.12245.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import warnings
@@ -332,11 +333,10 @@ lose the run, so large kernels pay the single-thread time instead.
 
 def _cho_factor(a: np.ndarray) -> np.ndarray:
     """Lower Cholesky factor of ``a`` (overwritten), single-threaded BLAS for large a."""
-    if a.shape[0] < SERIAL_CHOLESKY_SIZE:
-        return scipy.linalg.cho_factor(a, lower=True, overwrite_a=True, check_finite=False)[0]
     from threadpoolctl import threadpool_limits
 
-    with threadpool_limits(limits=1, user_api="blas"):
+    serial = a.shape[0] >= SERIAL_CHOLESKY_SIZE
+    with threadpool_limits(limits=1, user_api="blas") if serial else contextlib.nullcontext():
         return scipy.linalg.cho_factor(a, lower=True, overwrite_a=True, check_finite=False)[0]
 
 

@@ -470,12 +470,12 @@ def _compiled(model, variables, x, mode, impl="structured", blocks=None):
     options = _options(mode, 0, impl, False, None, None, blocks, None)
     engine = _engine(apply_fn.key, options, apply_fn.fn)
     sig_params = (params, apply_fn.state)
-    from ntkd.ntk.engine import _spec, output_width
+    from ntkd.ntk.engine import _spec
 
-    k, dt = output_width(apply_fn, params, x, options[0])
     sig = (_spec(params), _spec(apply_fn.state), x.shape[1:], str(x.dtype))
-    c = engine.compiled(impl, sig, engine.problem(sig, params, k, dt), *sig_params, x)
-    return c, options[0], k, params, apply_fn.state
+    problem = engine.problem(sig, apply_fn, *sig_params, x)
+    c = engine.compiled(impl, sig, problem, *sig_params, x)
+    return c, options[0], problem.k, params, apply_fn.state
 
 
 def test_planned_blocks_are_even_and_at_least_min_blocks():

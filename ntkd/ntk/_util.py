@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 from typing import Any
 
 import jax
@@ -68,6 +69,15 @@ def _gram(a: jax.Array, b: jax.Array, chunk_bytes: int) -> jax.Array:
 def flatten(leaves, lead: int) -> jax.Array:
     """Concatenates leaves (lead axes, *leaf) into (lead axes, P)."""
     return jnp.concatenate([l.reshape(l.shape[:lead] + (-1,)) for l in leaves], axis=-1)
+
+
+def remember(cache: collections.OrderedDict, key, value, size: int):
+    """Stores ``value`` under ``key`` in a least-recently-used cache of ``size`` entries."""
+    cache[key] = value
+    cache.move_to_end(key)
+    while len(cache) > size:
+        cache.popitem(last=False)
+    return value
 
 
 def nbytes(tree) -> int:

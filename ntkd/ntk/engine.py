@@ -19,7 +19,7 @@ import numpy as np
 from jax.typing import DTypeLike
 
 from ntkd.ntk import auto, blocking
-from ntkd.ntk._util import cast, check_finite, finite_flag, is_tracer, leaf_groups
+from ntkd.ntk._util import cast, check_finite, finite_flag, is_tracer, leaf_groups, remember
 from ntkd.ntk.algorithm import Problem
 from ntkd.ntk.jacobian import Jacobian
 from ntkd.ntk.models import ApplyFn, Model, as_apply_fn
@@ -95,16 +95,18 @@ class Engine:
     ):
         self.fn, self.mode, self.implementation, self.by_layer = fn, mode, implementation, by_layer
         self.dtype, self.blocks, self.contraction = dtype, blocks, contraction
-        self._k: dict = {}
         self._compiled: dict = {}
         self._blocks: dict = {}
         self._auto: dict = {}
         self._problems: dict = {}
 
-    def problem(self, sig, params, k, dtype) -> Problem:
-        """The algorithms' problem, built once per structure signature (the groups are the
-        params treedef's paths)."""
+    def problem(self, sig, apply_fn: ApplyFn, params, state, x) -> Problem:
+        """The algorithms' problem, built once per structure signature: k and the logits'
+        dtype from one abstract evaluation, the groups from the params treedef's paths."""
         if sig not in self._problems:
+            k, dtype = output_width(
+                ApplyFn(self.fn, state, None, apply_fn.kind), params, x, self.mode
+            )
             self._problems[sig] = Problem(
                 self.fn,
                 self.mode,
@@ -170,13 +172,8 @@ class Engine:
                 "both must hold examples of the same shape (batch first)."
             )
         sig = (_spec(params), _spec(state), x1.shape[1:], str(x1.dtype))
-        if sig not in self._k:
-            self._k[sig] = output_width(
-                ApplyFn(self.fn, state, None, apply_fn.kind), params, x1, self.mode
-            )
-        k, out_dtype = self._k[sig]
-        problem = self.problem(sig, params, k, out_dtype)
-        return params, state, x1, x2, symmetric, sig, k, out_dtype, problem
+        problem = self.problem(sig, apply_fn, params, state, x1)
+        return params, state, x1, x2, symmetric, sig, problem.k, problem.dtype, problem
 
     def implementation_for(self, apply_fn: ApplyFn, params, x1, x2) -> str:
         """The implementation a call with these arguments runs (``auto``: measured, cached)."""
@@ -294,10 +291,7 @@ def _engine(key, options: tuple, fn) -> Engine:
         return _ENGINES[full]
     mode, implementation, by_layer, dtype, blocks, contraction = options
     engine = Engine(fn, mode, implementation, by_layer, dtype, blocks, contraction)
-    _ENGINES[full] = engine
-    while len(_ENGINES) > ENGINE_CACHE_SIZE:
-        _ENGINES.popitem(last=False)
-    return engine
+    return remember(_ENGINES, full, engine, ENGINE_CACHE_SIZE)
 
 
 def _bound(model, params, options: tuple) -> tuple[Engine, ApplyFn, PyTree]:

@@ -34,6 +34,8 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 
+from ntkd.ntk._util import remember
+
 PyTree = Any
 
 Model = Any
@@ -169,13 +171,11 @@ def _equinox_state_indices(model) -> int:
     import equinox as eqx
 
     treedef = jax.tree.structure(model)
-    if treedef not in _EQX_INDICES:
-        is_index = lambda l: isinstance(l, eqx.nn.StateIndex)
-        leaves = jax.tree.leaves(model, is_leaf=is_index)
-        _EQX_INDICES[treedef] = sum(1 for l in leaves if is_index(l))
-        while len(_EQX_INDICES) > 256:
-            _EQX_INDICES.popitem(last=False)
-    return _EQX_INDICES[treedef]
+    if treedef in _EQX_INDICES:
+        return _EQX_INDICES[treedef]
+    is_index = lambda l: isinstance(l, eqx.nn.StateIndex)
+    count = sum(1 for l in jax.tree.leaves(model, is_leaf=is_index) if is_index(l))
+    return remember(_EQX_INDICES, treedef, count, 256)
 
 
 _EQX_PLAIN: collections.OrderedDict = collections.OrderedDict()
@@ -217,9 +217,7 @@ def _equinox_split(model):
         ready_leaves, ready_def = jax.tree.flatten(ready)
         unchanged = ready_def == treedef and all(a is b for a, b in zip(ready_leaves, leaves))
         if unchanged and seen is not None:
-            _EQX_PLAIN[seen] = None
-            while len(_EQX_PLAIN) > 256:
-                _EQX_PLAIN.popitem(last=False)
+            remember(_EQX_PLAIN, seen, None, 256)
         elif not unchanged:
             model, leaves, treedef = ready, ready_leaves, ready_def
             static = _equinox_classify(leaves)
