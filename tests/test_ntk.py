@@ -383,7 +383,7 @@ def test_diagonal_blocks_with_symmetric_grams_match_oracle(mode):
 @pytest.mark.parametrize("family", [pytest.param("lenet5", marks=pytest.mark.slow), "resnet"])
 def test_structured_vmapped_cotangents_match_oracle(family):
     """k above cotangent_loop_max takes the vmapped-VJP path (max-pooling LeNet, BatchNorm ResNet)."""
-    opts = ContractionOptions(cotangent_loop_max=1, gram_chunk_bytes=4096)
+    opts = ContractionOptions(cotangent_loop_max=1, gram_chunk_bytes=4096, gram_chunk_min_bytes=0)
     with jax.enable_x64(True):
         model, variables, x1, x2 = _make(family)
         variables, x1, x2 = _f64(variables, x1, x2)
@@ -961,3 +961,51 @@ def test_auto_choose_keeps_each_candidates_fastest_round():
     c, d = _FakeCandidate("structured", [5.0, 1.0]), _FakeCandidate("jacobian", [2.0])
     assert auto.choose([c, d], min_rounds=1, rounds=3, budget_s=0.0) == "jacobian"  # one round only
     assert len(c.timed) == 1
+
+
+def test_auto_bounds_count_the_unavoidable_flops_and_prune_only_hopeless_candidates():
+    """candidates' lower bounds are the closed-form contraction counts; cannot_win is a sound cut."""
+    from ntkd.ntk import auto
+    from ntkd.ntk.modes import Mode
+
+    def f(p, x):
+        return jnp.tanh(x @ p["w"]) @ p["v"]
+
+    p = {"w": jnp.ones((6, 5)), "v": jnp.ones((5, 3))}
+    x = jnp.ones((4, 6))
+    n_params = 6 * 5 + 5 * 3
+    for name, m_rows in (("full", 3), ("trace", 1)):
+        got = dict(auto.candidates(lambda q, s, x: f(q, x), Mode(name), 3, p, None, x, 7, 9, False))
+        # 2·n1·n2·(m rows per example)²·P in full, 2·n1·n2·k·P in trace
+        want = 2.0 * 7 * 9 * 3 * n_params * m_rows
+        assert got["jacobian"] == want, name
+        assert got["structured"] is None
+        sym = dict(auto.candidates(lambda q, s, x: f(q, x), Mode(name), 3, p, None, x, 7, 7, True))
+        assert sym["jacobian"] == 2.0 * 7 * 7 * 3 * n_params * m_rows / 2
+    peak = auto.matmul_peak(jnp.float32)
+    assert 1e6 < peak < 1e16  # a measured rate in flop/s
+    assert not auto.cannot_win(None, 1e-9, jnp.float32)  # no bound: always measured
+    assert not auto.cannot_win(1e30, float("inf"), jnp.float32)  # nothing measured yet
+    assert auto.cannot_win(4 * peak, 1.0, jnp.float32)  # 2 s even at twice the peak
+    assert not auto.cannot_win(peak, 1.0, jnp.float32)  # 0.5 s at twice the peak: measure it
+
+
+def test_auto_compiles_no_candidate_its_flop_bound_rules_out(monkeypatch):
+    """MLP `full`: the Jacobian contraction's pairs would take far longer than structured's kernel."""
+    from ntkd.ntk import auto
+    from ntkd.ntk import engine as engine_module
+
+    monkeypatch.setattr(auto, "FAST_ENOUGH_S", 0.0)  # structured alone is never enough here
+
+    def f(p, x):
+        return jax.nn.relu(x @ p["w"]) @ p["v"]
+
+    key = jax.random.split(jax.random.PRNGKey(3), 3)
+    p = {"w": jax.random.normal(key[0], (512, 512)), "v": jax.random.normal(key[1], (512, 10))}
+    x = jax.random.normal(key[2], (200, 512))
+    engine_module._ENGINES.clear()
+    got = empirical_ntk(f, p, x, mode="full")
+    (engine,) = engine_module._ENGINES.values()
+    assert {key[0] for key in engine._compiled} == {"structured"}
+    fixed = empirical_ntk(f, p, x, mode="full", implementation="jacobian", block_size=50)
+    assert rel(got, fixed) < 1e-5

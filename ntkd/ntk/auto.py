@@ -9,14 +9,19 @@ compiled at all: NTK-vector products only compete when 3·O·[FP] is within
 analysis of one example's forward pass). Decisions are cached per model
 structure, shapes and options, so only a first call pays for them. When the
 first candidate's kernel is already fast (``FAST_ENOUGH_S``) no other is
-compiled.
+compiled, nor is one whose unavoidable flops would take longer, even at twice
+this machine's measured matmul peak, than the best measured candidate's
+whole kernel (:func:`cannot_win`).
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import time
 
 import jax
+import jax.numpy as jnp
 
 
 def forward_flops(fn, params, state, x) -> float | None:
@@ -31,16 +36,47 @@ def forward_flops(fn, params, state, x) -> float | None:
         return None
 
 
-def candidates(fn, mode, k, params, state, x) -> list[str]:
-    """Implementations worth measuring, most promising first."""
-    out = ["structured", "jacobian"]
+def candidates(fn, mode, k, params, state, x, n1: int, n2: int, symmetric: bool) -> list:
+    """[(implementation, lower bound on its kernel's flops or None)], most promising first.
+
+    Bounds count only the unavoidable work: the Jacobian contraction's pairs
+    (2·n1·n2·m·P, × m in ``full``) and one forward pass per pushed-forward row
+    and column example for NTK-vector products (n1·n2·m·[FP]), halved for a
+    symmetric kernel (only the upper block pairs are computed).
+    """
+    m = mode.width(k)
+    p = sum(math.prod(jnp.shape(l)) for l in jax.tree.leaves(params))
+    half = 0.5 if symmetric else 1.0
+    jc = 2.0 * n1 * n2 * m * p * (m if mode.full else 1) * half
+    out = [("structured", None), ("jacobian", jc)]
     flops = forward_flops(fn, params, state, x)
     if flops is not None and mode.name in ("full", "trace"):
-        p = sum(l.size for l in jax.tree.leaves(params))
-        jc = (k * k if mode.full else k) * p
-        if 3 * k * flops < 2 * jc:
-            out.append("ntvp")
+        if 3 * k * flops < 2 * (k * k if mode.full else k) * p:
+            out.append(("ntvp", n1 * n2 * m * flops * half))
     return out
+
+
+@functools.cache
+def matmul_peak(dtype) -> float:
+    """Flop/s of a 512³ matmul at HIGHEST precision on the default device (fastest of 5)."""
+    a = jnp.ones((512, 512), dtype)
+    mm = jax.jit(lambda a: jnp.matmul(a, a, precision=jax.lax.Precision.HIGHEST))
+    jax.block_until_ready(mm(a))
+    return 2 * 512**3 / min(_timed(lambda: mm(a)) for _ in range(5))
+
+
+def cannot_win(flops: float | None, best_s: float, dtype) -> bool:
+    """True when ``flops`` at twice this machine's matmul peak would take longer than ``best_s``.
+
+    Such a candidate is neither compiled nor timed; the factor 2 absorbs a
+    peak measured under load. (MLP 784-256-256-10, `full`, n = 1000: the
+    Jacobian contraction's pairs are 2.7·10¹³ flops, minutes at any CPU peak,
+    against 0.7 s for ``structured``; compiling and timing it and the
+    NTK-vector products made auto's first call 31 s, now 11 s.)
+    """
+    if flops is None or not math.isfinite(best_s):
+        return False
+    return flops / (2 * matmul_peak(dtype)) > best_s
 
 
 def _timed(f) -> float:

@@ -142,9 +142,15 @@ class Engine:
         key = (sig, n1, n2, symmetric)
         if key not in self._auto:
             cands = []
-            for impl in auto.candidates(self.fn, self.mode, problem.k, params, state, x1):
+            options = auto.candidates(
+                self.fn, self.mode, problem.k, params, state, x1, n1, n2, symmetric
+            )
+            for impl, flops in options:
                 if len(cands) == 1 and auto.fast_enough(cands[0]):
                     break  # compiling another candidate would cost more than it could save
+                best = min((c.estimate for c in cands), default=float("inf"))
+                if auto.cannot_win(flops, best, problem.dtype):
+                    continue  # its flops alone would take longer than the best kernel
                 c = self.compiled(impl, sig, problem, params, state, x1)
                 b = self.block(impl, sig, c, problem.k, params, state, x1, max(n1, n2))
                 b = -(-min(b, max(n1, n2)) // c.ndev) * c.ndev
