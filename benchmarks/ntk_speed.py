@@ -466,6 +466,13 @@ def main() -> None:
     parser.add_argument("--generic-workloads", default=",".join(plain_models.PLAIN))
     parser.add_argument("--generic-sizes", default="small", help="small and/or full")
     parser.add_argument(
+        "--full-order",
+        choices=("sequential", "interleaved"),
+        default="sequential",
+        help="full-size workloads: each contender's warm-up and repeats in a row (default), or "
+        "neural-tangents as a server with every contender's repeats taken in turn",
+    )
+    parser.add_argument(
         "--generic-order",
         choices=("interleaved", "blocked"),
         default="interleaved",
@@ -502,28 +509,37 @@ def main() -> None:
         nparams = sum(l.size for l in jax.tree.leaves(params))
         for mode in args.modes.split(","):
             flops = jc_flops(apply_fn, params, x, 10, mode)
-            found = {}
+            found, calls = {}, {}
             for impl in filter(None, args.impls.split(",")):  # --impls "" times NT only
                 if impl == "naive":
                     fn = naive_ntk_fn(apply_fn, mode)
-                    call = lambda: fn(params, x)
+                    call = lambda fn=fn: fn(params, x)
                 elif impl == "model.apply":  # the generic entry point, bound method fresh each call
-                    call = lambda: empirical_ntk(model.apply, variables, x, mode=mode)
+                    call = lambda mode=mode: empirical_ntk(model.apply, variables, x, mode=mode)
                 else:
                     fn = empirical_ntk_fn(apply_fn, mode=mode, implementation=impl)
-                    call = lambda: fn(x, None, params)
+                    call = lambda fn=fn: fn(x, None, params)
+                calls["ntkd-" + impl if impl != "naive" else "naive"] = call
+            inp = os.path.join(WORK, f"{wname}_{mode}_in.npz")
+            out = os.path.join(WORK, f"{wname}_{mode}_out.npz")
+            if python and args.full_order == "interleaved":  # NT's server joins the round robin
+                export(inp, name, kwargs, variables, x, mode, 10)
+                server = NTServer(python, inp, out, args.nt_impls, args.nt_tuned_malloc)
+                for key, err in server.errors.items():
+                    print(f"  {wname} {mode} {key}: {err}")
+                calls.update({key: Served(server, key) for key in server.first})
+                found = _time_round_robin(calls, args.repeats, f"  {wname} n={n} {mode}")
+                for key, kernel in server.close().items():
+                    sec, comp, _ = found[key]
+                    found[key] = (sec, comp, kernel * (10 if mode == "trace" else 1))
+                calls = {}
+            for key, call in calls.items():  # one contender after another
                 try:
-                    sec, comp, kern = _time(call, args.repeats)
-                    found["ntkd-" + impl if impl != "naive" else "naive"] = (sec, comp, kern)
+                    found[key] = _time(call, args.repeats)
+                    print(f"  {wname} n={n} {mode} {key}: {found[key][0]:.3f}s", flush=True)
                 except Exception as e:  # e.g. out of memory: report and go on
-                    print(f"  {wname} {mode} {impl}: {type(e).__name__}: {str(e)[:200]}")
-                print(
-                    f"  {wname} n={n} {mode} {impl}: {found.get('ntkd-' + impl, found.get(impl, (float('nan'),)))[0]:.3f}s",
-                    flush=True,
-                )
-            if python:
-                inp = os.path.join(WORK, f"{wname}_{mode}_in.npz")
-                out = os.path.join(WORK, f"{wname}_{mode}_out.npz")
+                    print(f"  {wname} {mode} {key}: {type(e).__name__}: {str(e)[:200]}")
+            if python and args.full_order == "sequential":
                 export(inp, name, kwargs, variables, x, mode, 10)
                 timings, kernels = run_reference(
                     python, inp, out, args.repeats, args.nt_impls, args.nt_tuned_malloc
