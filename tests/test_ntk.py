@@ -984,10 +984,11 @@ def test_auto_bounds_count_the_unavoidable_flops_and_prune_only_hopeless_candida
         assert sym["jacobian"] == 2.0 * 7 * 7 * 3 * n_params * m_rows / 2
     peak = auto.matmul_peak(jnp.float32)
     assert 1e6 < peak < 1e16  # a measured rate in flop/s
+    every = peak * jax.device_count()
     assert not auto.cannot_win(None, 1e-9, jnp.float32)  # no bound: always measured
     assert not auto.cannot_win(1e30, float("inf"), jnp.float32)  # nothing measured yet
-    assert auto.cannot_win(4 * peak, 1.0, jnp.float32)  # 2 s even at twice the peak
-    assert not auto.cannot_win(peak, 1.0, jnp.float32)  # 0.5 s at twice the peak: measure it
+    assert auto.cannot_win(4 * every, 1.0, jnp.float32)  # 2 s even at twice the peak
+    assert not auto.cannot_win(every, 1.0, jnp.float32)  # 0.5 s at twice the peak: measure it
 
 
 def test_auto_compiles_no_candidate_its_flop_bound_rules_out(monkeypatch):

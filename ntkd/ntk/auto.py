@@ -58,25 +58,26 @@ def candidates(fn, mode, k, params, state, x, n1: int, n2: int, symmetric: bool)
 
 @functools.cache
 def matmul_peak(dtype) -> float:
-    """Flop/s of a 512³ matmul at HIGHEST precision on the default device (fastest of 5)."""
-    a = jnp.ones((512, 512), dtype)
+    """Flop/s of a 1024³ matmul at HIGHEST precision on the default device (fastest of 3)."""
+    a = jnp.ones((1024, 1024), dtype)
     mm = jax.jit(lambda a: jnp.matmul(a, a, precision=jax.lax.Precision.HIGHEST))
     jax.block_until_ready(mm(a))
-    return 2 * 512**3 / min(_timed(lambda: mm(a)) for _ in range(5))
+    return 2 * 1024**3 / min(_timed(lambda: mm(a)) for _ in range(3))
 
 
 def cannot_win(flops: float | None, best_s: float, dtype) -> bool:
-    """True when ``flops`` at twice this machine's matmul peak would take longer than ``best_s``.
+    """True when ``flops`` would take longer than ``best_s`` at twice the matmul peak of
+    every device (``jax.device_count()``; blocks may be spread over all of them).
 
     Such a candidate is neither compiled nor timed; the factor 2 absorbs a
     peak measured under load. (MLP 784-256-256-10, `full`, n = 1000: the
     Jacobian contraction's pairs are 2.7·10¹³ flops, minutes at any CPU peak,
     against 0.7 s for ``structured``; compiling and timing it and the
-    NTK-vector products made auto's first call 31 s, now 11 s.)
+    NTK-vector products made auto's first call 31 s, now 3 s.)
     """
     if flops is None or not math.isfinite(best_s):
         return False
-    return flops / (2 * matmul_peak(dtype)) > best_s
+    return flops / (2 * matmul_peak(dtype) * jax.device_count()) > best_s
 
 
 def _timed(f) -> float:
