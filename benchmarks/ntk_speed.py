@@ -368,6 +368,10 @@ class Served:
         return self.server.time(self.name)
 
 
+SLOW_FACTOR = 20.0
+"""Interleaved timing: contenders this much slower than the fastest are timed after the turns."""
+
+
 def _time_round_robin(entries: dict, repeats: int, label: str, order: str = "interleaved") -> dict:
     """{key: (median s, compile s, kernel)}: a warm-up call each, then repeats taken in turn.
 
@@ -378,7 +382,12 @@ def _time_round_robin(entries: dict, repeats: int, label: str, order: str = "int
     contender's repeats back to back instead (a loop over checkpoints).
     A :class:`Served` entry (neural-tangents in its own process) is timed
     inside that process, one call per turn like the others; its kernel is
-    None here (the server returns it on close).
+    None here (the server returns it on close). Interleaved, a contender more
+    than ``SLOW_FACTOR`` times slower than the fastest in the first round
+    takes its remaining repeats after the others' (Jacobian contractions
+    allocating and freeing GiB-sized Jacobians made the next contender's
+    millisecond call 3–30× slower: MLP `trace`, n = 128, runs of 4 ms and
+    60–70 ms).
     """
     first, out, runs = {}, {}, {}
     for key, call in entries.items():
@@ -406,8 +415,16 @@ def _time_round_robin(entries: dict, repeats: int, label: str, order: str = "int
             for _ in range(repeats):
                 one(key)
     else:
-        for _ in range(repeats):
-            for key in runs:
+        keys, slow = list(runs), []
+        for r in range(repeats):
+            for key in keys:
+                one(key)
+            if r == 0 and keys:  # contenders SLOW_FACTOR× slower than the fastest leave the turns
+                fastest = min(runs[key][0] for key in keys)
+                slow = [key for key in keys if runs[key][0] > SLOW_FACTOR * fastest]
+                keys = [key for key in keys if key not in slow]
+        for key in slow:
+            for _ in range(repeats - 1):
                 one(key)
     found = {}
     for key, ts in runs.items():
