@@ -383,7 +383,7 @@ def test_diagonal_blocks_with_symmetric_grams_match_oracle(mode):
 @pytest.mark.parametrize("family", [pytest.param("lenet5", marks=pytest.mark.slow), "resnet"])
 def test_structured_vmapped_cotangents_match_oracle(family):
     """k above cotangent_loop_max takes the vmapped-VJP path (max-pooling LeNet, BatchNorm ResNet)."""
-    opts = ContractionOptions(cotangent_loop_max=1, gram_chunk_bytes=4096, gram_chunk_min_bytes=0)
+    opts = ContractionOptions(cotangent_loop_max=1, gram_chunk_bytes=4096, gram_chunk_min_depth=0)
     with jax.enable_x64(True):
         model, variables, x1, x2 = _make(family)
         variables, x1, x2 = _f64(variables, x1, x2)

@@ -24,16 +24,17 @@ plain time: 640 × 4640: 0.66–0.72; 128 × 2560: 0.81–0.86; 128 × 785: 0.84
 64 × 800: 0.96; but 640 × 160: 1.48 and 1280 × 256: 1.31)."""
 
 
-def gram(a: jax.Array, b: jax.Array, chunk_bytes: int, chunk_min_bytes: int = 0) -> jax.Array:
-    """``a @ b.T`` for (r1, K) and (r2, K); operands of ``chunk_min_bytes`` or more in all
+def gram(a: jax.Array, b: jax.Array, chunk_bytes: int, chunk_min_depth: int = 0) -> jax.Array:
+    """``a @ b.T`` for (r1, K) and (r2, K); deep ones (K ≥ ``chunk_min_depth`` · (r1 + r2))
     are accumulated over cache-sized K chunks of ``chunk_bytes``.
 
     A block pair contracts few rows over very many parameters (ResNet-20
     ``trace``: 128 × 2.7 M); one matmul of that shape streams its operands at
-    a fraction of peak (96 → 145 GFLOP/s at 128 rows on a 2-core CPU). Below
-    a few hundred MiB the chunks' slicing costs more than it saves (2 CPU
-    cores, plain / chunked time: 630 × 4640: 0.94; 128 × 100 000: 0.64;
-    but 256 × 200 000: 1.26 and 128 × 400 000: 1.34).
+    a fraction of peak (96 → 145 GFLOP/s at 128 rows on a 2-core CPU). For
+    shallow ones the chunks' slicing costs more than it saves (2-D CNN on 2
+    CPU cores, n = 500, kernel medians chunked → one matmul: `full`, pairs of
+    630 × 4640 (depth 3.7 × rows), 1.08 → 0.99 s; but `trace`, pairs of
+    125 × 46 400 (depth 186 × rows), 0.28 → 0.32 s).
 
     When ``a is b`` (a diagonal block traced by ``Compiled.pair_sym``) the
     Gram is symmetric: the top-left, top-right and bottom-right half blocks
@@ -42,10 +43,10 @@ def gram(a: jax.Array, b: jax.Array, chunk_bytes: int, chunk_min_bytes: int = 0)
     if a is b and a.shape[0] >= SYMMETRIC_MIN_ROWS and a.shape[1] >= SYMMETRIC_MIN_DEPTH:
         h = a.shape[0] // 2
         top, bot = a[:h], a[h:]
-        tr = _gram(top, bot, chunk_bytes, chunk_min_bytes)
-        diag = lambda x: _gram(x, x, chunk_bytes, chunk_min_bytes)  # noqa: E731
+        tr = _gram(top, bot, chunk_bytes, chunk_min_depth)
+        diag = lambda x: _gram(x, x, chunk_bytes, chunk_min_depth)  # noqa: E731
         return jnp.block([[diag(top), tr], [tr.T, diag(bot)]])
-    return _gram(a, b, chunk_bytes, chunk_min_bytes)
+    return _gram(a, b, chunk_bytes, chunk_min_depth)
 
 
 def matmul_t(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -53,11 +54,11 @@ def matmul_t(a: jax.Array, b: jax.Array) -> jax.Array:
     return gram(a, b, chunk_bytes=2**62)
 
 
-def _gram(a: jax.Array, b: jax.Array, chunk_bytes: int, chunk_min_bytes: int) -> jax.Array:
+def _gram(a: jax.Array, b: jax.Array, chunk_bytes: int, chunk_min_depth: int) -> jax.Array:
     (r1, kdim), r2 = a.shape, b.shape[0]
     ch = max(512, chunk_bytes // ((r1 + r2) * a.dtype.itemsize))
     steps = kdim // ch
-    if steps < 4 or (r1 + r2) * kdim * a.dtype.itemsize < chunk_min_bytes:
+    if steps < 4 or kdim < chunk_min_depth * (r1 + r2):
         return jnp.matmul(a, b.T, precision=HIGHEST)
 
     def step(s, acc):

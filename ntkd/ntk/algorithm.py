@@ -48,7 +48,7 @@ class Problem:
         return self.mode.width(self.k)
 
     def gram(self, a, b):
-        return gram(a, b, self.options.gram_chunk_bytes, self.options.gram_chunk_min_bytes)
+        return gram(a, b, self.options.gram_chunk_bytes, self.options.gram_chunk_min_depth)
 
     def terms(self) -> Terms:
         return Terms(self)

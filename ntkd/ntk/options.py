@@ -52,9 +52,9 @@ class ContractionOptions:
     Attributes:
         gram_chunk_bytes: bytes of both operands per step of a long Gram
             contraction (about L2/L3 size).
-        gram_chunk_min_bytes: Grams whose two operands total less than this
-            are one matmul (below a few hundred MiB the chunks' slicing costs
-            more than it saves).
+        gram_chunk_min_depth: only Grams contracting at least this many times
+            as many columns as they have rows (r1 + r2) run in chunks; shallower
+            ones are one matmul (the chunks' slicing costs more than it saves).
         cotangent_loop_max: up to this many cotangents per example, the
             structured algorithm unrolls one VJP per cotangent in networks with
             convolutions (vmapping them broadcasts some residuals m times).
@@ -67,7 +67,7 @@ class ContractionOptions:
     """
 
     gram_chunk_bytes: int = 3 * 2**20
-    gram_chunk_min_bytes: int = 256 * 2**20
+    gram_chunk_min_depth: int = 32
     cotangent_loop_max: int = 16
     separate_grad_size: int = 4096
     max_fact_positions: int = 256
