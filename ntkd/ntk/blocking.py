@@ -171,13 +171,12 @@ def run(
     as_numpy: bool,
     groups: list,
     dtype,
-    flags: list | None = None,
-) -> dict:
-    """The kernel ``{group: (n1, n2[, k, k])}`` of x1 against x2, block by block.
+) -> tuple[dict, jax.Array | None]:
+    """(The kernel ``{group: (n1, n2[, k, k])}`` of x1 against x2, block by block; flag).
 
     ``groups`` names every block the algorithm's ``pair`` returns; ``dtype`` is the kernel's.
     A one-block symmetric kernel on one device also computes, in the same call, whether
-    params and x1 are finite: that device scalar is appended to ``flags`` when given.
+    params and x1 are finite: that device scalar is the flag, None for every other kernel.
     """
     ndev, cpu = c.ndev, c.mesh.devices.flat[0].platform == "cpu"
     nproc, rank = jax.process_count(), jax.process_index()
@@ -208,17 +207,16 @@ def run(
         state = jax.device_put(state, c.replicated)
 
     if one_block:  # stay on device
+        finite = None
         if shared and c.fused:
             kij, finite = c.whole_sym(params, state, block_of(x1, 0))
-            if flags is not None:
-                flags.append(finite)
         elif shared:
             kij = c.pair_sym(params, state, c.row(params, state, block_of(x1, 0)))
         else:
             rf = c.row(params, state, block_of(x1, 0))
             kij = c.pair(params, state, rf, c.col(params, state, block_of(x2, 0)))
         cut = lambda v: v if v.shape[:2] == (n1, n2) else v[:n1, :n2]
-        return {g: (np.asarray(cut(v)) if as_numpy else cut(v)) for g, v in kij.items()}
+        return {g: (np.asarray(cut(v)) if as_numpy else cut(v)) for g, v in kij.items()}, finite
 
     col_cache: dict = {}
 
@@ -265,10 +263,10 @@ def run(
     if on_device:
         keys = sorted(tiles)
         assemble = _assembler(mode, tuple(keys), len(starts1), len(starts2))
-        return assemble([tiles[key] for key in keys])
+        return assemble([tiles[key] for key in keys]), None
     if nproc > 1:
         host = gather_processes(host, groups, out_shape, dtype)
-    return host if as_numpy else {g: jnp.asarray(v) for g, v in host.items()}
+    return (host if as_numpy else {g: jnp.asarray(v) for g, v in host.items()}), None
 
 
 @functools.lru_cache(maxsize=64)

@@ -235,8 +235,7 @@ class Engine:
             impl = self._implementation(sig, problem, params, state, x1, x2, symmetric)
         c = self.compiled(impl, sig, problem, params, state, x1)
         b = self.block(impl, sig, c, k, params, state, x1, n)
-        flags: list = []
-        out = blocking.run(
+        out, finite = blocking.run(
             c,
             self.mode,
             k,
@@ -250,10 +249,9 @@ class Engine:
             as_numpy,
             groups,
             out_dtype,
-            flags if deferred else None,
         )
         if deferred:
-            require_finite(flags[0] if flags else finite_flag(inputs))
+            require_finite(finite if finite is not None else finite_flag(inputs))
         return self._unwrap(out)
 
     def _warm_implementation(self, sig, n: int, symmetric: bool) -> str | None:
