@@ -283,22 +283,20 @@ def generic_rows(args, python) -> tuple[list, list]:
                     entries["plain " + impl] = lambda impl=impl: empirical_ntk(
                         plain, params, x, mode=mode, implementation=impl
                     )
-                server = None
-                if python:  # neural-tangents' calls join the round robin
-                    inp = os.path.join(WORK, f"g_{wname}_{n}_{mode}_in.npz")
-                    out = os.path.join(WORK, f"g_{wname}_{n}_{mode}_out.npz")
+                inp = os.path.join(WORK, f"g_{wname}_{n}_{mode}_in.npz")
+                out = os.path.join(WORK, f"g_{wname}_{n}_{mode}_out.npz")
+                if python:
                     export(inp, wname, {}, params, x, mode, 10, plain=wname)
-                    server = NTServer(python, inp, out, args.nt_impls, args.nt_tuned_malloc)
-                    for key, err in server.errors.items():
-                        print(f"  {wname} {mode} {key}: {err}")
-                    entries.update({key: Served(server, key) for key in server.first})
-                found = _time_round_robin(
-                    entries, args.repeats, f"  {wname} n={n} {mode}", args.generic_order
+                found = _time_with_server(
+                    entries,
+                    python,
+                    inp,
+                    out,
+                    args,
+                    f"  {wname} n={n} {mode}",
+                    mode,
+                    args.generic_order,
                 )
-                if server is not None:
-                    for key, kernel in server.close().items():
-                        sec, comp, _ = found[key]
-                        found[key] = (sec, comp, kernel * (10 if mode == "trace" else 1))
                 if "plain auto" in found:
                     picked = chosen_implementation(plain, params, x, mode=mode)
                     a = auto_row(wname, n, mode, found, "plain ", picked)
@@ -438,6 +436,26 @@ def _time_round_robin(entries: dict, repeats: int, label: str, order: str = "int
     return found
 
 
+def _time_with_server(
+    entries: dict, python, inp: str, out: str, args, label: str, mode: str, order="interleaved"
+) -> dict:
+    """:func:`_time_round_robin` of ``entries`` with neural-tangents' server (on the exported
+    ``inp``) joining the turns when ``python`` (its venv) is given; its kernels are filled in
+    (``trace``: × k, neural-tangents' trace being a mean over the logits)."""
+    server = None
+    if python:
+        server = NTServer(python, inp, out, args.nt_impls, args.nt_tuned_malloc)
+        for key, err in server.errors.items():
+            print(f"{label} {key}: {err}")
+        entries = {**entries, **{key: Served(server, key) for key in server.first}}
+    found = _time_round_robin(entries, args.repeats, label, order)
+    if server is not None:
+        for key, kernel in server.close().items():
+            sec, comp, _ = found[key]
+            found[key] = (sec, comp, kernel * (10 if mode == "trace" else 1))
+    return found
+
+
 def print_generic(rows) -> None:
     print()
     print(
@@ -539,16 +557,11 @@ def main() -> None:
                 calls["ntkd-" + impl if impl != "naive" else "naive"] = call
             inp = os.path.join(WORK, f"{wname}_{mode}_in.npz")
             out = os.path.join(WORK, f"{wname}_{mode}_out.npz")
-            if python and args.full_order == "interleaved":  # NT's server joins the round robin
+            if python and args.full_order == "interleaved":
                 export(inp, name, kwargs, variables, x, mode, 10)
-                server = NTServer(python, inp, out, args.nt_impls, args.nt_tuned_malloc)
-                for key, err in server.errors.items():
-                    print(f"  {wname} {mode} {key}: {err}")
-                calls.update({key: Served(server, key) for key in server.first})
-                found = _time_round_robin(calls, args.repeats, f"  {wname} n={n} {mode}")
-                for key, kernel in server.close().items():
-                    sec, comp, _ = found[key]
-                    found[key] = (sec, comp, kernel * (10 if mode == "trace" else 1))
+                found = _time_with_server(
+                    calls, python, inp, out, args, f"  {wname} n={n} {mode}", mode
+                )
                 calls = {}
             for key, call in calls.items():  # one contender after another
                 try:
