@@ -1,5 +1,6 @@
 """Tests for ntkd.ntk against independent oracles (float64 jacrev + einsum, tests/oracles.py)."""
 
+import dataclasses
 import logging
 import os
 import subprocess
@@ -336,30 +337,42 @@ def test_gram_in_chunks_equals_one_matmul():
 
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(5, 7001)), rng.normal(size=(3, 7001))
+    opts = ContractionOptions(gram_chunk_bytes=8 * 8 * 600, gram_chunk_min_depth=0)
     with jax.enable_x64(True):
-        got = gram(
-            jnp.asarray(a), jnp.asarray(b), 8 * 8 * 600
-        )  # 600 columns per step: 11 steps + 401
+        got = gram(jnp.asarray(a), jnp.asarray(b), opts)  # 600 columns per step: 11 steps + 401
     np.testing.assert_allclose(got, a @ b.T, rtol=1e-12, atol=1e-10)
 
 
 def test_symmetric_gram_by_halves_equals_one_matmul():
-    """``gram(a, a)`` (three half blocks, the fourth mirrored; odd rows; chunked K) == a @ a.T."""
-    from ntkd.ntk._util import SYMMETRIC_MIN_DEPTH, gram
+    """``gram(a, a)`` (three half blocks, the fourth mirrored; odd rows; chunked K) == a @ a.T;
+    the depth bounds decide between halves (three matmuls) and one matmul."""
+    from ntkd.ntk._util import gram
 
     rng = np.random.default_rng(1)
+    halves = lambda chunk: ContractionOptions(  # noqa: E731
+        gram_chunk_bytes=chunk, gram_chunk_min_depth=0, symmetric_max_depth_ratio=float("inf")
+    )
     with jax.enable_x64(True):
-        for rows, depth, chunk in [(65, SYMMETRIC_MIN_DEPTH, 2**30), (97, 7001, 8 * 160 * 600)]:
+        depth0 = ContractionOptions().symmetric_min_depth
+        for rows, depth, chunk in [(65, depth0, 2**30), (97, 7001, 8 * 160 * 600)]:
             a = rng.normal(size=(rows, depth))
-            got = np.asarray(jax.jit(lambda v: gram(v, v, chunk))(jnp.asarray(a)))
+            got = np.asarray(jax.jit(lambda v: gram(v, v, halves(chunk)))(jnp.asarray(a)))
             np.testing.assert_allclose(got, a @ a.T, rtol=1e-12, atol=1e-10)
             np.testing.assert_array_equal(got, got.T)
+        v = jnp.asarray(rng.normal(size=(64, 1024)))
+        dots = lambda opts: str(jax.make_jaxpr(lambda v: gram(v, v, opts))(v)).count("dot_general")  # noqa: E731
+        assert dots(halves(2**30)) == 3
+        assert dots(dataclasses.replace(halves(2**30), symmetric_max_depth_ratio=15.9)) == 1
+        assert dots(dataclasses.replace(halves(2**30), symmetric_min_depth=1025)) == 1
+        assert dots(dataclasses.replace(halves(2**30), symmetric_min_rows=65)) == 1
 
 
 @pytest.mark.parametrize("mode", ["trace", "full"])
 def test_diagonal_blocks_with_symmetric_grams_match_oracle(mode):
     """Kernels whose diagonal blocks are big enough for the symmetric Gram (≥ 64 rows, ≥ 512
-    columns), one block and blocked, every Gram-based implementation, against the oracle."""
+    columns; no depth cap), one block and blocked, every Gram-based implementation, against
+    the oracle."""
+    halves = ContractionOptions(symmetric_max_depth_ratio=float("inf"))
 
     def f(p, x):
         h = jnp.tanh(x @ p["w0"])
@@ -376,7 +389,9 @@ def test_diagonal_blocks_with_symmetric_grams_match_oracle(mode):
         want = ntk_oracle(f, p, x, None, mode)
         for impl in ("structured", "jacobian"):
             for block in (None, 64):
-                got = empirical_ntk(f, p, x, mode=mode, implementation=impl, block_size=block)
+                got = empirical_ntk(
+                    f, p, x, mode=mode, implementation=impl, block_size=block, contraction=halves
+                )
                 assert rel(got, want) < 1e-12, (impl, block)
 
 

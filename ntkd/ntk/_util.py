@@ -14,51 +14,46 @@ from ntkd.ntk.modes import HIGHEST
 PyTree = Any
 
 
-SYMMETRIC_MIN_ROWS = 64
-SYMMETRIC_MIN_DEPTH = 512
-"""From this many rows and contracted columns, ``a @ a.T`` is three of its four half blocks.
+def gram(a: jax.Array, b: jax.Array, opts) -> jax.Array:
+    """``a @ b.T`` for (r1, K) and (r2, K), planned by ``opts`` (a ``ContractionOptions``).
 
-Assembling the halves costs a pass over the r × r output, which only the saved
-quarter of 2·r²·K flops pays for when K is large (2 CPU cores, symmetric /
-plain time: 640 × 4640: 0.66–0.72; 128 × 2560: 0.81–0.86; 128 × 785: 0.84;
-64 × 800: 0.96; but 640 × 160: 1.48 and 1280 × 256: 1.31)."""
+    Deep Grams (K ≥ ``gram_chunk_min_depth`` · (r1 + r2)) are accumulated over
+    cache-sized K chunks of ``gram_chunk_bytes``: a block pair contracts few
+    rows over very many parameters (ResNet-20 ``trace``: 128 × 2.7 M), and one
+    matmul of that shape streams its operands at a fraction of peak (96 → 145
+    GFLOP/s at 128 rows on a 2-core CPU). For shallow ones the chunks' slicing
+    costs more than it saves (2-D CNN on 2 CPU cores, n = 500, kernel medians
+    chunked → one matmul: ``full``, pairs of 630 × 4640 (depth 3.7 × rows),
+    1.08 → 0.99 s; but ``trace``, pairs of 125 × 46 400 (depth 186 × rows),
+    0.28 → 0.32 s).
 
-
-def gram(a: jax.Array, b: jax.Array, chunk_bytes: int, chunk_min_depth: int = 0) -> jax.Array:
-    """``a @ b.T`` for (r1, K) and (r2, K); deep ones (K ≥ ``chunk_min_depth`` · (r1 + r2))
-    are accumulated over cache-sized K chunks of ``chunk_bytes``.
-
-    A block pair contracts few rows over very many parameters (ResNet-20
-    ``trace``: 128 × 2.7 M); one matmul of that shape streams its operands at
-    a fraction of peak (96 → 145 GFLOP/s at 128 rows on a 2-core CPU). For
-    shallow ones the chunks' slicing costs more than it saves (2-D CNN on 2
-    CPU cores, n = 500, kernel medians chunked → one matmul: `full`, pairs of
-    630 × 4640 (depth 3.7 × rows), 1.08 → 0.99 s; but `trace`, pairs of
-    125 × 46 400 (depth 186 × rows), 0.28 → 0.32 s).
-
-    When ``a is b`` (a diagonal block traced by ``Compiled.pair_sym``) the
-    Gram is symmetric: the top-left, top-right and bottom-right half blocks
-    are contracted and the fourth mirrored, 3/4 of the flops.
+    When ``a is b`` (a diagonal block traced by ``Compiled.pair_sym``) the Gram
+    is symmetric: with ``symmetric_min_rows`` ≤ r and ``symmetric_min_depth`` ≤ K
+    ≤ ``symmetric_max_depth_ratio`` · r, the top-left, top-right and
+    bottom-right half blocks are contracted and the fourth mirrored, 3/4 of the
+    flops. Assembling the halves costs a pass over the r × r output, and halving
+    the rows of a deep Gram makes each matmul skinnier (fewer output tiles for
+    the cores to share), which costs more than the saved quarter: see
+    ``ContractionOptions`` for the measurements behind the defaults.
     """
-    if a is b and a.shape[0] >= SYMMETRIC_MIN_ROWS and a.shape[1] >= SYMMETRIC_MIN_DEPTH:
-        h = a.shape[0] // 2
+    r, kdim = a.shape
+    if (
+        a is b
+        and r >= opts.symmetric_min_rows
+        and opts.symmetric_min_depth <= kdim <= opts.symmetric_max_depth_ratio * r
+    ):
+        h = r // 2
         top, bot = a[:h], a[h:]
-        tr = _gram(top, bot, chunk_bytes, chunk_min_depth)
-        diag = lambda x: _gram(x, x, chunk_bytes, chunk_min_depth)  # noqa: E731
-        return jnp.block([[diag(top), tr], [tr.T, diag(bot)]])
-    return _gram(a, b, chunk_bytes, chunk_min_depth)
+        tr = _gram(top, bot, opts)
+        return jnp.block([[_gram(top, top, opts), tr], [tr.T, _gram(bot, bot, opts)]])
+    return _gram(a, b, opts)
 
 
-def matmul_t(a: jax.Array, b: jax.Array) -> jax.Array:
-    """``a @ b.T`` at HIGHEST precision; symmetric by halves when ``a is b`` (see :func:`gram`)."""
-    return gram(a, b, chunk_bytes=2**62)
-
-
-def _gram(a: jax.Array, b: jax.Array, chunk_bytes: int, chunk_min_depth: int) -> jax.Array:
+def _gram(a: jax.Array, b: jax.Array, opts) -> jax.Array:
     (r1, kdim), r2 = a.shape, b.shape[0]
-    ch = max(512, chunk_bytes // ((r1 + r2) * a.dtype.itemsize))
+    ch = max(512, opts.gram_chunk_bytes // ((r1 + r2) * a.dtype.itemsize))
     steps = kdim // ch
-    if steps < 4 or kdim < chunk_min_depth * (r1 + r2):
+    if steps < 4 or kdim < opts.gram_chunk_min_depth * (r1 + r2):
         return jnp.matmul(a, b.T, precision=HIGHEST)
 
     def step(s, acc):

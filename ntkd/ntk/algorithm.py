@@ -48,7 +48,7 @@ class Problem:
         return self.mode.width(self.k)
 
     def gram(self, a, b):
-        return gram(a, b, self.options.gram_chunk_bytes, self.options.gram_chunk_min_depth)
+        return gram(a, b, self.options)
 
     def terms(self) -> Terms:
         return Terms(self)

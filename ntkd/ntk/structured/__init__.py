@@ -163,7 +163,9 @@ class Structured:
     def pair(self, params, state, r, c):
         mode, terms = self.p.mode, self.p.terms()
         for t, (x1, g1), (x2, g2) in zip(self.fact, r["fact"], c["fact"]):
-            terms.add(self.p.groups[t.leaf], factor_block(mode, t.kind, x1, g1, x2, g2))
+            terms.add(
+                self.p.groups[t.leaf], factor_block(mode, t.kind, x1, g1, x2, g2, self.p.gram)
+            )
         for (group, _), f1, f2 in zip(self.layout, r["flat"], c["flat"]):
             terms.add(group, mode.contract(f1, f2, self.p.gram))
         b1, b2 = _rows(r), _rows(c)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from ntkd.ntk._util import matmul_t
 from ntkd.ntk.modes import HIGHEST, Mode
 
 
@@ -29,7 +28,7 @@ def wants_factor(
     return h * s * s * (d_pair + m * c) < m * h * d * c
 
 
-def _input_products(kind: str, x1, x2, single: bool):
+def _input_products(kind: str, x1, x2, single: bool, gram):
     """(i, j) for single-position layers, else (i, j, h, p, q)."""
     if kind == "embed":
         (t1, v1), (t2, v2) = x1, x2
@@ -39,27 +38,28 @@ def _input_products(kind: str, x1, x2, single: bool):
         return (same * (v1[:, None, :, None] * v2[None, :, None, :]))[:, :, None]
     if single:
         a = x1[:, 0, 0]
-        return matmul_t(a, a if x2 is x1 else x2[:, 0, 0])
+        return gram(a, a if x2 is x1 else x2[:, 0, 0])
     return jnp.einsum("ihpd,jhqd->ijhpq", x1, x2, precision=HIGHEST)
 
 
-def factor_block(mode: Mode, kind: str, x1, g1, x2, g2):
+def factor_block(mode: Mode, kind: str, x1, g1, x2, g2, gram):
     """One target's kernel block; ``full`` in the (i, a, j, b) layout.
 
     Args:
         x1, x2: patches (b, H, S, D), or (tokens, valid) each (b, S) for a lookup.
         g1, g2: output cotangents (b, H, m, S, C).
+        gram: ``gram(a, b) = a @ b.T`` (``Problem.gram``; symmetric when ``a is b``).
     """
     b1, h, m, s, c = g1.shape
     b2 = g2.shape[0]
     single = s == 1 and h == 1
-    pa = _input_products(kind, x1, x2, single).astype(g1.dtype)
+    pa = _input_products(kind, x1, x2, single, gram).astype(g1.dtype)
     if single:
         rows = b1 * m if mode.full else b1
         a = g1.reshape(rows, -1)
         b = a if g2 is g1 else g2.reshape(b2 * m if mode.full else b2, -1)
         if mode.full:
-            return pa[:, None, :, None] * matmul_t(a, b).reshape(b1, m, b2, m)
-        return pa * matmul_t(a, b)
+            return pa[:, None, :, None] * gram(a, b).reshape(b1, m, b2, m)
+        return pa * gram(a, b)
     pg = jnp.einsum("ihapc,jhaqc->ijhpq", g1, g2, precision=HIGHEST)
     return jnp.sum(pa * pg, axis=(2, 3, 4))
