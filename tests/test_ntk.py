@@ -753,6 +753,29 @@ def test_clear_errors():
         empirical_ntk_fn(apply_fn, block_size=0)
 
 
+def test_finiteness_flag_never_passes_bad_values_and_overflow_is_confirmed_on_host():
+    """The device flag is the finiteness of the leaves' sum: NaN, +inf, -inf (also +inf and
+    -inf in two leaves, which could cancel in a careless sum) make it False; finite values
+    whose sum overflows make it False too, and the host check then finds no bad leaf."""
+    from ntkd.ntk._util import all_finite, check_finite
+
+    ok = {"a": jnp.ones((3, 4), jnp.float32), "b": jnp.arange(5.0, dtype=jnp.bfloat16)}
+    assert all_finite(ok)
+    for bad in (jnp.nan, jnp.inf, -jnp.inf):
+        tree = {**ok, "a": ok["a"].at[1, 2].set(bad)}
+        assert not all_finite(tree)
+        with pytest.raises(ValueError, match=r"\['a'\] has 1 non-finite"):
+            check_finite("params", tree)
+    both = {"a": ok["a"].at[0, 0].set(jnp.inf), "b": ok["b"].at[1].set(-jnp.inf)}
+    assert not all_finite(both)
+    with pytest.raises(ValueError, match=r"\['a'\] has 1 non-finite"):
+        check_finite("params", both)
+    huge = {"a": jnp.full((4,), 3e38, jnp.float32)}  # finite; the sum overflows
+    assert not all_finite(huge) and np.isfinite(np.asarray(huge["a"])).all()
+    check_finite("params", huge)  # no error: confirmed on the host
+    assert all_finite({"i": jnp.arange(3)})  # integer leaves are not checked
+
+
 def test_clear_errors_for_model_kinds():
     import equinox as eqx
 

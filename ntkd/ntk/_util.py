@@ -94,24 +94,36 @@ def inexact(leaf) -> bool:
 
 
 def finite_of(tree: PyTree) -> jax.Array:
-    """Traceable: a scalar, True when every inexact leaf of ``tree`` is finite."""
+    """Traceable: a scalar, True only when every inexact leaf of ``tree`` is finite.
+
+    It is the finiteness of the leaves' sum (at least float32): a NaN or inf
+    entry makes the sum NaN or inf, so True is never wrong; False can also mean
+    a sum of huge finite values overflowed, so callers confirm on the host
+    (:func:`check_finite`). One fused reduction instead of an ``isfinite`` pass
+    and a reduction per leaf: MLP 784-256-256-10 params and a 128-example
+    batch, 405 → 150 µs a jitted call on its own (2 CPU cores; inside the MLP `trace`
+    kernel at n = 128 the gain is within the noise of its 3–5 ms).
+    """
     leaves = [l for l in jax.tree.leaves(tree) if inexact(l)]
     if not leaves:
         return jnp.bool_(True)
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(l)) for l in leaves]))
+    acc = lambda l: jnp.sum(l, dtype=jnp.promote_types(l.dtype, jnp.float32))  # noqa: E731
+    return jnp.isfinite(sum(acc(l) for l in leaves))
 
 
 _all_finite = jax.jit(finite_of)
 
 
 def finite_flag(tree: PyTree) -> jax.Array | None:
-    """A device scalar, True when every inexact leaf is finite (dispatched, not awaited)."""
+    """A device scalar, True only when every inexact leaf is finite (dispatched, not
+    awaited; False is confirmed on the host, see :func:`finite_of`)."""
     leaves = [l for l in jax.tree.leaves(tree) if inexact(l)]
     return _all_finite(leaves) if leaves else None
 
 
 def all_finite(tree: PyTree) -> bool:
-    """Whether every inexact leaf is finite: one reduction on the device, one scalar back."""
+    """True only when every inexact leaf is finite (one reduction on the device, one
+    scalar back); False can be an overflowing sum of finite values (:func:`finite_of`)."""
     flag = finite_flag(tree)
     return flag is None or bool(flag)
 
@@ -121,7 +133,7 @@ def check_finite(name: str, tree: PyTree) -> None:
 
     One compiled reduction on the device answers the common case (all finite)
     with a single scalar transfer; only a failing tree is copied to the host
-    to name the leaf (a host copy of the MLP 784-256-256-10's params and a
+    to name the leaf (or to find that none is bad: a finite sum that overflowed) (a host copy of the MLP 784-256-256-10's params and a
     128-example batch cost ~0.3 ms a call, 8 % of its `trace` kernel).
     """
     if all_finite(tree):
