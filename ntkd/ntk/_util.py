@@ -132,9 +132,10 @@ def check_finite(name: str, tree: PyTree) -> None:
     """Raises a ValueError naming the first leaf of ``tree`` with NaN/inf values.
 
     One compiled reduction on the device answers the common case (all finite)
-    with a single scalar transfer; only a failing tree is copied to the host
-    to name the leaf (or to find that none is bad: a finite sum that overflowed) (a host copy of the MLP 784-256-256-10's params and a
-    128-example batch cost ~0.3 ms a call, 8 % of its `trace` kernel).
+    with a single scalar transfer (a host copy of the MLP 784-256-256-10's
+    params and a 128-example batch cost ~0.3 ms a call, 8 % of its `trace`
+    kernel); only a failing tree is copied to the host, to name the leaf or
+    to find that none is bad (a finite sum that overflowed, :func:`finite_of`).
     """
     if all_finite(tree):
         return
