@@ -233,7 +233,7 @@ def test_products_match_weight_gradients_with_per_term_widths(mode):
         def pair(F1, F2):
             out = 0
             for kd, (x1, g1), (x2, g2) in zip(kinds, F1["fact"], F2["fact"]):
-                out = out + factor_block(md, kd, x1, g1, x2, g2)
+                out = out + factor_block(md, kd, x1, g1, x2, g2, lambda a, c: a @ c.T)
             for f1, f2 in zip(F1["flat"], F2["flat"]):
                 out = out + md.contract(f1, f2, lambda a, c: a @ c.T)
             return out
