@@ -436,12 +436,18 @@ def _time_round_robin(entries: dict, repeats: int, label: str, order: str = "int
     return found
 
 
+def _from_nt(kernel, mode: str):
+    """A neural-tangents kernel on ntkd's scale: its ``trace`` is a mean over the k = 10
+    logits, ntkd's the sum."""
+    return kernel * (10 if mode == "trace" else 1)
+
+
 def _time_with_server(
     entries: dict, python, inp: str, out: str, args, label: str, mode: str, order="interleaved"
 ) -> dict:
     """:func:`_time_round_robin` of ``entries`` with neural-tangents' server (on the exported
     ``inp``) joining the turns when ``python`` (its venv) is given; its kernels are filled in
-    (``trace``: × k, neural-tangents' trace being a mean over the logits)."""
+    (:func:`_from_nt`)."""
     server = None
     if python:
         server = NTServer(python, inp, out, args.nt_impls, args.nt_tuned_malloc)
@@ -452,7 +458,7 @@ def _time_with_server(
     if server is not None:
         for key, kernel in server.close().items():
             sec, comp, _ = found[key]
-            found[key] = (sec, comp, kernel * (10 if mode == "trace" else 1))
+            found[key] = (sec, comp, _from_nt(kernel, mode))
     return found
 
 
@@ -557,8 +563,9 @@ def main() -> None:
                 calls["ntkd-" + impl if impl != "naive" else "naive"] = call
             inp = os.path.join(WORK, f"{wname}_{mode}_in.npz")
             out = os.path.join(WORK, f"{wname}_{mode}_out.npz")
-            if python and args.full_order == "interleaved":
+            if python:
                 export(inp, name, kwargs, variables, x, mode, 10)
+            if python and args.full_order == "interleaved":
                 found = _time_with_server(
                     calls, python, inp, out, args, f"  {wname} n={n} {mode}", mode
                 )
@@ -570,7 +577,6 @@ def main() -> None:
                 except Exception as e:  # e.g. out of memory: report and go on
                     print(f"  {wname} {mode} {key}: {type(e).__name__}: {str(e)[:200]}")
             if python and args.full_order == "sequential":
-                export(inp, name, kwargs, variables, x, mode, 10)
                 timings, kernels = run_reference(
                     python, inp, out, args.repeats, args.nt_impls, args.nt_tuned_malloc
                 )
@@ -578,8 +584,7 @@ def main() -> None:
                     if "error" in t:
                         print(f"  {wname} {mode} {key}: {t['error']}")
                         continue
-                    kern = kernels[key] * (10 if mode == "trace" else 1)
-                    found[key] = (t["seconds"], t["compile"], kern)
+                    found[key] = (t["seconds"], t["compile"], _from_nt(kernels[key], mode))
             if not found:
                 continue
             if "ntkd-auto" in found:
