@@ -29,6 +29,7 @@ from ntkd.ntk import (
     ntk_vp_fn,
 )
 from ntkd.ntk import models as ntk_models
+from ntkd.ntk._util import leaf_groups
 from ntkd.ntk.engine import _engine, _options
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -643,6 +644,42 @@ def test_second_call_with_new_params_compiles_nothing(kind):
     assert not log.compiles, log.compiles
 
 
+def test_warm_one_block_call_takes_the_fused_path_and_agrees_with_the_oracle():
+    """A warm symmetric one-block call skips the general path's planning (Engine._warm_fused)
+    and must give what the float64 oracle gives, for the whole kernel and per layer, with
+    new params, compiling nothing; a new batch size or an x2 takes the general path."""
+    with jax.enable_x64(True):
+        model, variables, x1, x2 = _make("mlp", n1=5)
+        variables, x1, x2 = _f64(variables, x1, x2)
+        fresh = _f64(_new_values(variables, 7))[0]
+        f = lambda p, x: model.apply(p, x)
+        want = {}
+        for group, kern in zip(leaf_groups(fresh), ntk_oracle_leaves(f, fresh, x1, x1)):
+            want[group] = want.get(group, 0) + kern
+        call = lambda p, x, x2=None, **kw: empirical_ntk(
+            f, p, x, x2, mode="full", implementation="structured", **kw
+        )
+        for by_layer in (False, True):
+            first = call(variables, x1, by_layer=by_layer)
+            opts = _options("full", 0, "structured", by_layer, None, None, None, None)
+            engine = _engine(("function", f), opts, None)  # the cached one
+            assert engine._fused, "a one-block symmetric call registers the fused path"
+            with _CompileLog() as log:
+                warm = call(fresh, x1, by_layer=by_layer)
+            assert not log.compiles, log.compiles
+            if by_layer:
+                assert list(warm) == sorted(want) and warm.keys() == first.keys()
+                for key in warm:
+                    assert rel(warm[key], want[key]) < 1e-6, key
+            else:
+                whole = warm
+                assert rel(whole, sum(want.values())) < 1e-6
+        longer = call(fresh, jnp.concatenate([x1, x1[:1]]))
+        assert rel(longer[:5, :5], whole) < 1e-10
+        both = call(fresh, jnp.concatenate([x1, x2]))
+        assert rel(call(fresh, x1, x2), both[:5, 5:]) < 1e-10
+
+
 def _plain_lenet(v, x):
     return get_model("lenet5", 3, width=1, padding="SAME").apply(v, x)
 
@@ -727,6 +764,12 @@ def test_clear_errors():
         empirical_ntk_fn(apply_fn, implementation="fast")
     with pytest.raises(ValueError, match="logit=3 is out of range for k=3"):
         empirical_ntk(apply_fn, params, x1, mode="logit", logit=3)
+    # checked option sets are remembered per argument values and types: logit=1 first must
+    # not let logit=True or logit=1.0 (equal to 1 in Python) through
+    empirical_ntk(apply_fn, params, x1, mode="logit", logit=1)
+    for bad_logit in (True, 1.0):
+        with pytest.raises(ValueError, match=f"logit={bad_logit!r} must be a non-negative int"):
+            empirical_ntk(apply_fn, params, x1, mode="logit", logit=bad_logit)
     with pytest.raises(ValueError, match=r"per-example shape \(12, 1\) but x2 has \(1, 12\)"):
         empirical_ntk(apply_fn, params, x1, x2.reshape(2, 1, 12))
     with pytest.raises(ValueError, match="x1.*non-finite"):

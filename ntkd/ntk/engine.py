@@ -67,13 +67,24 @@ def output_width(apply_fn: ApplyFn, params, x: jax.Array, mode: Mode) -> tuple[i
 
 def _spec(tree):
     leaves, treedef = jax.tree.flatten(tree)
-    return treedef, tuple(_leaf_spec(l) for l in leaves)
+    try:  # arrays (the common case) without jnp's dispatch or an ABC instance check
+        return treedef, tuple((l.shape, l.dtype) for l in leaves)
+    except AttributeError:  # Python scalars among the leaves
+        return treedef, tuple((jnp.shape(l), jnp.result_type(l)) for l in leaves)
 
 
-def _leaf_spec(leaf) -> tuple:
-    if isinstance(leaf, (jax.Array, np.ndarray)):  # the common case, without jnp's dispatch
-        return leaf.shape, leaf.dtype.name
-    return jnp.shape(leaf), str(jnp.result_type(leaf))
+class _Hashed(tuple):
+    """A tuple whose hash is computed once: structure signatures and option sets are dict
+    keys of every warm call, and re-hashing their tree definitions and dataclasses on each
+    lookup cost more than the lookups (the interned object also compares by identity)."""
+
+    def __new__(cls, items):
+        self = super().__new__(cls, items)
+        self._hash = tuple.__hash__(self)
+        return self
+
+    def __hash__(self):
+        return self._hash
 
 
 def _as_array(x):
@@ -99,6 +110,9 @@ class Engine:
         self._blocks: dict = {}
         self._auto: dict = {}
         self._problems: dict = {}
+        self._sigs: dict = {}
+        # {(sig, n): Compiled} of warm one-block symmetric kernels run as one executable
+        self._fused: dict = {}
 
     def problem(self, sig, apply_fn: ApplyFn, params, state, x) -> Problem:
         """The algorithms' problem, built once per structure signature: k and the logits'
@@ -177,9 +191,46 @@ class Engine:
                 f"x1 has per-example shape {x1.shape[1:]} but x2 has {x2.shape[1:]}; "
                 "both must hold examples of the same shape (batch first)."
             )
-        sig = (_spec(params), _spec(state), x1.shape[1:], str(x1.dtype))
+        sig = self._signature(params, state, x1)
         problem = self.problem(sig, apply_fn, params, state, x1)
         return params, state, x1, x2, symmetric, sig, problem.k, problem.dtype, problem
+
+    def _signature(self, params, state, x):
+        """The interned structure signature: params' and state's trees, leaf shapes and
+        dtypes, the per-example input shape and dtype."""
+        raw = (_spec(params), _spec(state), x.shape[1:], x.dtype)
+        sig = self._sigs.get(raw)
+        if sig is None:
+            sig = self._sigs.setdefault(raw, _Hashed(raw))
+        return sig
+
+    def _warm_fused(self, apply_fn: ApplyFn, params, x):
+        """The kernel of a warm one-block symmetric call (one executable: features, pair and
+        the inputs' finiteness flag), or None when the call takes the general path.
+
+        It skips the general path's planning, which a warm call repeats to the same end
+        (MLP `trace`, n = 128, 2 CPU cores: that Python ran cache-cold after each kernel,
+        ~0.25 ms of a 3 ms call).
+        """
+        if self.dtype is not None or not isinstance(x, jax.Array) or x.ndim < 1:
+            return None
+        state = apply_fn.state
+        c = self._fused.get((self._signature(params, state, x), x.shape[0]))
+        if c is None or is_tracer(x, params, state):
+            return None
+        kij, finite = c.whole_sym(params, state, x)
+        if not bool(finite):
+            self._name_nonfinite(params, x, None)
+        return self._unwrap(kij)
+
+    @staticmethod
+    def _name_nonfinite(params, x1, x2):
+        """Raises naming the first non-finite input (after a failed finiteness flag; none
+        raises when the flag was an overflowing sum of finite values)."""
+        check_finite("params", params)
+        check_finite("x1", x1)
+        if x2 is not None:
+            check_finite("x2", x2)
 
     def implementation_for(self, apply_fn: ApplyFn, params, x1, x2) -> str:
         """The implementation a call with these arguments runs (``auto``: measured, cached)."""
@@ -195,6 +246,10 @@ class Engine:
         return self.choose(sig, problem, params, state, x1, n1, n2, symmetric)
 
     def __call__(self, apply_fn: ApplyFn, params, x1, x2, *, as_numpy=False):
+        if x2 is None and not as_numpy and self._fused:
+            out = self._warm_fused(apply_fn, params, x1)
+            if out is not None:
+                return out
         params, state, x1, x2, symmetric, sig, k, out_dtype, problem = self._prepare(
             apply_fn, params, x1, x2
         )
@@ -211,10 +266,7 @@ class Engine:
 
         def require_finite(flag):  # waits for the flag; on failure names the culprit
             if flag is not None and not bool(flag):
-                check_finite("params", params)
-                check_finite("x1", x1)
-                if not symmetric:
-                    check_finite("x2", x2)
+                self._name_nonfinite(params, x1, None if symmetric else x2)
 
         n = max(x1.shape[0], x2.shape[0])
         # A warm call whose kernel is one block stays on the device: its finiteness check
@@ -252,6 +304,8 @@ class Engine:
         )
         if deferred:
             require_finite(finite if finite is not None else finite_flag(inputs))
+        if finite is not None and impl == self._warm_implementation(sig, n, symmetric):
+            self._fused[sig, n] = c  # the next such call takes _warm_fused
         return self._unwrap(out)
 
     def _warm_implementation(self, sig, n: int, symmetric: bool) -> str | None:
@@ -304,7 +358,26 @@ def _bound(model, params, options: tuple) -> tuple[Engine, ApplyFn, PyTree]:
     return _engine(apply_fn.key, options, apply_fn.fn), apply_fn, p
 
 
+_OPTIONS: collections.OrderedDict = collections.OrderedDict()
+
+
 def _options(
+    mode, logit, implementation, by_layer, block_size, dtype, blocks, contraction
+) -> tuple:
+    """The checked option set (one interned object per distinct arguments: warm calls
+    neither rebuild nor re-hash it)."""
+    raw = (mode, logit, implementation, by_layer, block_size, dtype, blocks, contraction)
+    key = (raw, tuple(map(type, raw)))  # logit=True must not find logit=1's checked options
+    try:
+        found = _OPTIONS.get(key)
+    except TypeError:  # an unhashable argument: checked below, not remembered
+        return _checked_options(*raw)
+    if found is None:
+        found = remember(_OPTIONS, key, _Hashed(_checked_options(*raw)), ENGINE_CACHE_SIZE)
+    return found
+
+
+def _checked_options(
     mode, logit, implementation, by_layer, block_size, dtype, blocks, contraction
 ) -> tuple:
     if implementation not in IMPLEMENTATIONS:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import collections
 import functools
 import inspect
+import types
 import weakref
 from collections.abc import Callable, Hashable
 from typing import Any, NamedTuple
@@ -410,6 +411,8 @@ def as_apply_fn(model: Model, variables: PyTree | None = None) -> tuple[ApplyFn,
         >>> apply_fn, params = as_apply_fn(linen_model, variables)
         >>> apply_fn, params = as_apply_fn(eqx.nn.make_with_state(Net)(key))  # (model, state)
     """
+    if type(model) in _PLAIN_CALLABLES:  # never a module: skip the module-kind checks
+        return _function_apply_fn(model, variables)
     if isinstance(model, nn.Module):
         if variables is None:
             raise ValueError(
@@ -437,11 +440,16 @@ def as_apply_fn(model: Model, variables: PyTree | None = None) -> tuple[ApplyFn,
             "apply function; pass a Flax Linen / NNX or Equinox module, a stateful Equinox "
             "module as (model, state), or a function f(params, x) -> (batch, k) with its params."
         )
-    if variables is None:
+    return _function_apply_fn(model, variables)
+
+
+_PLAIN_CALLABLES = (types.FunctionType, types.MethodType, types.BuiltinFunctionType)
+
+
+def _function_apply_fn(f, params) -> tuple[ApplyFn, PyTree]:
+    if params is None:
         raise ValueError("a function f(params, x) needs its params; got params=None.")
-    return ApplyFn(
-        functools.partial(_call_function, model), None, ("function", model), "function"
-    ), variables
+    return ApplyFn(functools.partial(_call_function, f), None, ("function", f), "function"), params
 
 
 def _call_function(f, params, state, x):
