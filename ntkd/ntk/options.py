@@ -62,11 +62,15 @@ class ContractionOptions:
             ``symmetric_max_depth_ratio`` · r. Shallow Grams do not pay for
             assembling the halves; deep ones lose more to the halves' skinnier
             matmuls than the quarter saves. Measured on 2 CPU cores, kernel
-            medians with halves up to depth 32 × rows against none: MLP `full`,
-            n = 128, 0.91–0.99×; 2-D CNN `trace`, n = 64, 0.95–0.98×, `full`
-            1.03–1.06×; halves of every depth against none on the 2-D CNN
-            `trace`, n = 500 (125 × 46 400 diagonal pairs): 1.11–1.13×.
-            Isolated, 128 × 46 400 took 17.5 ms by halves, 10.5 ms as one matmul.
+            medians, variants alternating: halves of every depth against none
+            on the 2-D CNN `trace`, n = 500 (125 × 46 400 diagonal pairs),
+            1.11–1.13× slower; the MLP `trace` at n = 128 (a 128 × 2560 Gram,
+            depth 20 × rows) 0.94× the time with the cap at 16 × rows instead
+            of 32 (3.4 → 3.2, 3.53 → 3.29, 3.40 → 3.19 ms in three runs of
+            back-to-back calls; 4.00 → 4.04 ms with 2 ms idle between calls;
+            the 2-D CNN's 64 × 1569 and 63 × 1569 Grams, also between the two
+            caps: 0.96–0.99×, within noise). Isolated, 128 × 2560 took 0.81 ms by
+            halves and 0.59 ms as one matmul, 128 × 785 0.30 and 0.38 ms.
         cotangent_loop_max: up to this many cotangents per example, the
             structured algorithm unrolls one VJP per cotangent in networks with
             convolutions (vmapping them broadcasts some residuals m times).
@@ -82,7 +86,7 @@ class ContractionOptions:
     gram_chunk_min_depth: int = 32
     symmetric_min_rows: int = 64
     symmetric_min_depth: int = 512
-    symmetric_max_depth_ratio: float = 32.0
+    symmetric_max_depth_ratio: float = 16.0
     cotangent_loop_max: int = 16
     separate_grad_size: int = 4096
     max_fact_positions: int = 256
