@@ -67,6 +67,21 @@ def _gram(a: jax.Array, b: jax.Array, opts) -> jax.Array:
     return acc
 
 
+class Hashed(tuple):
+    """A tuple whose hash is computed once, for cache keys looked up on every warm call:
+    structure signatures and option sets (tree definitions and dataclasses, costly to
+    re-hash at each lookup) and NNX GraphDefs (``Hashed((graphdef,))``; ~50 µs a hash).
+    An interned instance also compares by identity in dict lookups."""
+
+    def __new__(cls, items):
+        self = super().__new__(cls, items)
+        self._hash = tuple.__hash__(self)
+        return self
+
+    def __hash__(self):
+        return self._hash
+
+
 def flatten(leaves, lead: int) -> jax.Array:
     """Concatenates leaves (lead axes, *leaf) into (lead axes, P)."""
     return jnp.concatenate([l.reshape(l.shape[:lead] + (-1,)) for l in leaves], axis=-1)

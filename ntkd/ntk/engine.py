@@ -19,7 +19,15 @@ import numpy as np
 from jax.typing import DTypeLike
 
 from ntkd.ntk import auto, blocking
-from ntkd.ntk._util import cast, check_finite, finite_flag, is_tracer, leaf_groups, remember
+from ntkd.ntk._util import (
+    Hashed,
+    cast,
+    check_finite,
+    finite_flag,
+    is_tracer,
+    leaf_groups,
+    remember,
+)
 from ntkd.ntk.algorithm import Problem
 from ntkd.ntk.jacobian import Jacobian
 from ntkd.ntk.models import ApplyFn, Model, as_apply_fn
@@ -71,20 +79,6 @@ def _spec(tree):
         return treedef, tuple((l.shape, l.dtype) for l in leaves)
     except AttributeError:  # Python scalars among the leaves
         return treedef, tuple((jnp.shape(l), jnp.result_type(l)) for l in leaves)
-
-
-class _Hashed(tuple):
-    """A tuple whose hash is computed once: structure signatures and option sets are dict
-    keys of every warm call, and re-hashing their tree definitions and dataclasses on each
-    lookup cost more than the lookups (the interned object also compares by identity)."""
-
-    def __new__(cls, items):
-        self = super().__new__(cls, items)
-        self._hash = tuple.__hash__(self)
-        return self
-
-    def __hash__(self):
-        return self._hash
 
 
 def _as_array(x):
@@ -201,7 +195,7 @@ class Engine:
         raw = (_spec(params), _spec(state), x.shape[1:], x.dtype)
         sig = self._sigs.get(raw)
         if sig is None:
-            sig = self._sigs.setdefault(raw, _Hashed(raw))
+            sig = self._sigs.setdefault(raw, Hashed(raw))
         return sig
 
     def _warm_fused(self, apply_fn: ApplyFn, params, x):
@@ -373,7 +367,7 @@ def _options(
     except TypeError:  # an unhashable argument: checked below, not remembered
         return _checked_options(*raw)
     if found is None:
-        found = remember(_OPTIONS, key, _Hashed(_checked_options(*raw)), ENGINE_CACHE_SIZE)
+        found = remember(_OPTIONS, key, Hashed(_checked_options(*raw)), ENGINE_CACHE_SIZE)
     return found
 
 
