@@ -676,6 +676,11 @@ def test_warm_one_block_call_takes_the_fused_path_and_agrees_with_the_oracle():
                 assert rel(whole, sum(want.values())) < 1e-6
         longer = call(fresh, jnp.concatenate([x1, x1[:1]]))
         assert rel(longer[:5, :5], whole) < 1e-10
+        # The registered executable refuses what it was not compiled for (TypeError): these
+        # take the general path at the same n and agree.
+        assert rel(jax.jit(call)(fresh, x1), whole) < 1e-10  # tracers
+        as32 = jax.tree.map(lambda a: a.astype(jnp.float32), (fresh, x1))
+        assert call(*as32).dtype == jnp.float32 and rel(call(*as32), whole) < 1e-5  # dtypes
         both = call(fresh, jnp.concatenate([x1, x2]))
         assert rel(call(fresh, x1, x2), both[:5, 5:]) < 1e-10
 

@@ -83,61 +83,8 @@ class Structured:
         return cls(problem, plan, sizes)
 
     def row(self, params, state, x):
-        plan, m = self.plan, self.p.m
-        leaves, sleaves = jax.tree.leaves(params), jax.tree.leaves(state)
-        b = x.shape[0]
-        left = plan.leftover
-        left_b = [jnp.broadcast_to(leaves[i], (b,) + jnp.shape(leaves[i])) for i in left]
-        perts = [
-            jnp.zeros((b,) + t.eqn.outvars[0].aval.shape, t.eqn.outvars[0].aval.dtype)
-            for t in plan.targets
-        ]
-
-        pins = {
-            h: jnp.zeros((b,) + a.aval.shape, a.aval.dtype)
-            for h in self.pinned
-            for a in [plan.targets[h].eqn.invars[plan.targets[h].activation]]
-        }
-
-        def per_example(lv, pv, qv, xi):
-            vals = list(leaves)
-            for i, v in zip(left, lv):
-                vals[i] = v
-            outs, rec = ft.evaluate(plan, vals + sleaves + [xi[None]], pv, qv)
-            return outs[0][0], rec
-
-        _, vjp, rec = jax.vjp(
-            lambda lv, pv, qv: jax.vmap(per_example)(lv, pv, qv, x),
-            left_b,
-            perts,
-            pins,
-            has_aux=True,
-        )
-        basis = self.p.mode.basis(self.p.k, self.p.dtype)
-        cots = jnp.broadcast_to(basis[:, None, :], (m, b, self.p.k))
-        if self.convnet and m <= self.p.options.cotangent_loop_max:
-            # One VJP per cotangent rather than a vmap over them: batching the VJP broadcasts
-            # the residuals of some layers m times (max-pooling's select-and-scatter ran 15×
-            # slower batched; LeNet-5 rows 1.41 → 1.04 ms/example on 2 CPU cores). Dense-only
-            # networks keep the vmap: one matmul of m·b rows beats m of b rows.
-            per = [vjp(cots[a]) for a in range(m)]
-            left_g = [jnp.stack([q[0][j] for q in per], 1) for j in range(len(left))]
-
-            def g_of(t, axis, head=None):
-                raw = [
-                    q[1][t.index] if head is None else _laid_out(t, q[2][head[0]], head[1], 1)
-                    for q in per
-                ]
-                return jnp.stack([ft.cotangents(t, g, 1) for g in raw], axis)
-        else:
-            lg, pg, qg = jax.vmap(vjp)(cots)
-            left_g = [jnp.moveaxis(g, 0, 1) for g in lg]
-
-            def g_of(t, axis, head=None):
-                g = pg[t.index] if head is None else _laid_out(t, qg[head[0]], head[1], 2)
-                return jnp.moveaxis(ft.cotangents(t, g, 2), 0, axis)
-
-        dtype = self.p.dtype
+        left_g, g_of, rec = self._vjps(params, state, x)
+        b, m, left, dtype = x.shape[0], self.p.m, self.plan.leftover, self.p.dtype
 
         def collapsed(t):  # (b, H, m, S, C) cotangents, or (b, 1, 1, 1, C) where they collapse
             g = g_of(t, 2)
@@ -158,6 +105,79 @@ class Structured:
         flat = [flatten([flat_of[s] for s in srcs], 2) for _, srcs in self.layout]
         return {"fact": fact, "flat": flat}
 
+    def _vjps(self, params, state, x):
+        """One backward pass per cotangent: the leftover leaves' gradients (b, m, ...), a
+        function (target, axis, head=None) -> its output cotangents (b, H, S, C) with the m
+        cotangents inserted at axis (or the pinned head's input cotangents in its layout),
+        and the targets' recorded inputs."""
+        plan, m = self.plan, self.p.m
+        leaves, sleaves = jax.tree.leaves(params), jax.tree.leaves(state)
+        left = plan.leftover
+        basis = self.p.mode.basis(self.p.k, self.p.dtype)
+
+        def model(lv, pv, qv, xi):  # one example's outputs and recorded target inputs
+            vals = list(leaves)
+            for i, v in zip(left, lv):
+                vals[i] = v
+            outs, rec = ft.evaluate(plan, vals + sleaves + [xi[None]], pv, qv)
+            return outs[0][0], rec
+
+        def zeros(lead=()):  # perturbations of the targets' outputs and the pinned inputs
+            perts = [_zeros(t.eqn.outvars[0].aval, lead) for t in plan.targets]
+            pins = {h: _zeros(self._pinned_input(h).aval, lead) for h in self.pinned}
+            return perts, pins
+
+        if self.convnet and m <= self.p.options.cotangent_loop_max:
+            # One VJP per cotangent, each over the batch, rather than a vmap over them:
+            # batching the VJP broadcasts the residuals of some layers m times (max-pooling's
+            # select-and-scatter ran 15× slower batched; LeNet-5 rows 1.41 → 1.04
+            # ms/example on 2 CPU cores), and a VJP per example under vmap ran LeNet-5 and
+            # ResNet-20 kernels 7-9% slower.
+            b = x.shape[0]
+            left_b = [jnp.broadcast_to(leaves[i], (b,) + jnp.shape(leaves[i])) for i in left]
+            _, vjp, rec = jax.vjp(
+                lambda lv, pv, qv: jax.vmap(model)(lv, pv, qv, x),
+                left_b,
+                *zeros((b,)),
+                has_aux=True,
+            )
+            per = [vjp(jnp.broadcast_to(basis[a], (b, self.p.k))) for a in range(m)]
+            left_g = [jnp.stack([q[0][j] for q in per], 1) for j in range(len(left))]
+
+            def g_of(t, axis, head=None):  # stacked where they go (no transposed copy)
+                raw = [
+                    q[1][t.index] if head is None else _laid_out(t, q[2][head[0]], head[1], 1)
+                    for q in per
+                ]
+                return jnp.stack([ft.cotangents(t, g, 1) for g in raw], axis)
+
+            return left_g, g_of, rec
+
+        # Dense networks: a VJP per example under vmap, its m cotangents vmapped (one matmul
+        # of m·b rows beats m of b rows). The cotangents are not batched over examples, so
+        # the ops they meet before the first example-dependent one (a dense head) run once,
+        # not per example (MLP `trace`, n = 128: 3.46 → 3.24 ms).
+        def per_example(xi):
+            _, vjp, rec = jax.vjp(
+                lambda lv, pv, qv: model(lv, pv, qv, xi),
+                [leaves[i] for i in left],
+                *zeros(),
+                has_aux=True,
+            )
+            return jax.vmap(vjp)(basis), rec
+
+        (left_g, pg, qg), rec = jax.vmap(per_example)(x)  # (b, m, ...) each
+
+        def g_of(t, axis, head=None):
+            g = pg[t.index] if head is None else _laid_out(t, qg[head[0]], head[1], 2)
+            return jnp.moveaxis(ft.cotangents(t, g, 2), 1, axis)
+
+        return left_g, g_of, rec
+
+    def _pinned_input(self, h):
+        t = self.plan.targets[h]
+        return t.eqn.invars[t.activation]
+
     col = row
 
     def pair(self, params, state, r, c):
@@ -170,6 +190,10 @@ class Structured:
             terms.add(group, mode.contract(f1, f2, self.p.gram))
         b1, b2 = _rows(r), _rows(c)
         return terms.result(mode.block_shape(b1, b2, self.p.k), _dtype(r))
+
+
+def _zeros(aval, lead=()):
+    return jnp.zeros(lead + aval.shape, aval.dtype)
 
 
 def _laid_out(t, u, order, lead: int):
