@@ -1096,3 +1096,30 @@ def test_auto_compiles_no_candidate_its_flop_bound_rules_out(monkeypatch):
     assert {impl for impl, _ in engine._compiled} == {"structured"}
     fixed = empirical_ntk(f, p, x, mode="full", implementation="jacobian", block_size=50)
     assert rel(got, fixed) < 1e-5
+
+
+def test_weight_right_is_the_dot_it_replaces():
+    """features.weight_right computes a weight-left dot_general (Equinox's ``W @ x``) with
+    the operands swapped and transposes back: the same array as the op itself, for batch,
+    several free and several contracting dims, and a per-operand precision pair."""
+    from ntkd.ntk.structured.discovery import bind_eqn
+    from ntkd.ntk.structured.features import weight_right
+
+    hi, lo = jax.lax.Precision.HIGHEST, jax.lax.Precision.DEFAULT
+    cases = [  # (w shape, a shape, ((w contract, a contract), (w batch, a batch)), precision)
+        ((3, 4), (4,), (((1,), (0,)), ((), ())), None),
+        ((3, 4), (4, 5), (((1,), (0,)), ((), ())), None),
+        ((5, 3, 4), (2, 4), (((2,), (1,)), ((), ())), (hi, lo)),
+        ((2, 3, 4), (2, 4, 5), (((2,), (1,)), ((0,), (0,))), hi),
+        ((3, 4, 2), (6, 2, 4), (((1, 2), (2, 1)), ((), ())), None),
+    ]
+    key = jax.random.PRNGKey(0)
+    for w_shape, a_shape, dims, precision in cases:
+        w = jax.random.normal(key, w_shape)
+        a = jax.random.normal(jax.random.fold_in(key, 1), a_shape)
+        f = lambda w, a: jax.lax.dot_general(w, a, dims, precision=precision)  # noqa: B023
+        (eqn,) = jax.make_jaxpr(f)(w, a).eqns
+        want = np.asarray(bind_eqn(eqn, [w, a])[0])
+        got = np.asarray(weight_right(eqn, w, a))
+        assert got.shape == want.shape, (w_shape, a_shape, got.shape, want.shape)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -45,6 +45,8 @@ def evaluate(plan: Plan, args: list, perts: list, pins: dict | None = None) -> t
             if path in plan.inline:
                 inner = eqn.params["jaxpr"]
                 outs = run(inner.jaxpr, inner.consts, invals, path)
+            elif t is not None and t.kind == "dense" and t.operand == 0:
+                outs = [weight_right(eqn, *invals)]
             else:
                 outs = bind_eqn(eqn, invals)
             if t is not None:
@@ -54,6 +56,27 @@ def evaluate(plan: Plan, args: list, perts: list, pins: dict | None = None) -> t
         return [read(v) for v in jaxpr.outvars]
 
     return run(plan.closed.jaxpr, plan.closed.consts, args, ()), recorded
+
+
+def weight_right(eqn, w, a):
+    """``dot_general(w, a)`` (the weight on the left, as in Equinox's ``W @ x``) computed
+    as ``dot_general(a, w)`` and transposed back: exact, and vmapped over the block the
+    examples stay the rows of the product instead of its columns (an Equinox MLP's
+    forward ran as ``W · xᵀ``, with x and the layer outputs transposed to and from it:
+    MLP 784-256-256-10 `trace`, n = 128, ~0.27 ms of a 3.3 ms kernel)."""
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    precision = eqn.params["precision"]
+    out = jax.lax.dot_general(
+        a,
+        w,
+        ((rc, lc), (rb, lb)),
+        precision=tuple(reversed(precision)) if isinstance(precision, tuple) else precision,
+        preferred_element_type=eqn.params["preferred_element_type"],
+    )
+    nb, nl = len(lb), w.ndim - len(lb) - len(lc)
+    nr = a.ndim - len(rb) - len(rc)
+    perm = (*range(nb), *range(nb + nr, nb + nr + nl), *range(nb, nb + nr))
+    return out if perm == tuple(range(out.ndim)) else jax.lax.transpose(out, perm)
 
 
 def sizes(t: Target) -> tuple[int, int, int, int]:
