@@ -1,6 +1,7 @@
 """Tests for ntkd.ntk against independent oracles (float64 jacrev + einsum, tests/oracles.py)."""
 
 import dataclasses
+import gc
 import logging
 import os
 import subprocess
@@ -681,6 +682,10 @@ def test_warm_one_block_call_takes_the_fused_path_and_agrees_with_the_oracle():
         assert rel(jax.jit(call)(fresh, x1), whole) < 1e-10  # tracers
         as32 = jax.tree.map(lambda a: a.astype(jnp.float32), (fresh, x1))
         assert call(*as32).dtype == jnp.float32 and rel(call(*as32), whole) < 1e-5  # dtypes
+        for args in ((fresh, x1), as32):  # both structures stay registered at this n
+            with _CompileLog() as log:
+                call(*args)
+            assert not log.compiles, log.compiles
         both = call(fresh, jnp.concatenate([x1, x2]))
         assert rel(call(fresh, x1, x2), both[:5, 5:]) < 1e-10
 
@@ -975,6 +980,14 @@ def test_repeated_module_calls_follow_in_place_updates_structure_changes_and_mod
         assert len(ntk_models._EQX_PLAIN) >= 1  # the ready structure skipped its rewrites
         scaled = eqx.tree_at(lambda m: m.layers[0].weight, ready, 3.0 * ready.layers[0].weight)
         assert rel(empirical_ntk(scaled, None, x, mode="full"), eqx_oracle(scaled)) <= 1e-10
+        # a live module's last split is given back while its leaves are the same objects,
+        # and is forgotten with the module
+        assert as_apply_fn(scaled)[1] is as_apply_fn(scaled)[1]
+        gone = id(scaled)
+        assert gone in ntk_models._EQX_LAST
+        del scaled
+        gc.collect()
+        assert gone not in ntk_models._EQX_LAST
 
 
 def test_public_facade():

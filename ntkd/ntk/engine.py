@@ -31,7 +31,7 @@ from ntkd.ntk._util import (
 )
 from ntkd.ntk.algorithm import Problem
 from ntkd.ntk.jacobian import Jacobian
-from ntkd.ntk.models import ApplyFn, Model, as_apply_fn
+from ntkd.ntk.models import ApplyFn, Model, split_for_engine
 from ntkd.ntk.modes import Mode
 from ntkd.ntk.ntvp import NtkVectorProducts
 from ntkd.ntk.options import BlockOptions, ContractionOptions
@@ -45,6 +45,7 @@ IMPLEMENTATIONS = ("auto", "jacobian", "ntvp", "structured")
 """Exact algorithms; ``auto`` measures the candidates on the actual shapes."""
 
 ENGINE_CACHE_SIZE = 64
+FUSED_PER_SIZE = 4  # warm fused executables kept per batch size (structures, dtypes)
 
 
 def output_width(apply_fn: ApplyFn, params, x: jax.Array, mode: Mode) -> tuple[int, Any]:
@@ -106,7 +107,7 @@ class Engine:
         self._auto: dict = {}
         self._problems: dict = {}
         self._sigs: dict = {}
-        # {n: the executable of the latest one-block symmetric kernel of n examples}
+        # {n: {sig: executable}}: one-block symmetric kernels of n examples, as registered
         self._fused: dict = {}
 
     def problem(self, sig, apply_fn: ApplyFn, params, state, x) -> Problem:
@@ -212,16 +213,15 @@ class Engine:
         """
         if self.dtype is not None or not isinstance(x, jax.Array) or x.ndim < 1:
             return None
-        exe = self._fused.get(x.shape[0])
-        if exe is None:
-            return None
-        try:
-            kij, finite = exe(params, apply_fn.state, x)
-        except (TypeError, ValueError):  # another structure, shape, dtype or placement
-            return None
-        if not host_bool(finite):
-            self._name_nonfinite(params, x, None)
-        return self._unwrap(kij)
+        for exe in reversed(self._fused.get(x.shape[0], {}).values()):
+            try:
+                kij, finite = exe(params, apply_fn.state, x)
+            except (TypeError, ValueError):  # another structure, shape, dtype or placement
+                continue
+            if not host_bool(finite):
+                self._name_nonfinite(params, x, None)
+            return self._unwrap(kij)
+        return None
 
     @staticmethod
     def _name_nonfinite(params, x1, x2):
@@ -306,8 +306,12 @@ class Engine:
             require_finite(finite if finite is not None else finite_flag(inputs))
         if finite is not None and b == n and impl == self._warm_implementation(sig, n, symmetric):
             # The next such call takes _warm_fused (lowering finds jit's executable: no
-            # compile).
-            self._fused[n] = c.whole_sym.lower(params, state, x1).compile()
+            # compile); FUSED_PER_SIZE structures per n are kept, the first registered dropped.
+            known = self._fused.setdefault(n, {})
+            if sig not in known:
+                known[sig] = c.whole_sym.lower(params, state, x1).compile()
+                if len(known) > FUSED_PER_SIZE:
+                    del known[next(iter(known))]
         return self._unwrap(out)
 
     def _warm_implementation(self, sig, n: int, symmetric: bool) -> str | None:
@@ -356,7 +360,7 @@ def _engine(key, options: tuple, fn) -> Engine:
 
 def _bound(model, params, options: tuple) -> tuple[Engine, ApplyFn, PyTree]:
     """(cached engine, apply_fn, params) of a model under one set of options."""
-    apply_fn, p = as_apply_fn(model, params)
+    apply_fn, p = split_for_engine(model, params)
     return _engine(apply_fn.key, options, apply_fn.fn), apply_fn, p
 
 
