@@ -124,7 +124,10 @@ class Structured:
 
         def zeros(lead=()):  # perturbations of the targets' outputs and the pinned inputs
             perts = [_zeros(t.eqn.outvars[0].aval, lead) for t in plan.targets]
-            pins = {h: _zeros(self._pinned_input(h).aval, lead) for h in self.pinned}
+            pins = {
+                h: _zeros(plan.targets[h].eqn.invars[plan.targets[h].activation].aval, lead)
+                for h in self.pinned
+            }
             return perts, pins
 
         if self.convnet and m <= self.p.options.cotangent_loop_max:
@@ -173,10 +176,6 @@ class Structured:
             return jnp.moveaxis(ft.cotangents(t, g, 2), 1, axis)
 
         return left_g, g_of, rec
-
-    def _pinned_input(self, h):
-        t = self.plan.targets[h]
-        return t.eqn.invars[t.activation]
 
     col = row
 
