@@ -1111,6 +1111,24 @@ def test_auto_compiles_no_candidate_its_flop_bound_rules_out(monkeypatch):
     assert rel(got, fixed) < 1e-5
 
 
+def test_weight_grads_in_both_layouts_match_einsum():
+    """features.weight_grads gives W_ia = Σ_p x_ihp ⊗ g_ihpa in the (b, m, H·C·D) order
+    whichever operand's columns its matmul puts last (``wide_grad_ratio`` 0: the
+    cotangents', inf: the inputs'), with and without shared dims H, against NumPy."""
+    import types
+
+    from ntkd.ntk.structured.features import weight_grads
+
+    rng = np.random.default_rng(3)
+    for b, h, s, d, m, c in [(3, 1, 5, 2, 4, 3), (2, 3, 4, 3, 2, 5), (4, 1, 1, 6, 1, 2)]:
+        x = rng.standard_normal((b, h, s, d)).astype(np.float32)
+        g = rng.standard_normal((b, h, s, m, c)).astype(np.float32)
+        want = np.einsum("ihpd,ihpac->iahcd", x, g).reshape(b, m, -1)
+        for ratio in (0.0, float("inf")):
+            got = np.asarray(weight_grads(types.SimpleNamespace(kind="conv"), x, g, 0, ratio))
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_weight_right_is_the_dot_it_replaces():
     """features.weight_right computes a weight-left dot_general (Equinox's ``W @ x``) with
     the operands swapped and transposes back: the same array as the op itself, for batch,

@@ -101,7 +101,9 @@ class Structured:
         flat_of = {("leaf", i): g.reshape(b, m, -1) for i, g in zip(left, left_g)}
         for t in self.grad:
             x_t = ft.inputs(t, rec[t.index], dtype)
-            flat_of[("target", t)] = ft.weight_grads(t, x_t, g_of(t, 3), ft.sizes(t)[2])
+            flat_of[("target", t)] = ft.weight_grads(
+                t, x_t, g_of(t, 3), ft.sizes(t)[2], self.p.options.wide_grad_ratio
+            )
         flat = [flatten([flat_of[s] for s in srcs], 2) for _, srcs in self.layout]
         return {"fact": fact, "flat": flat}
 

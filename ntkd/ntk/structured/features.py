@@ -130,12 +130,17 @@ def inputs(t: Target, a: jax.Array, dtype):
     return x
 
 
-def weight_grads(t: Target, x, g: jax.Array, rows: int) -> jax.Array:
+def weight_grads(t: Target, x, g: jax.Array, rows: int, wide_ratio: float) -> jax.Array:
     """Per-example weight gradients (b, m, H·C·D) from inputs and g: (b, H, S, m, C).
 
-    Position-major cotangents make this one batched matmul in XLA's natural
-    layout, with no transposed copy (ResNet-20 stage 1 on 2 CPU cores: 0.57 →
-    0.36 ms per example and conv against a cotangent-major einsum).
+    Position-major cotangents make this one batched matmul (over b·H, contracting
+    the S positions) with no transposed copy of its operands (ResNet-20 stage 1 on 2
+    CPU cores: 0.57 → 0.36 ms per example and conv against a cotangent-major einsum).
+    Its output puts the input columns D last, unless the m·C cotangent columns are at
+    least ``wide_ratio`` times as many: then they go last and the product is
+    transposed back, 1/S of the matmul's work (XLA CPU's batched matmuls with a narrow
+    last output dim ran at a fraction of peak: b = 64, S = 196, D = 10, m·C = 160,
+    1.96 → 1.20 ms; ``ContractionOptions.wide_grad_ratio`` has the measurements).
     """
     b, h, s, m, c = g.shape
     if t.kind == "embed":
@@ -144,8 +149,10 @@ def weight_grads(t: Target, x, g: jax.Array, rows: int) -> jax.Array:
         w = jax.vmap(lambda tk, gg: jnp.zeros((rows, m * c), g.dtype).at[tk].add(gg))(tok, gv)
         return jnp.swapaxes(w.reshape(b, rows, m, c), 1, 2).reshape(b, m, -1)
     d = x.shape[-1]
-    w = jnp.einsum(
-        "ipd,ipe->ied", x.reshape(b * h, s, d), g.reshape(b * h, s, m * c), precision=HIGHEST
-    )
+    xs, gs = x.reshape(b * h, s, d), g.reshape(b * h, s, m * c)
+    if m * c >= wide_ratio * d:
+        w = jnp.einsum("ipd,ipe->ide", xs, gs, precision=HIGHEST).reshape(b, h, d, m, c)
+        return jnp.transpose(w, (0, 3, 1, 4, 2)).reshape(b, m, -1)  # (b, m, H, C, D)
+    w = jnp.einsum("ipd,ipe->ied", xs, gs, precision=HIGHEST)
     w = w.reshape(b, h, m, c * d)
     return (w[:, 0] if h == 1 else jnp.swapaxes(w, 1, 2)).reshape(b, m, -1)
