@@ -86,9 +86,10 @@ class ContractionOptions:
             160) 0.99, (16, 577, 640) 0.99. In context, the 2-D CNN `trace` at
             n = 64 (its first convolution, D = 10, m·C = 160) took 0.934 and 0.963
             × the time in two runs (and 0.944× against this option at inf); its
-            `full` kernel 0.999×. Elsewhere the layers it moves (a 1-D CNN's first
-            convolution, ResNet-20's first and 1×1 shortcut convolutions) kept
-            their kernels within noise: 1-D CNN n = 256 `trace` 1.017×, `full`
+            `full` kernel 0.999×; at 2, which also moves its 145 × 320 layer (0.95
+            isolated), the `trace` kernel ran 1.19× and 1.46× slower. Elsewhere the
+            layers it moves (a 1-D CNN's first convolution, ResNet-20's first and
+            1×1 shortcut convolutions) kept their kernels within noise: 1-D CNN n = 256 `trace` 1.017×, `full`
             1.013×; ResNet-20 n = 32 `trace` 1.007×, `full` 0.998× (medians of
             paired ratios).
         separate_grad_size: per-example gradient blocks of at least this many
