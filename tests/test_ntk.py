@@ -401,38 +401,18 @@ def test_diagonal_blocks_with_symmetric_grams_match_oracle(mode):
 def test_structured_vmapped_cotangents_match_oracle(family):
     """k above cotangent_loop_max takes the vmapped-VJP path (max-pooling LeNet, BatchNorm ResNet)."""
     opts = ContractionOptions(cotangent_loop_max=1, gram_chunk_bytes=4096, gram_chunk_min_depth=0)
+    _assert_family_structured_matches_oracle(family, opts)
+
+
+def _assert_family_structured_matches_oracle(family, *contractions):
+    """A tiny model family's structured `full` and `trace` kernels under each
+    ContractionOptions against the float64 oracle (1e-6)."""
     with jax.enable_x64(True):
         model, variables, x1, x2 = _make(family)
         variables, x1, x2 = _f64(variables, x1, x2)
         apply_fn, params = flax_apply_fn(model, variables)
         oracle = ntk_oracle_modes(apply_fn, params, x1, x2)
-        for mode in ("full", "trace"):
-            got = empirical_ntk(
-                apply_fn,
-                params,
-                x1,
-                x2,
-                mode=mode,
-                implementation="structured",
-                contraction=opts,
-            )
-            assert rel(got, oracle[mode]) <= 1e-6, (family, mode)
-
-
-@pytest.mark.parametrize("family", ["cnn1d", "resnet"])
-def test_structured_weight_gradients_in_either_layout_match_oracle(family):
-    """Per-example conv weight gradients with the cotangent columns last
-    (``wide_grad_ratio=0``) or the input columns last (``inf``) give the oracle's kernel
-    in ``full`` (every conv as weight gradients) and ``trace``. (A kernel cannot see the
-    order of the P axis, only which logit each row belongs to; the order is checked by
-    test_weight_grads_in_both_layouts_match_einsum.)"""
-    with jax.enable_x64(True):
-        model, variables, x1, x2 = _make(family)
-        variables, x1, x2 = _f64(variables, x1, x2)
-        apply_fn, params = flax_apply_fn(model, variables)
-        oracle = ntk_oracle_modes(apply_fn, params, x1, x2)
-        for ratio in (0.0, float("inf")):
-            opts = ContractionOptions(wide_grad_ratio=ratio)
+        for opts in contractions:
             for mode in ("full", "trace"):
                 got = empirical_ntk(
                     apply_fn,
@@ -443,7 +423,21 @@ def test_structured_weight_gradients_in_either_layout_match_oracle(family):
                     implementation="structured",
                     contraction=opts,
                 )
-                assert rel(got, oracle[mode]) <= 1e-6, (family, ratio, mode)
+                assert rel(got, oracle[mode]) <= 1e-6, (family, opts, mode)
+
+
+@pytest.mark.parametrize("family", ["cnn1d", "resnet"])
+def test_structured_weight_gradients_in_either_layout_match_oracle(family):
+    """Per-example conv weight gradients with the cotangent columns last
+    (``wide_grad_ratio=0``) or the input columns last (``inf``) give the oracle's kernel
+    in ``full`` (every conv as weight gradients) and ``trace``. (A kernel cannot see the
+    order of the P axis, only which logit each row belongs to; the order is checked by
+    test_weight_grads_in_both_layouts_match_einsum.)"""
+    _assert_family_structured_matches_oracle(
+        family,
+        ContractionOptions(wide_grad_ratio=0.0),
+        ContractionOptions(wide_grad_ratio=float("inf")),
+    )
 
 
 # ---------------------------------------------------------------- per-layer kernels

@@ -89,9 +89,9 @@ class ContractionOptions:
             `full` kernel 0.999×; at 2, which also moves its 145 × 320 layer (0.95
             isolated), the `trace` kernel ran 1.19× and 1.46× slower. Elsewhere the
             layers it moves (a 1-D CNN's first convolution, ResNet-20's first and
-            1×1 shortcut convolutions) kept their kernels within noise: 1-D CNN n = 256 `trace` 1.017×, `full`
-            1.013×; ResNet-20 n = 32 `trace` 1.007×, `full` 0.998× (medians of
-            paired ratios).
+            1×1 shortcut convolutions) kept their kernels within noise: 1-D CNN
+            n = 256 `trace` 1.017×, `full` 1.013×; ResNet-20 n = 32 `trace` 1.007×,
+            `full` 0.998× (medians of paired ratios).
         separate_grad_size: per-example gradient blocks of at least this many
             entries (m × parameters) stay separate feature arrays.
         max_fact_positions: above this many positions a layer is never factorised.
