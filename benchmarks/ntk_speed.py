@@ -57,6 +57,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -114,6 +115,24 @@ def matmul_peak_gflops(size: int = 2048, repeats: int = 5) -> float:
     f(a).block_until_ready()
     best = min(_timed(lambda: f(a).block_until_ready()) for _ in range(repeats))
     return 2 * size**3 / best / 1e9
+
+
+def cpu_model() -> str:
+    """The host CPU's model name, logical cores and vector extensions (the same code's
+    ratios moved by up to 1.7x between two 2-core machines: benchmarks/README.md)."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    name = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+    except OSError:
+        pass
+    simd = [f for f in ("avx2", "fma", "avx512f") if f in flags]
+    return f"{name}, {os.cpu_count()} cores" + (f", {'/'.join(simd)}" if simd else "")
 
 
 def _timed(fn) -> float:
@@ -532,8 +551,9 @@ def main() -> None:
     python = ensure_venv() if args.reference else None
 
     peak = matmul_peak_gflops()
+    cpu = cpu_model()
     print(
-        f"device: {jax.devices()[0].device_kind} x{len(jax.devices())}; "
+        f"device: {jax.devices()[0].device_kind} x{len(jax.devices())} ({cpu}); "
         f"float32 matmul peak {peak:.1f} GFLOP/s; jax {jax.__version__}; "
         f"ntkd host-malloc tuning {'on' if _hostmem.TUNED else 'off'}, "
         f"neural-tangents' {'same' if args.nt_tuned_malloc else 'glibc defaults'}",
@@ -617,6 +637,7 @@ def main() -> None:
         json.dump(
             {
                 "peak_gflops": peak,
+                "cpu": cpu,
                 "rows": rows,
                 "generic": generic,
                 "auto": autos,
