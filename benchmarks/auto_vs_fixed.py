@@ -26,23 +26,16 @@ import time
 import jax
 import jax.numpy as jnp
 import plain_models  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from ntk_speed import WORKLOADS  # importing it applies ntkd's host-malloc tuning, as it runs
 
-from ntkd import _hostmem
 from ntkd.models import get_model, init_variables
 from ntkd.ntk import chosen_implementation, empirical_ntk_fn, flax_apply_fn
-
-WORKLOADS = {  # the full-size workloads of ntk_speed.py
-    "mlp": ("mlp", {"widths": [256, 256]}, (40, 1)),
-    "cnn1d": ("cnn1d", {}, (40, 1)),
-    "lenet5": ("lenet5", {}, (32, 32, 3)),
-    "resnet20": ("resnet20", {}, (32, 32, 3)),
-}
 
 
 def model_of(workload: str):
     """(fn, params, per-example input shape)."""
     if workload in WORKLOADS:
-        name, kwargs, shape = WORKLOADS[workload]
+        name, kwargs, shape, _ = WORKLOADS[workload]
         model = get_model(name, 10, **kwargs)
         fn, params = flax_apply_fn(model, init_variables(model, jax.random.PRNGKey(0), shape))
         return fn, params, shape
@@ -57,7 +50,6 @@ def main() -> None:
     p.add_argument("mode", choices=("full", "trace", "logit", "sum"))
     p.add_argument("repeats", type=int, help="timed calls of each, alternating")
     args = p.parse_args()
-    _hostmem.tune()  # as ntk_speed.py and the ntkd command line
     fn, params, shape = model_of(args.workload)
     x = jax.random.normal(jax.random.PRNGKey(1), (args.n,) + shape, jnp.float32)
     auto = empirical_ntk_fn(fn, mode=args.mode)
