@@ -1,0 +1,15 @@
+#!/bin/bash
+# The fifth session's chain of runs (each writes NAME.json and NAME.log here).
+cd "$(dirname "$0")/../../.." || exit 1
+D=benchmarks/ntk_speed_runs/2026-12-02-s5
+export PYTHONPATH=$PWD
+G="python benchmarks/ntk_speed.py --generic --reference --workloads '' --modes full,trace --generic-sizes full --generic-impls auto,structured --repeats 5"
+B="python benchmarks/ntk_speed.py --impls auto,structured,model.apply --reference --repeats 3 --full-order interleaved"
+run() { name=$1; shift; echo "== $name: $*" ; eval "$@ --json $D/$name.json" > $D/$name.log 2>&1; echo "rc=$? $(date +%T)"; }
+run gfull_cnn "$G --generic-workloads cnn2d --nt-impls nt-structured,nt-jacobian"
+run f_r20 "$B --workloads resnet20 --nt-impls nt-structured,nt-jacobian"
+run f_l5 "$B --workloads lenet5 --nt-impls nt-structured,nt-jacobian"
+run f_c1t "$B --workloads cnn1d --modes trace --nt-impls nt-structured,nt-jacobian"
+run f_c1f "$B --workloads cnn1d --modes full --nt-impls nt-jacobian"
+run f_mlp "$B --workloads mlp --nt-impls nt-structured"
+run gfull_mlp "$G --generic-workloads mlp784 --nt-impls nt-structured"
