@@ -27,7 +27,8 @@ from ntkd.ntk import empirical_ntk  # noqa: E402
 from ntkd.ntk import engine as _engine  # noqa: E402
 
 
-def _flops(compiled) -> float:
+def compiled_flops(compiled) -> float:
+    """XLA's flop count of a compiled executable (``cost_analysis``; a loop body counts once)."""
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost.get("flops", 0.0))
@@ -42,8 +43,8 @@ def structured_flops(f, params, x, mode: str) -> tuple[float, float]:
     xb = jax.device_put(x, c.rows)
     feats = c.row(p, None, xb)
     return (
-        _flops(c.row.lower(p, None, xb).compile()),
-        _flops(c.pair.lower(p, None, feats, feats).compile()),
+        compiled_flops(c.row.lower(p, None, xb).compile()),
+        compiled_flops(c.pair.lower(p, None, feats, feats).compile()),
     )
 
 

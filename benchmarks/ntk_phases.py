@@ -39,6 +39,7 @@ import time
 import jax
 import numpy as np
 from auto_vs_fixed import model_of  # importing it applies ntkd's host-malloc tuning, as it runs
+from ntk_flops import compiled_flops
 from ntk_speed import WORKLOADS, matmul_peak_gflops
 from plain_models import PLAIN
 
@@ -46,12 +47,6 @@ from ntkd.ntk import ContractionOptions, blocking, empirical_ntk_fn
 from ntkd.ntk import engine as _engine
 
 PIECES = ("row", "col", "pair", "pair_sym", "whole_sym")
-
-
-def _flops(jitted, args) -> float:
-    cost = jitted.lower(*args).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost.get("flops", 0.0))
 
 
 class _Known(dict):
@@ -65,6 +60,22 @@ class _NoFused(dict):
 
     def setdefault(self, key, default=None):
         return _Known()
+
+
+def _unfused() -> None:
+    """Routes every engine's warm one-block calls through ``blocking.run`` (and stops them
+    registering a fused executable)."""
+    for engine in _engine._ENGINES.values():
+        engine._fused = _NoFused()
+
+
+def _timed_calls(ntk, x, params, repeats: int) -> list:
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(ntk(x, None, params))
+        out.append(time.perf_counter() - t)
+    return out
 
 
 class Timed:
@@ -100,7 +111,7 @@ class Timed:
                 return fn(*args)
             if self.count:
                 if name not in self.flops:  # equal blocks: one count per piece
-                    self.flops[name] = _flops(fn, args)
+                    self.flops[name] = compiled_flops(fn.lower(*args).compile())
                 return fn(*args)
             jax.block_until_ready(args)
             t = time.perf_counter()
@@ -129,8 +140,7 @@ def count_flops(fn, mode: str, implementation: str, block: int, x, params) -> di
     )
     with Timed(count=True) as counter:
         counter.on = True
-        for engine in _engine._ENGINES.values():
-            engine._fused = _NoFused()
+        _unfused()
         jax.block_until_ready(twin(x, None, params))
     return counter.flops
 
@@ -173,22 +183,12 @@ def main() -> None:
     with Timed() as timed:
         for _ in range(2):
             jax.block_until_ready(ntk(x, None, params))
-        untimed = []
-        for _ in range(args.repeats):
-            t = time.perf_counter()
-            jax.block_until_ready(ntk(x, None, params))
-            untimed.append(time.perf_counter() - t)
+        untimed = _timed_calls(ntk, x, params, args.repeats)
         timed.on = True
-
-        for engine in _engine._ENGINES.values():  # one-block calls go through blocking.run
-            engine._fused = _NoFused()
+        _unfused()
         jax.block_until_ready(ntk(x, None, params))  # the unfused path's first call
         timed.times.clear()
-        awaited = []
-        for _ in range(args.repeats):
-            t = time.perf_counter()
-            jax.block_until_ready(ntk(x, None, params))
-            awaited.append(time.perf_counter() - t)
+        awaited = _timed_calls(ntk, x, params, args.repeats)
     block = max(timed.rows.values())
     flops = count_flops(fn, args.mode, args.implementation, block, x, params)
     r = args.repeats
