@@ -39,11 +39,11 @@ import time
 import jax
 import numpy as np
 from auto_vs_fixed import model_of  # importing it applies ntkd's host-malloc tuning, as it runs
-from ntk_flops import compiled_flops
+from ntk_flops import UNCHUNKED, compiled_flops
 from ntk_speed import WORKLOADS, matmul_peak_gflops
 from plain_models import PLAIN
 
-from ntkd.ntk import ContractionOptions, blocking, empirical_ntk_fn
+from ntkd.ntk import blocking, empirical_ntk_fn
 from ntkd.ntk import engine as _engine
 
 PIECES = ("row", "col", "pair", "pair_sym", "whole_sym")
@@ -128,15 +128,15 @@ def count_flops(fn, mode: str, implementation: str, block: int, x, params) -> di
 
     XLA's ``cost_analysis`` counts a while loop's body once, not once per trip, so the
     executables that contract deep Grams in a loop over K chunks would read low. The twin
-    differs only in ``gram_chunk_min_depth`` (no chunking: the same products in one
-    matmul) and takes the timed run's block size, so it does the same arithmetic.
+    differs only in its contraction options (``ntk_flops.UNCHUNKED``: the same products,
+    each one matmul) and takes the timed run's block size, so it does the same arithmetic.
     """
     twin = empirical_ntk_fn(
         fn,
         mode=mode,
         implementation=implementation,
         block_size=block,
-        contraction=ContractionOptions(gram_chunk_min_depth=2**62),
+        contraction=UNCHUNKED,
     )
     with Timed(count=True) as counter:
         counter.on = True
