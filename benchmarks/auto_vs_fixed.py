@@ -43,15 +43,27 @@ def model_of(workload: str):
     return fn, init(jax.random.PRNGKey(0)), plain_models.SHAPES[workload]
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def workload_parser(doc: str) -> argparse.ArgumentParser:
+    """A parser with the arguments every one-cell script takes: workload, n, mode."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("workload", choices=sorted(WORKLOADS) + sorted(plain_models.PLAIN))
     p.add_argument("n", type=int)
     p.add_argument("mode", choices=("full", "trace", "logit", "sum"))
+    return p
+
+
+def workload_inputs(args) -> tuple:
+    """(fn, params, x) of a parsed cell: n standard-normal float32 inputs, seed 1."""
+    fn, params, shape = model_of(args.workload)
+    x = jax.random.normal(jax.random.PRNGKey(1), (args.n,) + tuple(shape), jnp.float32)
+    return fn, params, x
+
+
+def main() -> None:
+    p = workload_parser(__doc__)
     p.add_argument("repeats", type=int, help="timed calls of each, alternating")
     args = p.parse_args()
-    fn, params, shape = model_of(args.workload)
-    x = jax.random.normal(jax.random.PRNGKey(1), (args.n,) + shape, jnp.float32)
+    fn, params, x = workload_inputs(args)
     auto = empirical_ntk_fn(fn, mode=args.mode)
     auto(x, None, params)  # measures the candidates, then caches the pick
     picked = chosen_implementation(fn, params, x, mode=args.mode)

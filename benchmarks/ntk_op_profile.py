@@ -17,7 +17,6 @@ they need not add up to the call's time.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import glob
 import gzip
@@ -27,9 +26,10 @@ import tempfile
 import time
 
 import jax
-from auto_vs_fixed import model_of  # importing it applies ntkd's host-malloc tuning, as it runs
-from ntk_speed import WORKLOADS
-from plain_models import PLAIN
+from auto_vs_fixed import (  # importing it applies ntkd's host-malloc tuning, as it runs
+    workload_inputs,
+    workload_parser,
+)
 
 from ntkd.ntk import empirical_ntk_fn
 
@@ -57,17 +57,13 @@ def op_times(ntk, x, params, calls: int) -> tuple[dict, dict, float]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("workload", choices=sorted(WORKLOADS) + sorted(PLAIN))
-    p.add_argument("n", type=int)
-    p.add_argument("mode", choices=("full", "trace", "logit", "sum"))
+    p = workload_parser(__doc__)
     p.add_argument("--implementation", default="structured")
     p.add_argument("--calls", type=int, default=10, help="profiled calls, after 3 warm ones")
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--json", default=None, help="write every op's time to this JSON file")
     args = p.parse_args()
-    fn, params, shape = model_of(args.workload)
-    x = jax.random.normal(jax.random.PRNGKey(1), (args.n,) + tuple(shape))
+    fn, params, x = workload_inputs(args)
     ntk = empirical_ntk_fn(fn, mode=args.mode, implementation=args.implementation)
     for _ in range(3):
         jax.block_until_ready(ntk(x, None, params))

@@ -30,7 +30,6 @@ numbers to a JSON list.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import os
@@ -38,10 +37,12 @@ import time
 
 import jax
 import numpy as np
-from auto_vs_fixed import model_of  # importing it applies ntkd's host-malloc tuning, as it runs
+from auto_vs_fixed import (  # importing it applies ntkd's host-malloc tuning, as it runs
+    workload_inputs,
+    workload_parser,
+)
 from ntk_flops import UNCHUNKED, compiled_flops
-from ntk_speed import WORKLOADS, matmul_peak_gflops
-from plain_models import PLAIN
+from ntk_speed import matmul_peak_gflops
 
 from ntkd.ntk import blocking, empirical_ntk_fn
 from ntkd.ntk import engine as _engine
@@ -161,10 +162,7 @@ def nt_best(path: str, workload: str, n: int, mode: str) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("workload", choices=sorted(WORKLOADS) + sorted(PLAIN))
-    p.add_argument("n", type=int)
-    p.add_argument("mode", choices=("full", "trace", "logit", "sum"))
+    p = workload_parser(__doc__)
     p.add_argument("--implementation", default="structured")
     p.add_argument("--block-size", type=int, default=None)
     p.add_argument("--repeats", type=int, default=3)
@@ -174,8 +172,7 @@ def main() -> None:
     args = p.parse_args()
     if args.reference_json:
         args.reference = nt_best(args.reference_json, args.workload, args.n, args.mode)
-    fn, params, shape = model_of(args.workload)
-    x = jax.random.normal(jax.random.PRNGKey(1), (args.n,) + tuple(shape))
+    fn, params, x = workload_inputs(args)
     ntk = empirical_ntk_fn(
         fn, mode=args.mode, implementation=args.implementation, block_size=args.block_size
     )
