@@ -1,18 +1,24 @@
-"""Per-cell ranges of this folder's runs: NT best, ntkd's range, the ratio range.
+"""Per-cell ranges of one folder of `ntk_speed.py` runs (as `issue16_cells.sh` writes).
 
-python benchmarks/ntk_speed_runs/2026-12-03-s8/summarize.py > .../summary.txt
+For each run's JSON and each cell: neural-tangents' best (which implementation,
+seconds), ntkd's range over its entry points (without the `jacobian` and `ntvp`
+baselines), the speed-up range with the slowest and fastest entry named, and
+each `auto` row (flagged where the benchmark's auto / best reading exceeds 1.10).
+
+    python benchmarks/issue16_summary.py benchmarks/ntk_speed_runs/2026-12-03-s8
 """
 
 import glob
 import json
 import os
+import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-for path in sorted(glob.glob(os.path.join(HERE, "*.json"))):
+FOLDER = sys.argv[1] if len(sys.argv) > 1 else "."
+for path in sorted(glob.glob(os.path.join(FOLDER, "*.json"))):
     name = os.path.basename(path)[:-5]
-    if name == "phases":
-        continue
     d = json.load(open(path))
+    if not isinstance(d, dict) or "peak_gflops" not in d:  # not an ntk_speed.py run
+        continue
     print(f"== {name}: peak {d['peak_gflops']:.1f} GFLOP/s ({d['cpu']})")
     cells = {}
     for r in d["generic"]:
