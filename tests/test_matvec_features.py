@@ -83,7 +83,27 @@ def _embed():
     return f, p, tok
 
 
-MODELS = {"mlp": _mlp, "cnn": _cnn, "embed": _embed}
+def _pooled():
+    """A pooled head: the second convolution's terms are per-channel (``separable_pool``)."""
+    k = jax.random.split(jax.random.key(2), 3)
+    p = {
+        "c1": {"w": jax.random.normal(k[0], (3, 4, 6)) / 3, "b": jnp.full(6, 0.1)},
+        "c2": {"w": jax.random.normal(k[1], (3, 6, 5)) / 4},
+        "head": {"w": jax.random.normal(k[2], (5, 3)) / 2, "b": jnp.zeros(3)},
+    }
+
+    def f(p, x):  # x: (n, 8, 4)
+        dn = ("NWC", "WIO", "NWC")
+        h = jax.lax.conv_general_dilated(x, p["c1"]["w"], (1,), "SAME", dimension_numbers=dn)
+        h = jnp.tanh(h + p["c1"]["b"])
+        h = jax.lax.conv_general_dilated(h, p["c2"]["w"], (2,), "SAME", dimension_numbers=dn)
+        return jnp.mean(jax.nn.relu(h), axis=1) @ p["head"]["w"] + p["head"]["b"]
+
+    p = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), p)
+    return f, p, np.random.default_rng(0).standard_normal((N, 8, 4))
+
+
+MODELS = {"mlp": _mlp, "cnn": _cnn, "embed": _embed, "pooled": _pooled}
 
 
 def _dense(f, params, x, mode):
@@ -115,6 +135,8 @@ def test_feature_products_match_dense_kernel(name, mode):
         # the models exercise what they are meant to (the cost model's choices)
         if name == "cnn" and mode != "full":
             assert ("conv", 1, mv.k if mode == "trace" else 1, 2) in fact
+        if name == "pooled":
+            assert mv._feats[0]["pooled"], "the pooled head's convolution is separable"
         if name == "embed":
             assert flat, "the left-over scale has flat gradients"
             assert any(t[0] == "embed" and t[3] == 1 for t in fact)

@@ -767,6 +767,18 @@ def test_four_fake_devices_match_one_device():
                             out[mode + impl + g] = np.asarray(kk)
                     out[mode + impl + "plain"] = np.asarray(empirical_ntk_fn(
                             plain, mode=mode, implementation=impl, block_size=4)(x, x[:7], pp))
+            class Pooled(nn.Module):  # a pooled head: its last conv takes separable_pool
+                @nn.compact
+                def __call__(self, x):
+                    x = nn.Conv(5, (3,))(nn.relu(nn.Conv(3, (3,))(x)))
+                    return nn.Dense(3)(jnp.mean(nn.relu(x), axis=1))
+            pm = Pooled(); pv = pm.init(jax.random.PRNGKey(2), x)
+            for mode in ("full", "trace"):
+                for by_layer in (False, True):
+                    k = empirical_ntk_fn(pm, mode=mode, implementation="structured",
+                                         block_size=4, by_layer=by_layer)(x, x[:7], pv)
+                    for g, kk in (k.items() if by_layer else [("", k)]):
+                        out[mode + "pooled" + g] = np.asarray(kk)
             np.savez(OUT, **out)
     """)
     env = dict(os.environ)

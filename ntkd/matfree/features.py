@@ -29,6 +29,16 @@ def _e(spec, *ops):
     return jnp.einsum(spec, *ops, precision=HIGHEST)
 
 
+def _flat(feats) -> list:
+    """The flat terms, with each pooled-head term (H (b, C, D), V (b, C, m)) as its
+    per-example weight gradients f[i, a] = H_i ⊙ V[:, a] (b, m, C·D) (``separable_pool``)."""
+    pooled = [
+        (h[:, None] * v[0].T[None, :, :, None]).reshape(h.shape[0], v.shape[2], -1)
+        for h, v in feats.get("pooled", [])
+    ]
+    return list(feats["flat"]) + pooled
+
+
 def pass1(kinds, rows, full: bool, feats, V):
     """Per-term M from one block's features and its V rows.
 
@@ -36,7 +46,8 @@ def pass1(kinds, rows, full: bool, feats, V):
       kinds: per factorised term, ``"dense"``, ``"conv"`` or ``"embed"``.
       rows: per factorised term, its table rows (lookups) or None.
       full: ``full`` mode: V is (b, k, c) and M sums over the logits too.
-      feats: ``{"fact": [(x, g), ...], "flat": [f, ...]}`` of the block.
+      feats: ``{"fact": [(x, g), ...], "flat": [f, ...], "pooled": [(H, V), ...]}`` of
+        the block (pooled terms count as flat ones).
       V: (b, c) (scalar modes) or (b, k, c) (``full``), zero on padding.
 
     Returns:
@@ -64,7 +75,7 @@ def pass1(kinds, rows, full: bool, feats, V):
             gv = g[:, :, None] * V_[:, None, :, None, None, None]  # (b, H, c, m, S, C)
             out_fact.append(_e("ihpd,ihnapc->nahdc", x.astype(g.dtype), gv))
     out_flat = []
-    for f in feats["flat"]:
+    for f in _flat(feats):
         V_ = V.astype(f.dtype)
         out_flat.append(_e("iap,ian->np", f, V_) if full else _e("iap,in->nap", f, V_))
     return {"fact": out_fact, "flat": out_flat}
@@ -97,7 +108,7 @@ def pass2(kinds, full: bool, feats, M):
                 xm = _e("ihpd,nahdc->ihnapc", x.astype(g.dtype), Mt)
                 o = _e("ihnapc,ihapc->in", xm, g)
         total = o if total is None else total + o
-    for f, Mf in zip(feats["flat"], M["flat"]):
+    for f, Mf in zip(_flat(feats), M["flat"]):
         o = _e("iap,np->ian", f, Mf) if full else _e("iap,nap->in", f, Mf)
         total = o if total is None else total + o
     return total
@@ -120,7 +131,7 @@ def diagonal(kinds, full: bool, feats):
             o = _e("ihpq,ihapq->ia", px, pg)
         o = o if full else o.sum(1)
         total = o if total is None else total + o
-    for f in feats["flat"]:
+    for f in _flat(feats):
         o = _e("iap,iap->ia", f, f)
         o = o if full else o.sum(1)
         total = o if total is None else total + o
@@ -138,4 +149,6 @@ def column_bytes(feats) -> int:
         best = max(best, size * jnp.dtype(g.dtype).itemsize)
     for f in feats["flat"]:
         best = max(best, f.size // f.shape[0] * jnp.dtype(f.dtype).itemsize)
+    for h, v in feats.get("pooled", []):  # expanded to (b, m, C·D) flat terms
+        best = max(best, h.size // h.shape[0] * v.shape[2] * jnp.dtype(h.dtype).itemsize)
     return int(best)

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ntkd.ntk._util import flatten
 from ntkd.ntk.algorithm import Problem
+from ntkd.ntk.modes import HIGHEST
 from ntkd.ntk.structured import collapse
 from ntkd.ntk.structured import features as ft
 from ntkd.ntk.structured.contraction import factor_block, wants_factor
@@ -58,14 +60,28 @@ class Structured:
         if problem.mode.name == "trace" and opts.collapse_trace:
             single = {t.index for t in self.fact if ft.sizes(t)[:2] == (1, 1)}
             self.collapse = collapse.collapsible(plan, single)
-        self.pinned = sorted({v[0] for v in self.collapse.values() if v is not None})
+        # {conv target: (head, channel of each head input)} whose cotangents are D_i ⊙ V
+        # (a linear head after pooling): one weight gradient per example, not m.
+        self.separable = {}
+        if opts.separable_pool:
+            convs = {t.index for t in self.grad if t.kind == "conv"}
+            self.separable = collapse.separable(plan, convs)
+        self.pinned = sorted(
+            {v[0] for v in self.collapse.values() if v is not None}
+            | {v[0] for v in self.separable.values()}
+        )
         # Positions > 1 in a factorised term build block² × S² temporaries: the driver then
         # prefers more, smaller blocks.
         self.spatial = any(ft.sizes(t)[:2] != (1, 1) for t in self.fact)
         self.convnet = any(t.kind == "conv" for t in plan.targets)
         # Flat features (b, m, P) per group: long ones alone (concatenating copied every block's
         # features once more: ResNet-20, n = 256, `trace` 12.6 → 9.9 s), short ones joined.
-        sources = [(problem.groups[t.leaf], ("target", t), m * _grad_size(t)) for t in self.grad]
+        self.pooled = [t for t in self.grad if t.index in self.separable]
+        sources = [
+            (problem.groups[t.leaf], ("target", t), m * _grad_size(t))
+            for t in self.grad
+            if t.index not in self.separable
+        ]
         sources += [(problem.groups[i], ("leaf", i), m * leaf_sizes[i]) for i in plan.leftover]
         layout: dict = {}
         for group, src, size in sources:
@@ -83,7 +99,7 @@ class Structured:
         return cls(problem, plan, sizes)
 
     def row(self, params, state, x):
-        left_g, g_of, rec = self._vjps(params, state, x)
+        left_g, g_of, pin_of, rec = self._vjps(params, state, x)
         b, m, left, dtype = x.shape[0], self.p.m, self.plan.leftover, self.p.dtype
 
         def collapsed(t):  # (b, H, m, S, C) cotangents, or (b, 1, 1, 1, C) where they collapse
@@ -105,7 +121,23 @@ class Structured:
                 t, x_t, g_of(t, 3), ft.sizes(t)[2], self.p.options.wide_grad_ratio
             )
         flat = [flatten([flat_of[s] for s in srcs], 2) for _, srcs in self.layout]
-        return {"fact": fact, "flat": flat}
+        pooled = [self._pooled(t, g_of(t, 3), pin_of, rec) for t in self.pooled]
+        return {"fact": fact, "flat": flat, "pooled": pooled}
+
+    def _pooled(self, t, g, pin_of, rec):
+        """(H_i (b, C, D), V (b, C, m)) of a separable target: g_iμ[s, c] = D_i[s, c] · V[c, μ],
+        H_i = Σ_s patch_s ⊗ D_i[s] its weight gradient under D_i alone. V is the same for
+        every example; it is kept per example so that features shard over examples."""
+        head, chan = self.separable[t.index]
+        b, h, s, m, c = g.shape
+        u = pin_of(head)  # (b, m, *head input): the same for every example
+        v = u[0].reshape(m, -1)[:, np.argsort(chan)].T  # (C, m), channel c's head input
+        vv = jnp.sum(v * v, axis=1)
+        d = jnp.einsum("ihsmc,cm->ihsc", g, v, precision=HIGHEST)
+        d = jnp.where(vv > 0, d / jnp.where(vv > 0, vv, 1), 0)[:, :, :, None, :]
+        x_t = ft.inputs(t, rec[t.index], self.p.dtype)
+        w = ft.weight_grads(t, x_t, d, ft.sizes(t)[2], self.p.options.wide_grad_ratio)
+        return w.reshape(b, c, -1), jnp.broadcast_to(v, (b,) + v.shape)
 
     def _vjps(self, params, state, x):
         """One backward pass per cotangent: the leftover leaves' gradients (b, m, ...), a
@@ -156,7 +188,10 @@ class Structured:
                 ]
                 return jnp.stack([ft.cotangents(t, g, 1) for g in raw], axis)
 
-            return left_g, g_of, rec
+            def pin_of(h):  # a pinned head's input cotangents (b, m, *input shape)
+                return jnp.stack([q[2][h] for q in per], 1)
+
+            return left_g, g_of, pin_of, rec
 
         # Dense networks: a VJP per example under vmap, its m cotangents vmapped (one matmul
         # of m·b rows beats m of b rows). The cotangents are not batched over examples, so
@@ -177,7 +212,10 @@ class Structured:
             g = pg[t.index] if head is None else _laid_out(t, qg[head[0]], head[1], 2)
             return jnp.moveaxis(ft.cotangents(t, g, 2), 1, axis)
 
-        return left_g, g_of, rec
+        def pin_of(h):
+            return qg[h]
+
+        return left_g, g_of, pin_of, rec
 
     col = row
 
@@ -189,8 +227,23 @@ class Structured:
             )
         for (group, _), f1, f2 in zip(self.layout, r["flat"], c["flat"]):
             terms.add(group, mode.contract(f1, f2, self.p.gram))
+        for t, (h1, v), (h2, _) in zip(self.pooled, r["pooled"], c["pooled"]):
+            terms.add(self.p.groups[t.leaf], _pooled_block(mode, h1, h2, v[0]))
         b1, b2 = _rows(r), _rows(c)
         return terms.result(mode.block_shape(b1, b2, self.p.k), _dtype(r))
+
+
+def _pooled_block(mode, h1, h2, v):
+    """Σ_c V[c, a] V[c, b] ⟨H1_i[c], H2_j[c]⟩; ``full`` in the (i, a, j, b) layout, scalar
+    modes Σ_a (a with a)."""
+    s = jnp.einsum("icd,jcd->cij", h1, h2, precision=HIGHEST)  # per-channel Grams
+    c, b1, b2 = s.shape
+    m = v.shape[1]
+    if not mode.full:
+        return jnp.einsum("cij,c->ij", s, jnp.sum(v * v, axis=1), precision=HIGHEST)
+    vv = (v[:, :, None] * v[:, None, :]).reshape(c, m * m)
+    out = jnp.dot(s.reshape(c, b1 * b2).T, vv, precision=HIGHEST)
+    return jnp.transpose(out.reshape(b1, b2, m, m), (0, 2, 1, 3))
 
 
 def _zeros(aval, lead=()):

@@ -205,6 +205,61 @@ class _Graph:
             return None
         return head
 
+    def head_after_pool(self, start, channel_axis: int):
+        """``(head, channel map)`` when ``start`` reaches one dense target's activation
+        through elementwise ops, views and sums over its positions only, else None.
+
+        The channel map has the activation's shape and holds, per element, the channel
+        (index along ``channel_axis`` of ``start``) of every element of ``start`` it
+        sums; an element mixing two channels ends the search.
+        """
+        shape = tuple(start.aval.shape)
+        channels = np.broadcast_to(
+            np.arange(shape[channel_axis]).reshape(
+                [-1 if a == channel_axis else 1 for a in range(len(shape))]
+            ),
+            shape,
+        )
+        maps = {start: channels}
+        head = None
+        for eqn in self.jaxpr.eqns:
+            ins = [maps.get(v) if _is_var(v) else None for v in eqn.invars]
+            if all(m is None for m in ins):
+                continue
+            t = self.targets.get(id(eqn))
+            if t is not None and t.kind == "dense":
+                if head is not None or any(
+                    m is not None for i, m in enumerate(ins) if i != t.activation
+                ):
+                    return None
+                head = (t, ins[t.activation])
+                continue
+            name = eqn.primitive.name
+            if name == "reduce_sum" and len(eqn.invars) == 1:
+                m, axes = ins[0], tuple(eqn.params["axes"])
+                if not np.all(m == np.min(m, axis=axes, keepdims=True)):
+                    return None  # sums across channels
+                out = np.min(m, axis=axes)
+            elif name in VIEWS and len(eqn.invars) == 1:
+                m = ins[0]
+                out = (
+                    np.transpose(m, eqn.params["permutation"])
+                    if name == "transpose"
+                    else m.reshape(eqn.outvars[0].aval.shape)
+                )
+            else:
+                if not _diagonal_eqn(eqn, [m is not None for m in ins]):
+                    return None
+                known = [m for m in ins if m is not None]
+                if any(not np.array_equal(m, known[0]) for m in known[1:]):
+                    return None
+                out = known[0]
+            for o in eqn.outvars:
+                maps[o] = out
+        if head is None or any(v in maps for v in self.outputs):
+            return None
+        return head
+
 
 def collapsible(plan: Plan, candidates) -> dict:
     """``{target index: None (a head) or (head index, order)}`` for the collapsible targets.
@@ -234,4 +289,36 @@ def collapsible(plan: Plan, candidates) -> dict:
                 continue  # not a rearrangement of the layer's output
             identity = np.array_equal(flat, np.arange(flat.size))
             out[t.index] = (head.index, None if identity else np.argsort(flat))
+    return out
+
+
+def separable(plan: Plan, candidates) -> dict:
+    """``{target index: (head index, channel of each head input)}`` for the convolutions
+    whose output cotangents are a per-example array times the head's input cotangent.
+
+    Such a layer reaches a linear head through elementwise ops and sums over its
+    positions only (global average pooling; BatchNorm with fixed statistics, a
+    residual add and a ReLU on the way are elementwise). Its cotangent for output
+    cotangent μ is then g_iμ[s, c] = D_i[s, c] · V[c, μ], with V[c, μ] the head's input
+    cotangent at the input that sums channel c, the same for every example. Each head
+    input must sum exactly one channel, each channel reach exactly one head input.
+
+    Args:
+        candidates: indices of convolution targets (given weight gradients).
+    """
+    graph = _Graph(plan)
+    out = {}
+    for t in plan.targets:
+        if t.index not in candidates or t.kind != "conv" or id(t.eqn) not in graph.targets:
+            continue
+        z = t.eqn.outvars[0]
+        axis = t.eqn.params["dimension_numbers"][2][1]
+        found = graph.head_after_pool(z, axis)
+        if found is None or not graph.linear_to_output(found[0].eqn.outvars[0]):
+            continue
+        head, chan = found
+        flat = chan.reshape(-1)
+        if not np.array_equal(np.sort(flat), np.arange(z.aval.shape[axis])):
+            continue
+        out[t.index] = (head.index, flat)
     return out
