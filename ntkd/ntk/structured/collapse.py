@@ -1,4 +1,9 @@
-"""Trace-mode collapse of output cotangents for layers that feed a linear head.
+"""Collapse of output cotangents for layers that feed a linear head.
+
+:func:`collapsible` (``trace`` mode, single-position layers) is described first;
+:func:`separable` (every mode) finds convolutions whose output reaches a head
+through elementwise ops and sums over its positions (global average pooling), whose
+cotangents are then D_i[s, c] · V[c, a] (``ContractionOptions.separable_pool``).
 
 In ``trace`` mode a single-position layer contributes
 ``(x_i·x_j) Σ_a (g_ia·g_ja)`` to the kernel, with one output cotangent g_ia
