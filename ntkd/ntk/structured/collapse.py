@@ -175,7 +175,27 @@ class _Graph:
         transposes move elements; elementwise ops keep them).
         """
         shape = tuple(start.aval.shape)
-        maps = {start: np.arange(int(np.prod(shape))).reshape(shape)}
+        return self._head_through(start, np.arange(int(np.prod(shape))).reshape(shape), False)
+
+    def head_after_pool(self, start, channel_axis: int):
+        """``(head, channel map)`` when ``start`` reaches one dense target's activation
+        through elementwise ops, views and sums over its positions only, else None.
+
+        The channel map has the activation's shape and holds, per element, the channel
+        (index along ``channel_axis`` of ``start``) of every element of ``start`` it
+        sums; an element mixing two channels ends the search.
+        """
+        shape = tuple(start.aval.shape)
+        channels = np.arange(shape[channel_axis]).reshape(
+            [-1 if a == channel_axis else 1 for a in range(len(shape))]
+        )
+        return self._head_through(start, np.broadcast_to(channels, shape), True)
+
+    def _head_through(self, start, labels: np.ndarray, sums: bool):
+        """``(head, labels at its activation)`` following ``labels`` (``start``'s shape)
+        through elementwise ops and views — and, with ``sums``, sums whose summed
+        elements share one label — to one dense target's activation, else None."""
+        maps = {start: labels}
         head = None
         for eqn in self.jaxpr.eqns:
             ins = [maps.get(v) if _is_var(v) else None for v in eqn.invars]
@@ -190,60 +210,10 @@ class _Graph:
                 head = (t, ins[t.activation])
                 continue
             name = eqn.primitive.name
-            if name in VIEWS and len(eqn.invars) == 1:
-                m = ins[0]
-                out = (
-                    np.transpose(m, eqn.params["permutation"])
-                    if name == "transpose"
-                    else m.reshape(eqn.outvars[0].aval.shape)
-                )
-            else:
-                if not _diagonal_eqn(eqn, [m is not None for m in ins]):
-                    return None
-                known = [m for m in ins if m is not None]
-                if any(not np.array_equal(m, known[0]) for m in known[1:]):
-                    return None  # elementwise across differently arranged copies
-                out = known[0]
-            for o in eqn.outvars:
-                maps[o] = out
-        if head is None or any(v in maps for v in self.outputs):
-            return None
-        return head
-
-    def head_after_pool(self, start, channel_axis: int):
-        """``(head, channel map)`` when ``start`` reaches one dense target's activation
-        through elementwise ops, views and sums over its positions only, else None.
-
-        The channel map has the activation's shape and holds, per element, the channel
-        (index along ``channel_axis`` of ``start``) of every element of ``start`` it
-        sums; an element mixing two channels ends the search.
-        """
-        shape = tuple(start.aval.shape)
-        channels = np.broadcast_to(
-            np.arange(shape[channel_axis]).reshape(
-                [-1 if a == channel_axis else 1 for a in range(len(shape))]
-            ),
-            shape,
-        )
-        maps = {start: channels}
-        head = None
-        for eqn in self.jaxpr.eqns:
-            ins = [maps.get(v) if _is_var(v) else None for v in eqn.invars]
-            if all(m is None for m in ins):
-                continue
-            t = self.targets.get(id(eqn))
-            if t is not None and t.kind == "dense":
-                if head is not None or any(
-                    m is not None for i, m in enumerate(ins) if i != t.activation
-                ):
-                    return None
-                head = (t, ins[t.activation])
-                continue
-            name = eqn.primitive.name
-            if name == "reduce_sum" and len(eqn.invars) == 1:
+            if sums and name == "reduce_sum" and len(eqn.invars) == 1:
                 m, axes = ins[0], tuple(eqn.params["axes"])
                 if not np.all(m == np.min(m, axis=axes, keepdims=True)):
-                    return None  # sums across channels
+                    return None  # sums across labels (channels)
                 out = np.min(m, axis=axes)
             elif name in VIEWS and len(eqn.invars) == 1:
                 m = ins[0]
@@ -257,7 +227,7 @@ class _Graph:
                     return None
                 known = [m for m in ins if m is not None]
                 if any(not np.array_equal(m, known[0]) for m in known[1:]):
-                    return None
+                    return None  # elementwise across differently arranged copies
                 out = known[0]
             for o in eqn.outvars:
                 maps[o] = out
